@@ -1,6 +1,8 @@
 //! Quantizer throughput on 1M elements, reported in elements/s: fake-quant, encode, backward
 //! and bit packing, for every quantizer family.
 
+#![allow(missing_docs)] // criterion_group! generates undocumented functions
+
 use asq_core::pack::{pack_codes, packed_len, unpack_codes};
 use asq_core::quant::asq::Asq;
 use asq_core::quant::lsq::Lsq;
@@ -45,19 +47,32 @@ fn fake_quant(c: &mut Criterion) {
     let mut g = c.benchmark_group("fake_quant");
     g.throughput(Throughput::Elements(N as u64));
     let a8 = Lsq::new(QuantRange::unsigned(8).unwrap());
-    g.bench_function("lsq-a8-per-tensor", |bch| bch.iter(|| a8.fake_quant(black_box(&x), &[0.01], &mut out).unwrap()));
+    g.bench_function("lsq-a8-per-tensor", |bch| {
+        bch.iter(|| a8.fake_quant(black_box(&x), &[0.01], &mut out).unwrap())
+    });
     let w4 = Lsq::new(QuantRange::signed(4).unwrap());
     let steps = vec![0.1f32; ROWS];
-    g.bench_function("lsq-w4-per-channel", |bch| bch.iter(|| w4.fake_quant(black_box(&x), &steps, &mut out).unwrap()));
+    g.bench_function("lsq-w4-per-channel", |bch| {
+        bch.iter(|| w4.fake_quant(black_box(&x), &steps, &mut out).unwrap())
+    });
     let asq = Asq::new(QuantRange::unsigned(4).unwrap());
     let betas: Vec<f32> = (0..ROWS).map(|i| 0.5 + i as f32 / ROWS as f32).collect();
-    g.bench_function("asq-a4-per-sample", |bch| bch.iter(|| asq.fake_quant(black_box(&x), 0.1, &betas, &mut out).unwrap()));
+    g.bench_function("asq-a4-per-sample", |bch| {
+        bch.iter(|| {
+            asq.fake_quant(black_box(&x), 0.1, &betas, &mut out)
+                .unwrap()
+        })
+    });
     let u = Uniform::affine(&x, 8).unwrap();
-    g.bench_function("uniform-affine-8", |bch| bch.iter(|| u.fake_quant(black_box(&x), &mut out).unwrap()));
+    g.bench_function("uniform-affine-8", |bch| {
+        bch.iter(|| u.fake_quant(black_box(&x), &mut out).unwrap())
+    });
     let alphas = vec![0.9f32; ROWS];
     for (name, l) in level_sets() {
         let q = LevelQuantizer::new(l);
-        g.bench_function(name, |bch| bch.iter(|| q.fake_quant(black_box(&x), &alphas, &mut out).unwrap()));
+        g.bench_function(name, |bch| {
+            bch.iter(|| q.fake_quant(black_box(&x), &alphas, &mut out).unwrap())
+        });
     }
     g.finish();
 }
@@ -68,11 +83,15 @@ fn encode(c: &mut Criterion) {
     let mut g = c.benchmark_group("encode");
     g.throughput(Throughput::Elements(N as u64));
     let a8 = Lsq::new(QuantRange::unsigned(8).unwrap());
-    g.bench_function("lsq-a8", |bch| bch.iter(|| a8.encode(black_box(&x), &[0.01], &mut codes).unwrap()));
+    g.bench_function("lsq-a8", |bch| {
+        bch.iter(|| a8.encode(black_box(&x), &[0.01], &mut codes).unwrap())
+    });
     let alphas = vec![0.9f32; ROWS];
     for (name, l) in level_sets() {
         let q = LevelQuantizer::new(l);
-        g.bench_function(name, |bch| bch.iter(|| q.encode(black_box(&x), &alphas, &mut codes).unwrap()));
+        g.bench_function(name, |bch| {
+            bch.iter(|| q.encode(black_box(&x), &alphas, &mut codes).unwrap())
+        });
     }
     g.finish();
 }
@@ -85,15 +104,30 @@ fn backward(c: &mut Criterion) {
     g.throughput(Throughput::Elements(N as u64));
     let a4 = Lsq::new(QuantRange::unsigned(4).unwrap());
     let mut ds = [0.0f32];
-    g.bench_function("lsq-a4", |bch| bch.iter(|| a4.backward(black_box(&x), &[0.1], &go, 0.01, &mut dx, &mut ds).unwrap()));
+    g.bench_function("lsq-a4", |bch| {
+        bch.iter(|| {
+            a4.backward(black_box(&x), &[0.1], &go, 0.01, &mut dx, &mut ds)
+                .unwrap()
+        })
+    });
     let asq = Asq::new(QuantRange::unsigned(4).unwrap());
     let betas: Vec<f32> = (0..ROWS).map(|i| 0.5 + i as f32 / ROWS as f32).collect();
     let mut db = vec![0.0f32; ROWS];
-    g.bench_function("asq-a4", |bch| bch.iter(|| asq.backward(black_box(&x), 0.1, &betas, &go, 0.01, &mut dx, &mut db).unwrap()));
+    g.bench_function("asq-a4", |bch| {
+        bch.iter(|| {
+            asq.backward(black_box(&x), 0.1, &betas, &go, 0.01, &mut dx, &mut db)
+                .unwrap()
+        })
+    });
     let post = LevelQuantizer::new(LevelSet::post(BitWidth::new(4).unwrap()).unwrap());
     let alphas = vec![0.9f32; ROWS];
     let mut da = vec![0.0f32; ROWS];
-    g.bench_function("post-w4", |bch| bch.iter(|| post.backward(black_box(&x), &alphas, &go, 0.01, &mut dx, &mut da).unwrap()));
+    g.bench_function("post-w4", |bch| {
+        bch.iter(|| {
+            post.backward(black_box(&x), &alphas, &go, 0.01, &mut dx, &mut da)
+                .unwrap()
+        })
+    });
     g.finish();
 }
 
@@ -102,7 +136,9 @@ fn packing(c: &mut Criterion) {
     g.throughput(Throughput::Elements(N as u64));
     for b in [2u32, 3, 4, 8] {
         let bits = BitWidth::new(b).unwrap();
-        let codes: Vec<u8> = (0..N).map(|i| (i * 2_654_435_761usize >> 7) as u8 & bits.mask()).collect();
+        let codes: Vec<u8> = (0..N)
+            .map(|i| ((i * 2_654_435_761usize) >> 7) as u8 & bits.mask())
+            .collect();
         let mut packed = vec![0u8; packed_len(N, bits)];
         let mut back = vec![0u8; N];
         g.bench_with_input(BenchmarkId::new("pack", b), &b, |bch, _| {

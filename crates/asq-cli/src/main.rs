@@ -1,1 +1,62 @@
-fn main() {}
+//! `asq`: the command line of the asq toolkit.
+//!
+//! Today it measures the integer kernels (`asq bench kernels`) and reports what this CPU runs
+//! (`asq info`). Training, quantization, export and the `demo` job arrive with `asq-train` and
+//! `asq-models`.
+
+mod bench;
+
+use clap::{Parser, Subcommand};
+
+/// Low-bit QAT and integer inference with ASQ activations and POST weights.
+#[derive(Parser)]
+#[command(name = "asq", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure kernels against f32 sgemm and the machine's peaks, in one process.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+    /// Show the CPU features and kernel variants this machine runs.
+    Info,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Integer GEMM paths (int8, POST W4/W3/W2 A8, exact POST) vs matrixmultiply sgemm.
+    Kernels(bench::KernelArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench {
+            what: BenchWhat::Kernels(args),
+        } => bench::kernels(&args),
+        Command::Info => {
+            info();
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("asq: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn info() {
+    println!("asq {}", env!("CARGO_PKG_VERSION"));
+    println!("threads (rayon): {}", rayon::current_num_threads());
+    let names: Vec<&str> = asq_kernels::Isa::available_all()
+        .iter()
+        .map(|i| i.name())
+        .collect();
+    println!("kernel variants available: {}", names.join(", "));
+    println!("kernel variant in use: {}", asq_kernels::Isa::best().name());
+}

@@ -81,8 +81,9 @@ pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Resu
     }
 }
 
-/// Checks that every value is finite and > 0 (step sizes, alphas, betas).
-pub(crate) fn check_positive(what: &'static str, values: &[f32]) -> Result<()> {
+/// Checks that every value is finite and > 0 (step sizes, alphas, betas, scales), naming the
+/// first offending index.
+pub fn check_positive(what: &'static str, values: &[f32]) -> Result<()> {
     match values.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
         None => Ok(()),
         Some(index) => Err(Error::Step {

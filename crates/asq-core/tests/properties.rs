@@ -9,7 +9,13 @@ use asq_core::{BitWidth, LevelSet, QuantRange};
 use proptest::prelude::*;
 
 fn range() -> impl Strategy<Value = QuantRange> {
-    (2u32..=8, any::<bool>()).prop_map(|(b, s)| if s { QuantRange::signed(b).unwrap() } else { QuantRange::unsigned(b).unwrap() })
+    (2u32..=8, any::<bool>()).prop_map(|(b, s)| {
+        if s {
+            QuantRange::signed(b).unwrap()
+        } else {
+            QuantRange::unsigned(b).unwrap()
+        }
+    })
 }
 
 /// Every non-uniform level set the crate builds, at every width it supports.
@@ -237,8 +243,14 @@ fn check_fd<G: Grid>(grid: &G, x: &[f32], go: &[f32], s: f32) -> Result<(), Test
     let fd = (loss(s as f64 + h) - loss(s as f64 - h)) / (2.0 * h);
     let mut dx = vec![0.0; x.len()];
     let mut rows = [0.0];
-    let total = quant::backward(grid, x, Steps::PerRow(&[s]), go, None, &mut dx, &mut rows).unwrap();
-    prop_assert!((fd - total).abs() <= 1e-3 * (1.0 + total.abs()), "fd {} analytic {}", fd, total);
+    let total =
+        quant::backward(grid, x, Steps::PerRow(&[s]), go, None, &mut dx, &mut rows).unwrap();
+    prop_assert!(
+        (fd - total).abs() <= 1e-3 * (1.0 + total.abs()),
+        "fd {} analytic {}",
+        fd,
+        total
+    );
     prop_assert!(dx.iter().all(|&d| d == 0.0));
     Ok(())
 }
@@ -261,7 +273,10 @@ fn post_magnitudes_step_by_sqrt2_and_fit_the_width() {
         assert_eq!(2 * m.len() + 1, (1 << b) - 1);
         for w in m.windows(2) {
             let ratio = w[1] as f64 / w[0] as f64;
-            assert!((ratio - std::f64::consts::SQRT_2).abs() < 1e-6, "{b} bits: ratio {ratio}");
+            assert!(
+                (ratio - std::f64::consts::SQRT_2).abs() < 1e-6,
+                "{b} bits: ratio {ratio}"
+            );
         }
         assert_eq!(m[m.len() - 1], 1.0);
         let codes: std::collections::HashSet<u8> =

@@ -68,7 +68,7 @@ impl LevelSet {
         let ints: Vec<f64> = post_magnitudes(bits)
             .map(|m| (m * g).round_ties_even())
             .collect();
-        if ints.iter().any(|&v| v == 0.0) || ints.windows(2).any(|w| w[0] == w[1]) {
+        if ints.contains(&0.0) || ints.windows(2).any(|w| w[0] == w[1]) {
             return Err(Error::Levels(format!(
                 "POST at {bits} bits does not fit the integer grid {grid}: levels collapse"
             )));

@@ -1,0 +1,168 @@
+//! Quantized activations: integer codes with one scale per sample (row).
+//!
+//! ASQ gives each sample its own step `s · beta_m`, so the scale is per row. Rows are stored
+//! with `K` padded to a multiple of 4 and `M` padded to a multiple of [`crate::frame::MR`] with zero
+//! codes, the layout the GEMM kernels read without bounds checks.
+
+use asq_core::quant::{self, IntGrid, Steps};
+use asq_core::{QuantRange, Signedness};
+
+use crate::error::{Error, Result};
+use crate::frame::{KGROUP, MR};
+
+/// `[M, K]` activation codes (u8 for unsigned ranges, i8 bit patterns for signed ones) and
+/// per-row scales.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantActivations {
+    m: usize,
+    k: usize,
+    kp: usize,
+    range: QuantRange,
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+impl QuantActivations {
+    /// Quantizes `x` (`[m, k]` row-major) with row `r` using step `steps.get(r)` (per tensor:
+    /// one step per row repeated; ASQ: `Steps::Scaled`), rounding half to even exactly like
+    /// `asq_core`'s fake-quant.
+    pub fn quantize(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        range: QuantRange,
+        steps: Steps<'_>,
+    ) -> Result<Self> {
+        if x.len() != m * k {
+            return Err(Error::Shape(format!(
+                "activations: {} values for [{m}, {k}]",
+                x.len()
+            )));
+        }
+        if steps.rows() != m {
+            return Err(Error::Shape(format!(
+                "activations: {} steps for {m} rows",
+                steps.rows()
+            )));
+        }
+        let mut out = Self::zeroed(m, k, range)?;
+        let mut row = vec![0u8; k];
+        let grid = IntGrid::new(range);
+        for r in 0..m {
+            let s = steps.get(r);
+            quant::encode(&grid, &x[r * k..(r + 1) * k], Steps::PerRow(&[s]), &mut row)?;
+            out.codes[r * out.kp..r * out.kp + k].copy_from_slice(&row);
+            out.scales[r] = s;
+        }
+        if matches!(range.signedness(), Signedness::Signed) {
+            // Raw b-bit two's complement -> i8 bit pattern.
+            for r in 0..m {
+                for c in &mut out.codes[r * out.kp..r * out.kp + k] {
+                    *c = range.from_raw(*c) as i8 as u8;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Builds from integer codes given as i32 values in `range` and per-row scales.
+    pub fn from_codes(
+        codes: &[i32],
+        m: usize,
+        k: usize,
+        range: QuantRange,
+        scales: &[f32],
+    ) -> Result<Self> {
+        if codes.len() != m * k || scales.len() != m {
+            return Err(Error::Shape(format!(
+                "activations: {} codes and {} scales for [{m}, {k}]",
+                codes.len(),
+                scales.len()
+            )));
+        }
+        asq_core::error::check_positive("activation scale", scales)?;
+        let mut out = Self::zeroed(m, k, range)?;
+        for (i, &c) in codes.iter().enumerate() {
+            if c < range.min() || c > range.max() {
+                return Err(Error::Core(asq_core::Error::Code {
+                    code: c as u32,
+                    bits: range.bits().get(),
+                    index: i,
+                }));
+            }
+            out.codes[(i / k) * out.kp + i % k] = c as i8 as u8;
+        }
+        out.scales.copy_from_slice(scales);
+        Ok(out)
+    }
+
+    fn zeroed(m: usize, k: usize, range: QuantRange) -> Result<Self> {
+        if m == 0 || k == 0 {
+            return Err(Error::Shape(format!("activations: empty shape [{m}, {k}]")));
+        }
+        let kp = k.div_ceil(KGROUP) * KGROUP;
+        let mp = m.div_ceil(MR) * MR;
+        Ok(Self {
+            m,
+            k,
+            kp,
+            range,
+            codes: vec![0; mp * kp],
+            scales: vec![0.0; m],
+        })
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Columns (the reduction length).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Padded row stride (multiple of 4).
+    pub fn stride(&self) -> usize {
+        self.kp
+    }
+
+    /// The code range.
+    pub fn range(&self) -> QuantRange {
+        self.range
+    }
+
+    /// Whether codes are i8 bit patterns.
+    pub fn is_signed(&self) -> bool {
+        matches!(self.range.signedness(), Signedness::Signed)
+    }
+
+    /// Largest `|code|` the range allows.
+    pub fn max_abs(&self) -> u32 {
+        self.range
+            .min()
+            .unsigned_abs()
+            .max(self.range.max().unsigned_abs())
+    }
+
+    /// Padded code storage (`ceil(M / MR) · MR` rows of `stride` bytes).
+    pub fn codes(&self) -> &[u8] {
+        &self.codes
+    }
+
+    /// Code of row `r`, column `c` as an integer.
+    #[inline]
+    pub fn code(&self, r: usize, c: usize) -> i32 {
+        let b = self.codes[r * self.kp + c];
+        if self.is_signed() {
+            b as i8 as i32
+        } else {
+            b as i32
+        }
+    }
+
+    /// Per-row scales.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+}

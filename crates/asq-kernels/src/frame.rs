@@ -1,0 +1,262 @@
+//! The GEMM contract and the one blocked driver every kernel variant plugs into.
+//!
+//! `out[m, n] = act(acc[m, n] · (a_scale[m] · w_scale[n]) + bias[n])` with
+//! `acc[m, n] = sum_k a[m, k] · value(w[n, k])` in exact i32 arithmetic (for exact POST:
+//! `acc = E + O · (1/√2)`, from two i32 accumulators). The epilogue is written once, here, in
+//! scalar code with a fixed operation order (no FMA), so every variant produces the same bits.
+//!
+//! The driver splits the output channels into panels of [`NR`], expands each panel's packed
+//! codes into an int8 buffer once per task (the variant's `expand`), and runs the variant's
+//! micro-kernel over tiles of [`MR`] rows x 8 channels. Threads (rayon) take disjoint ranges of
+//! panels, so no expansion is repeated and no output element is shared.
+
+use rayon::prelude::*;
+
+use crate::activations::QuantActivations;
+use crate::dispatch::{Isa, Path, Plan};
+use crate::error::{Error, Result};
+use crate::weights::{PackedWeights, WeightForm};
+
+/// Rows per micro-kernel tile.
+pub const MR: usize = 4;
+/// Output channels per panel (two 8-channel halves per micro-kernel call sequence).
+pub const NR: usize = 16;
+/// Reduction steps per group (4 bytes per channel: one dword in a vector register).
+pub const KGROUP: usize = 4;
+/// Bytes of one expanded int8 group of a panel.
+pub const GROUP_BYTES: usize = NR * KGROUP;
+
+/// What happens after the integer product.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// Added per output channel after rescaling.
+    pub bias: Option<&'a [f32]>,
+    /// Clamp negatives to 0.
+    pub relu: bool,
+}
+
+/// Problems smaller than this many multiply-adds run on one thread.
+pub const PARALLEL_MIN_MACS: usize = 1 << 21;
+
+/// Final rescale of one accumulator (the only place outputs are formed).
+#[inline(always)]
+pub(crate) fn finish(acc: f32, a_scale: f32, w_scale: f32, bias: f32, relu: bool) -> f32 {
+    let v = acc * (a_scale * w_scale) + bias;
+    if relu {
+        v.max(0.0)
+    } else {
+        v
+    }
+}
+
+/// `acc` of the exact POST form from its even and odd sums.
+#[inline(always)]
+pub(crate) fn post_acc(even: i32, odd: i32) -> f32 {
+    even as f32 + odd as f32 * std::f32::consts::FRAC_1_SQRT_2
+}
+
+/// Checks operands and the i32 overflow bound; returns the plan of `isa` for them.
+pub(crate) fn check(
+    a: &QuantActivations,
+    w: &PackedWeights,
+    epi: &Epilogue<'_>,
+    out: &[f32],
+    isa: Isa,
+) -> Result<Plan> {
+    if a.cols() != w.cols() {
+        return Err(Error::Shape(format!(
+            "activations have K = {}, weights K = {}",
+            a.cols(),
+            w.cols()
+        )));
+    }
+    if out.len() != a.rows() * w.rows() {
+        return Err(Error::Shape(format!(
+            "output has {} values, [{}, {}] needs {}",
+            out.len(),
+            a.rows(),
+            w.rows(),
+            a.rows() * w.rows()
+        )));
+    }
+    if let Some(b) = epi.bias {
+        if b.len() != w.rows() {
+            return Err(Error::Shape(format!(
+                "bias has {} values for {} channels",
+                b.len(),
+                w.rows()
+            )));
+        }
+        if let Some(i) = b.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Core(asq_core::Error::NonFinite {
+                what: "bias",
+                value: b[i],
+                index: i,
+            }));
+        }
+    }
+    let bound = a.max_abs() as u64 * w.form().max_abs() as u64 * w.groups() as u64 * KGROUP as u64;
+    if bound > i32::MAX as u64 {
+        return Err(Error::Overflow(format!(
+            "K = {} with |a| <= {} and |w| <= {} can exceed i32",
+            a.cols(),
+            a.max_abs(),
+            w.form().max_abs()
+        )));
+    }
+    Plan::new(isa, a, w)
+}
+
+/// A raw output pointer shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint (row, column) positions; see `gemm_planned`.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Runs the blocked GEMM with an already checked plan.
+pub(crate) fn gemm_planned(
+    plan: &Plan,
+    a: &QuantActivations,
+    w: &PackedWeights,
+    epi: &Epilogue<'_>,
+    out: &mut [f32],
+) {
+    let panels = w.panels();
+    let macs = a.rows() * w.rows() * w.cols();
+    let threads = rayon::current_num_threads();
+    let tasks = if macs >= PARALLEL_MIN_MACS && threads > 1 {
+        (threads * 4).min(panels)
+    } else {
+        1
+    };
+    let ptr = OutPtr(out.as_mut_ptr());
+    let run = |t: usize| {
+        let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
+        run_panels(plan, a, w, epi, ptr, p0..p1);
+    };
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+/// Writes `v` at `out[i]`.
+#[inline(always)]
+fn store(out: OutPtr, i: usize, v: f32) {
+    // SAFETY: callers pass `i < M · N` (checked by `check`), and each task owns the columns of
+    // its panel range exclusively, so no two threads write the same element.
+    unsafe { out.0.add(i).write(v) }
+}
+
+fn run_panels(
+    plan: &Plan,
+    a: &QuantActivations,
+    w: &PackedWeights,
+    epi: &Epilogue<'_>,
+    out: OutPtr,
+    panels: std::ops::Range<usize>,
+) {
+    let groups = w.groups();
+    let n = w.rows();
+    let two = matches!(w.form(), WeightForm::PostExact { .. });
+    let mut buf = vec![0i8; groups * GROUP_BYTES * if two { 2 } else { 1 }];
+    let (first, second) = match w.form() {
+        WeightForm::Int8 { table } => (table.as_slice(), None),
+        WeightForm::PostExact { even, odd } => (even.as_slice(), Some(odd.as_slice())),
+    };
+    let mut acc = [[0i32; 8]; MR];
+    let mut acc2 = [[0i32; 8]; MR];
+    for p in panels {
+        let (b1, b2) = buf.split_at_mut(groups * GROUP_BYTES);
+        plan.expand(w.panel(p), w.bits(), first, b1);
+        if let Some(t) = second {
+            plan.expand(w.panel(p), w.bits(), t, b2);
+        }
+        for m0 in (0..a.rows()).step_by(MR) {
+            for half in 0..2 {
+                let c0 = p * NR + half * 8;
+                if c0 >= n {
+                    break;
+                }
+                plan.tile(a, m0, b1, half, &mut acc);
+                if two {
+                    plan.tile(a, m0, b2, half, &mut acc2);
+                }
+                for (r, row) in acc.iter().enumerate() {
+                    let m = m0 + r;
+                    if m >= a.rows() {
+                        break;
+                    }
+                    let sa = a.scales()[m];
+                    for (j, &v) in row.iter().enumerate() {
+                        let c = c0 + j;
+                        if c >= n {
+                            break;
+                        }
+                        let accf = if two {
+                            post_acc(v, acc2[r][j])
+                        } else {
+                            v as f32
+                        };
+                        let bias = epi.bias.map_or(0.0, |b| b[c]);
+                        store(
+                            out,
+                            m * n + c,
+                            finish(accf, sa, w.scales()[c], bias, epi.relu),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// GEMV (one activation row) with in-register expansion, threads over panel ranges.
+pub(crate) fn gemv_planned(
+    plan: &Plan,
+    a: &QuantActivations,
+    w: &PackedWeights,
+    epi: &Epilogue<'_>,
+    out: &mut [f32],
+) {
+    let panels = w.panels();
+    let n = w.rows();
+    let threads = rayon::current_num_threads();
+    let tasks = if n * w.cols() >= PARALLEL_MIN_MACS / 4 && threads > 1 {
+        (threads * 2).min(panels)
+    } else {
+        1
+    };
+    let ptr = OutPtr(out.as_mut_ptr());
+    let sa = a.scales()[0];
+    let run = |t: usize| {
+        let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
+        let mut acc = [0i32; NR];
+        let mut acc2 = [0i32; NR];
+        for p in p0..p1 {
+            plan.gemv_panel(a, w, p, &mut acc, &mut acc2);
+            for j in 0..NR.min(n - p * NR) {
+                let c = p * NR + j;
+                let accf = match w.form() {
+                    WeightForm::Int8 { .. } => acc[j] as f32,
+                    WeightForm::PostExact { .. } => post_acc(acc[j], acc2[j]),
+                };
+                let bias = epi.bias.map_or(0.0, |b| b[c]);
+                store(ptr, c, finish(accf, sa, w.scales()[c], bias, epi.relu));
+            }
+        }
+    };
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+/// Whether `path` can run GEMV with in-register expansion for these weights.
+pub(crate) fn gemv_supported(path: Path, w: &PackedWeights) -> bool {
+    matches!(path, Path::Avx2Maddubs { .. } | Path::Avx2Widen)
+        && matches!(w.bits().get(), 2 | 3 | 4 | 8)
+}

@@ -1,0 +1,4 @@
+//! x86-64 SIMD variants. Each function here is `#[target_feature]` and only called after
+//! run-time detection (see [`crate::dispatch`]).
+
+pub(crate) mod avx2;
