@@ -3,10 +3,9 @@
 
 use std::time::Instant;
 
-use asq_core::quant::Steps;
-use asq_core::{BitWidth, LevelSet, QuantRange};
 use asq_kernels::probe::{peak_f32, peak_int8};
-use asq_kernels::{describe, gemm, Epilogue, Isa, PackedWeights, QuantActivations};
+use asq_kernels::suite::{pseudo, KERNELS, SHAPES};
+use asq_kernels::{describe, gemm, Epilogue, Isa};
 
 /// Options of `asq bench kernels`.
 #[derive(clap::Args)]
@@ -20,72 +19,12 @@ pub struct KernelArgs {
     /// Seconds spent measuring each (kernel, shape, threads); the whole run scales with it.
     #[arg(long, default_value_t = 0.12)]
     seconds: f64,
-}
-
-/// GEMM shapes (M, K, N) from real layers.
-const SHAPES: &[(&str, usize, usize, usize)] = &[
-    ("gemv", 1, 1024, 1024),
-    ("fc", 64, 576, 1024),
-    ("fc", 256, 1024, 1024),
-    ("square", 1024, 1024, 1024),
-    // ResNet-20 3x3 convs on 28x28 inputs as im2col GEMMs: M = batch * H * W, K = 9 * C_in.
-    ("resnet20-conv1-b1", 784, 144, 16),
-    ("resnet20-conv2-b1", 196, 288, 32),
-    ("resnet20-conv3-b1", 49, 576, 64),
-    ("resnet20-conv1-b64", 50176, 144, 16),
-    ("resnet20-conv2-b64", 12544, 288, 32),
-    ("resnet20-conv3-b64", 3136, 576, 64),
-];
-
-#[derive(Clone, Copy)]
-enum WeightKind {
-    Int8,
-    PostInt(u32),
-    PostExact(u32),
-}
-
-/// (name, weights, activation bits).
-const KERNELS: &[(&str, WeightKind, u32)] = &[
-    ("int8", WeightKind::Int8, 8),
-    ("post-w4a8", WeightKind::PostInt(4), 8),
-    ("post-exact-w4a8", WeightKind::PostExact(4), 8),
-    ("post-w3a8", WeightKind::PostInt(3), 8),
-    ("post-w2a8", WeightKind::PostInt(2), 8),
-    ("post-w4a4", WeightKind::PostInt(4), 4),
-];
-
-fn pseudo(seed: u64, i: usize) -> f32 {
-    let mut z = seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-}
-
-fn weights(kind: WeightKind, n: usize, k: usize) -> Result<PackedWeights, asq_kernels::Error> {
-    let w: Vec<f32> = (0..n * k).map(|i| pseudo(7, i) * 0.5).collect();
-    let alphas = vec![0.5f32; n];
-    let b = |x| BitWidth::new(x).expect("2..=8");
-    match kind {
-        WeightKind::Int8 => {
-            let r = QuantRange::signed(8)?;
-            let steps = vec![0.5 / 127.0; n];
-            let mut codes = vec![0u8; n * k];
-            asq_core::quant::encode(
-                &asq_core::quant::IntGrid::new(r),
-                &w,
-                Steps::PerRow(&steps),
-                &mut codes,
-            )?;
-            PackedWeights::from_uniform_codes(&codes, n, k, r, &steps)
-        }
-        WeightKind::PostInt(bits) => {
-            PackedWeights::quantize_levels(&w, n, k, &LevelSet::post_int(b(bits), 64)?, &alphas)
-        }
-        WeightKind::PostExact(bits) => {
-            PackedWeights::quantize_levels(&w, n, k, &LevelSet::post(b(bits))?, &alphas)
-        }
-    }
+    /// Only kernels whose name contains this text (e.g. `post-w4`).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Only shapes whose name contains this text (e.g. `fc-256`, `resnet20`).
+    #[arg(long)]
+    shape: Option<String>,
 }
 
 /// Best rate (ops/s / 1e9) of `f` over about `seconds`.
@@ -148,6 +87,7 @@ fn sgemm_gops(m: usize, k: usize, n: usize, seconds: f64) -> f64 {
 }
 
 struct Row {
+    shape: &'static str,
     kernel: String,
     path: String,
     m: usize,
@@ -170,24 +110,14 @@ pub fn kernels(args: &KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
             .num_threads(threads)
             .build()?;
         pool.install(|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-            for &(_, m, k, n) in SHAPES {
+            let wanted = |filter: &Option<String>, name: &str| {
+                filter.as_ref().is_none_or(|f| name.contains(f.as_str()))
+            };
+            for &(shape, m, k, n) in SHAPES.iter().filter(|s| wanted(&args.shape, s.0)) {
                 let sgemm = sgemm_gops(m, k, n, args.seconds);
-                for &(name, kind, abits) in KERNELS {
-                    let w = weights(kind, n, k)?;
-                    let range = QuantRange::unsigned(abits)?;
-                    let x: Vec<f32> = (0..m * k).map(|i| pseudo(3, i).abs()).collect();
-                    let betas: Vec<f32> = (0..m).map(|r| 0.5 + pseudo(4, r).abs()).collect();
-                    let step = 1.0 / range.max() as f32;
-                    let a = QuantActivations::quantize(
-                        &x,
-                        m,
-                        k,
-                        range,
-                        Steps::Scaled {
-                            step,
-                            betas: &betas,
-                        },
-                    )?;
+                for case in KERNELS.iter().filter(|c| wanted(&args.kernel, c.name)) {
+                    let w = case.weights(n, k)?;
+                    let a = case.activations(m, k)?;
                     let mut out = vec![0.0f32; m * n];
                     let epi = Epilogue::default();
                     let gops = measure(2.0 * (m * k * n) as f64, args.seconds, || {
@@ -195,7 +125,8 @@ pub fn kernels(args: &KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
                     });
                     let path = describe(Isa::best(), &a, &w)?;
                     rows.push(Row {
-                        kernel: name.into(),
+                        shape,
+                        kernel: case.name.into(),
                         path,
                         m,
                         k,
@@ -230,10 +161,10 @@ pub fn kernels(args: &KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         for (i, r) in rows.iter().enumerate() {
+            let sep = if i + 1 < rows.len() { "," } else { "" };
             println!(
-                "  {{\"kernel\": \"{}\", \"path\": \"{}\", \"m\": {}, \"k\": {}, \"n\": {}, \"threads\": {}, \"gops\": {:.2}, \"sgemm_gops\": {:.2}, \"ratio_vs_sgemm\": {:.3}}}{}",
-                r.kernel, r.path, r.m, r.k, r.n, r.threads, r.gops, r.sgemm, r.gops / r.sgemm,
-                if i + 1 < rows.len() { "," } else { "" }
+                "  {{\"kernel\": \"{}\", \"shape\": \"{}\", \"path\": \"{}\", \"m\": {}, \"k\": {}, \"n\": {}, \"threads\": {}, \"gops\": {:.2}, \"sgemm_gops\": {:.2}, \"ratio_vs_sgemm\": {:.3}}}{sep}",
+                r.kernel, r.shape, r.path, r.m, r.k, r.n, r.threads, r.gops, r.sgemm, r.gops / r.sgemm
             );
         }
         println!("]");
@@ -246,13 +177,14 @@ pub fn kernels(args: &KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
             println!("{} {:.1} GOP/s", p.name, p.gops);
         }
         println!(
-            "{:<16} {:<22} {:>6} {:>5} {:>5} {:>3} {:>9} {:>9} {:>7}",
-            "kernel", "path", "M", "K", "N", "thr", "GOP/s", "sgemm", "ratio"
+            "{:<16} {:<20} {:<22} {:>6} {:>5} {:>5} {:>3} {:>9} {:>9} {:>7}",
+            "kernel", "shape", "path", "M", "K", "N", "thr", "GOP/s", "sgemm", "ratio"
         );
         for r in &rows {
             println!(
-                "{:<16} {:<22} {:>6} {:>5} {:>5} {:>3} {:>9.1} {:>9.1} {:>7.2}",
+                "{:<16} {:<20} {:<22} {:>6} {:>5} {:>5} {:>3} {:>9.1} {:>9.1} {:>7.2}",
                 r.kernel,
+                r.shape,
                 r.path,
                 r.m,
                 r.k,

@@ -35,6 +35,7 @@ pub mod frame;
 mod generic;
 pub mod probe;
 pub mod reference;
+pub mod suite;
 pub mod tile;
 pub mod weights;
 #[cfg(target_arch = "x86_64")]
