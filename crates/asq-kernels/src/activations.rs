@@ -96,7 +96,9 @@ impl QuantActivations {
         Ok(out)
     }
 
-    fn zeroed(m: usize, k: usize, range: QuantRange) -> Result<Self> {
+    /// All-zero codes of shape `[m, k]` with zero scales, to be filled by the crate's layout
+    /// transforms (im2col, pooling).
+    pub(crate) fn zeroed(m: usize, k: usize, range: QuantRange) -> Result<Self> {
         if m == 0 || k == 0 {
             return Err(Error::Shape(format!("activations: empty shape [{m}, {k}]")));
         }
@@ -164,5 +166,21 @@ impl QuantActivations {
     /// Per-row scales.
     pub fn scales(&self) -> &[f32] {
         &self.scales
+    }
+
+    /// Raw byte of row `r`, column `c` (i8 bit pattern for signed ranges).
+    #[inline]
+    pub(crate) fn byte(&self, r: usize, c: usize) -> u8 {
+        self.codes[r * self.kp + c]
+    }
+
+    /// Mutable row `r` (the `k` valid bytes) and the scale vector, for layout transforms.
+    pub(crate) fn row_mut(&mut self, r: usize) -> &mut [u8] {
+        let (kp, k) = (self.kp, self.k);
+        &mut self.codes[r * kp..r * kp + k]
+    }
+
+    pub(crate) fn set_scale(&mut self, r: usize, s: f32) {
+        self.scales[r] = s;
     }
 }

@@ -1,6 +1,6 @@
 //! The GEMM contract and the one blocked driver every kernel variant plugs into.
 //!
-//! `out[m, n] = act(acc[m, n] · (a_scale[m] · w_scale[n]) + bias[n])` with
+//! `out[m, n] = act(acc[m, n] · (a_scale[m] · w_scale[n]) + bias[n] + residual[m, n])` with
 //! `acc[m, n] = sum_k a[m, k] · value(w[n, k])` in exact i32 arithmetic (for exact POST:
 //! `acc = E + O · (1/√2)`, from two i32 accumulators). The epilogue is written once, here, in
 //! scalar code with a fixed operation order (no FMA), so every variant produces the same bits.
@@ -31,8 +31,22 @@ pub const GROUP_BYTES: usize = NR * KGROUP;
 pub struct Epilogue<'a> {
     /// Added per output channel after rescaling.
     pub bias: Option<&'a [f32]>,
+    /// Added element-wise after the bias, before the activation (a residual connection);
+    /// same `[M, N]` layout as the output.
+    pub residual: Option<&'a [f32]>,
     /// Clamp negatives to 0.
     pub relu: bool,
+}
+
+impl Epilogue<'_> {
+    /// Bias and residual contributions at output `(row, col)` of an `n`-column output.
+    #[inline(always)]
+    pub(crate) fn extra(&self, row: usize, col: usize, n: usize) -> (f32, f32) {
+        (
+            self.bias.map_or(0.0, |b| b[col]),
+            self.residual.map_or(0.0, |r| r[row * n + col]),
+        )
+    }
 }
 
 /// Problems smaller than this many multiply-adds run on one thread.
@@ -40,8 +54,15 @@ pub const PARALLEL_MIN_MACS: usize = 1 << 21;
 
 /// Final rescale of one accumulator (the only place outputs are formed).
 #[inline(always)]
-pub(crate) fn finish(acc: f32, a_scale: f32, w_scale: f32, bias: f32, relu: bool) -> f32 {
-    let v = acc * (a_scale * w_scale) + bias;
+pub(crate) fn finish(
+    acc: f32,
+    a_scale: f32,
+    w_scale: f32,
+    bias: f32,
+    residual: f32,
+    relu: bool,
+) -> f32 {
+    let v = acc * (a_scale * w_scale) + bias + residual;
     if relu {
         v.max(0.0)
     } else {
@@ -91,6 +112,22 @@ pub(crate) fn check(
             return Err(Error::Core(asq_core::Error::NonFinite {
                 what: "bias",
                 value: b[i],
+                index: i,
+            }));
+        }
+    }
+    if let Some(r) = epi.residual {
+        if r.len() != out.len() {
+            return Err(Error::Shape(format!(
+                "residual has {} values, output {}",
+                r.len(),
+                out.len()
+            )));
+        }
+        if let Some(i) = r.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Core(asq_core::Error::NonFinite {
+                what: "residual",
+                value: r[i],
                 index: i,
             }));
         }
@@ -200,11 +237,11 @@ fn run_panels(
                         } else {
                             v as f32
                         };
-                        let bias = epi.bias.map_or(0.0, |b| b[c]);
+                        let (bias, res) = epi.extra(m, c, n);
                         store(
                             out,
                             m * n + c,
-                            finish(accf, sa, w.scales()[c], bias, epi.relu),
+                            finish(accf, sa, w.scales()[c], bias, res, epi.relu),
                         );
                     }
                 }
@@ -243,8 +280,8 @@ pub(crate) fn gemv_planned(
                     WeightForm::Int8 { .. } => acc[j] as f32,
                     WeightForm::PostExact { .. } => post_acc(acc[j], acc2[j]),
                 };
-                let bias = epi.bias.map_or(0.0, |b| b[c]);
-                store(ptr, c, finish(accf, sa, w.scales()[c], bias, epi.relu));
+                let (bias, res) = epi.extra(0, c, n);
+                store(ptr, c, finish(accf, sa, w.scales()[c], bias, res, epi.relu));
             }
         }
     };

@@ -4,8 +4,9 @@
 //! Activations are integer codes with one scale per sample ([`QuantActivations`]; ASQ gives each
 //! sample its own step `s · beta`), weights are packed 2..=8-bit codes with a code -> integer table
 //! and per-channel scales ([`PackedWeights`]). [`gemm`] computes
-//! `out[m, n] = act(acc[m, n] · a_scale[m] · w_scale[n] + bias[n])` with `acc` exact in i32 (two
-//! accumulators for exact POST).
+//! `out[m, n] = act(acc[m, n] · a_scale[m] · w_scale[n] + bias[n] + residual[m, n])` with `acc`
+//! exact in i32 (two accumulators for exact POST). [`conv`] builds convolutions (im2col,
+//! depthwise) and pooling on top.
 //!
 //! Every SIMD variant is chosen at run time ([`Isa::best`]) and reproduces the scalar reference
 //! ([`reference::gemm_reference`]) bit for bit: integer sums are exact, and the rescale epilogue
@@ -29,6 +30,7 @@
 //! ```
 
 pub mod activations;
+pub mod conv;
 pub mod dispatch;
 pub mod error;
 pub mod frame;

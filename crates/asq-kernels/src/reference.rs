@@ -34,8 +34,8 @@ pub fn gemm_reference(
                 WeightForm::Int8 { .. } => s1 as f32,
                 WeightForm::PostExact { .. } => post_acc(s1, s2),
             };
-            let bias = epi.bias.map_or(0.0, |b| b[c]);
-            out[r * n + c] = finish(acc, a.scales()[r], w.scales()[c], bias, epi.relu);
+            let (bias, res) = epi.extra(r, c, n);
+            out[r * n + c] = finish(acc, a.scales()[r], w.scales()[c], bias, res, epi.relu);
         }
     }
     Ok(())

@@ -141,11 +141,13 @@ proptest! {
         seed in any::<u64>(),
         bias in any::<bool>(),
         relu in any::<bool>(),
+        residual in any::<bool>(),
     ) {
         let (w, _) = weights(kind, n, k, seed);
         let (a, _) = activations(range, m, k, seed);
         let b: Vec<f32> = (0..n).map(|c| pseudo(seed ^ 5, c)).collect();
-        let epi = Epilogue { bias: bias.then_some(&b[..]), relu };
+        let res: Vec<f32> = (0..m * n).map(|i| pseudo(seed ^ 6, i)).collect();
+        let epi = Epilogue { bias: bias.then_some(&b[..]), residual: residual.then_some(&res[..]), relu };
         check_all_variants(&a, &w, &epi)?;
     }
 
@@ -189,8 +191,8 @@ fn threaded_large_problem_matches_the_reference() {
                     &a,
                     &w,
                     &Epilogue {
-                        bias: None,
                         relu: true,
+                        ..Default::default()
                     },
                 )
             })
@@ -221,7 +223,7 @@ fn bad_operands_are_errors() {
         &w,
         &Epilogue {
             bias: Some(&bias),
-            relu: false
+            ..Default::default()
         },
         &mut out
     )
@@ -233,7 +235,7 @@ fn bad_operands_are_errors() {
         &w,
         &Epilogue {
             bias: Some(&bias),
-            relu: false
+            ..Default::default()
         },
         &mut out
     )
@@ -282,8 +284,8 @@ fn every_path_is_exercised_against_the_reference() {
                 &a,
                 &w,
                 &Epilogue {
-                    bias: None,
                     relu: false,
+                    ..Default::default()
                 },
             )
             .unwrap();

@@ -1,0 +1,222 @@
+//! Convolution, depthwise convolution and pooling against naive loops over the codes.
+
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop)] // naive reference loops mirror the math
+
+use asq_core::quant::Steps;
+use asq_core::{BitWidth, LevelSet, QuantRange};
+use asq_kernels::conv::{
+    conv2d, depthwise_conv2d, global_avg_pool, im2col, max_pool2d, Conv2dShape,
+};
+use asq_kernels::suite::pseudo;
+use asq_kernels::{Epilogue, PackedWeights, QuantActivations, WeightForm};
+use proptest::prelude::*;
+
+fn input(shape: &Conv2dShape, seed: u64, signed: bool) -> QuantActivations {
+    let len = shape.in_h * shape.in_w * shape.in_c;
+    let x: Vec<f32> = (0..shape.batch * len)
+        .map(|i| pseudo(seed, i) * 2.0 + if signed { 0.0 } else { 1.0 })
+        .collect();
+    let betas: Vec<f32> = (0..shape.batch)
+        .map(|n| 0.5 + pseudo(seed ^ 1, n).abs())
+        .collect();
+    let range = if signed {
+        QuantRange::signed(8).unwrap()
+    } else {
+        QuantRange::unsigned(8).unwrap()
+    };
+    QuantActivations::quantize(
+        &x,
+        shape.batch,
+        len,
+        range,
+        Steps::Scaled {
+            step: 0.02,
+            betas: &betas,
+        },
+    )
+    .unwrap()
+}
+
+fn weights(n: usize, k: usize, seed: u64, exact: bool) -> PackedWeights {
+    let w: Vec<f32> = (0..n * k).map(|i| pseudo(seed ^ 9, i)).collect();
+    let b = BitWidth::new(4).unwrap();
+    let levels = if exact {
+        LevelSet::post(b).unwrap()
+    } else {
+        LevelSet::post_int(b, 64).unwrap()
+    };
+    PackedWeights::quantize_levels(&w, n, k, &levels, &vec![0.7; n]).unwrap()
+}
+
+/// Integer value(s) of weight (row, col).
+fn wval(w: &PackedWeights, r: usize, c: usize) -> (i32, i32) {
+    let code = w.code(r, c) as usize;
+    match w.form() {
+        WeightForm::Int8 { table } => (table[code] as i32, 0),
+        WeightForm::PostExact { even, odd } => (even[code] as i32, odd[code] as i32),
+    }
+}
+
+fn finish(
+    w: &PackedWeights,
+    s1: i32,
+    s2: i32,
+    sa: f32,
+    c: usize,
+    bias: f32,
+    res: f32,
+    relu: bool,
+) -> f32 {
+    let acc = match w.form() {
+        WeightForm::Int8 { .. } => s1 as f32,
+        WeightForm::PostExact { .. } => s1 as f32 + s2 as f32 * std::f32::consts::FRAC_1_SQRT_2,
+    };
+    let v = acc * (sa * w.scales()[c]) + bias + res;
+    if relu {
+        v.max(0.0)
+    } else {
+        v
+    }
+}
+
+fn shape() -> impl Strategy<Value = Conv2dShape> {
+    (
+        1usize..3,
+        1usize..9,
+        1usize..9,
+        1usize..7,
+        1usize..4,
+        1usize..4,
+        1usize..3,
+        0usize..2,
+    )
+        .prop_filter_map(
+            "window fits",
+            |(batch, in_h, in_w, in_c, kh, kw, stride, pad)| {
+                let s = Conv2dShape {
+                    batch,
+                    in_h,
+                    in_w,
+                    in_c,
+                    kh,
+                    kw,
+                    stride,
+                    pad,
+                };
+                (in_h + 2 * pad >= kh && in_w + 2 * pad >= kw).then_some(s)
+            },
+        )
+}
+
+/// The code at (n, y, x, c) with padding as 0.
+fn code(x: &QuantActivations, s: &Conv2dShape, n: usize, y: isize, xx: isize, c: usize) -> i32 {
+    if y < 0 || xx < 0 || y as usize >= s.in_h || xx as usize >= s.in_w {
+        0
+    } else {
+        x.code(n, (y as usize * s.in_w + xx as usize) * s.in_c + c)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn conv2d_matches_naive(s in shape(), out_c in 1usize..20, seed in any::<u64>(), exact in any::<bool>(), signed in any::<bool>(), relu in any::<bool>()) {
+        let x = input(&s, seed, signed);
+        let k = s.kh * s.kw * s.in_c;
+        let w = weights(out_c, k, seed, exact);
+        let bias: Vec<f32> = (0..out_c).map(|c| pseudo(seed ^ 4, c)).collect();
+        let (oh, ow) = (s.out_h(), s.out_w());
+        let res: Vec<f32> = (0..s.batch * oh * ow * out_c).map(|i| pseudo(seed ^ 5, i)).collect();
+        let mut out = vec![0.0; res.len()];
+        conv2d(&x, &w, &s, &Epilogue { bias: Some(&bias), residual: Some(&res), relu }, &mut out).unwrap();
+        for n in 0..s.batch { for oy in 0..oh { for ox in 0..ow { for co in 0..out_c {
+            let (mut s1, mut s2) = (0, 0);
+            for ky in 0..s.kh { for kx in 0..s.kw { for ci in 0..s.in_c {
+                let y = (oy * s.stride + ky) as isize - s.pad as isize;
+                let xx = (ox * s.stride + kx) as isize - s.pad as isize;
+                let a = code(&x, &s, n, y, xx, ci);
+                let (v1, v2) = wval(&w, co, (ky * s.kw + kx) * s.in_c + ci);
+                s1 += a * v1;
+                s2 += a * v2;
+            }}}
+            let i = ((n * oh + oy) * ow + ox) * out_c + co;
+            let e = finish(&w, s1, s2, x.scales()[n], co, bias[co], res[i], relu);
+            prop_assert_eq!(out[i].to_bits(), e.to_bits(), "at {}: {} vs {}", i, out[i], e);
+        }}}}
+    }
+
+    #[test]
+    fn depthwise_matches_naive(s in shape(), seed in any::<u64>(), exact in any::<bool>(), signed in any::<bool>()) {
+        let x = input(&s, seed, signed);
+        let w = weights(s.in_c, s.kh * s.kw, seed, exact);
+        let (oh, ow) = (s.out_h(), s.out_w());
+        let mut out = vec![0.0; s.batch * oh * ow * s.in_c];
+        depthwise_conv2d(&x, &w, &s, &Epilogue { relu: true, ..Default::default() }, &mut out).unwrap();
+        for n in 0..s.batch { for oy in 0..oh { for ox in 0..ow { for c in 0..s.in_c {
+            let (mut s1, mut s2) = (0, 0);
+            for ky in 0..s.kh { for kx in 0..s.kw {
+                let y = (oy * s.stride + ky) as isize - s.pad as isize;
+                let xx = (ox * s.stride + kx) as isize - s.pad as isize;
+                let a = code(&x, &s, n, y, xx, c);
+                let (v1, v2) = wval(&w, c, ky * s.kw + kx);
+                s1 += a * v1;
+                s2 += a * v2;
+            }}
+            let i = ((n * oh + oy) * ow + ox) * s.in_c + c;
+            let e = finish(&w, s1, s2, x.scales()[n], c, 0.0, 0.0, true);
+            prop_assert_eq!(out[i].to_bits(), e.to_bits());
+        }}}}
+    }
+
+    #[test]
+    fn pooling_matches_naive(s in shape(), seed in any::<u64>(), signed in any::<bool>()) {
+        let s = Conv2dShape { pad: 0, ..s };
+        prop_assume!(s.in_h >= s.kh && s.in_w >= s.kw);
+        let x = input(&s, seed, signed);
+        let p = max_pool2d(&x, &s).unwrap();
+        let (oh, ow) = (s.out_h(), s.out_w());
+        for n in 0..s.batch {
+            prop_assert_eq!(p.scales()[n], x.scales()[n]);
+            for oy in 0..oh { for ox in 0..ow { for c in 0..s.in_c {
+                let mut best = i32::MIN;
+                for ky in 0..s.kh { for kx in 0..s.kw {
+                    best = best.max(code(&x, &s, n, (oy * s.stride + ky) as isize, (ox * s.stride + kx) as isize, c));
+                }}
+                prop_assert_eq!(p.code(n, (oy * ow + ox) * s.in_c + c), best);
+            }}}
+        }
+        let mut g = vec![0.0; s.batch * s.in_c];
+        global_avg_pool(&x, s.in_h, s.in_w, s.in_c, &mut g).unwrap();
+        for n in 0..s.batch { for c in 0..s.in_c {
+            let sum: i64 = (0..s.in_h * s.in_w).map(|p| x.code(n, p * s.in_c + c) as i64).sum();
+            prop_assert_eq!(g[n * s.in_c + c], sum as f32 * x.scales()[n] / (s.in_h * s.in_w) as f32);
+        }}
+    }
+}
+
+#[test]
+fn im2col_rows_keep_their_sample_scale_and_bad_shapes_fail() {
+    let s = Conv2dShape {
+        batch: 2,
+        in_h: 3,
+        in_w: 3,
+        in_c: 2,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: 1,
+    };
+    let x = input(&s, 3, false);
+    let cols = im2col(&x, &s).unwrap();
+    assert_eq!((cols.rows(), cols.cols()), (18, 18));
+    assert!(cols.scales()[..9].iter().all(|&v| v == x.scales()[0]));
+    assert!(cols.scales()[9..].iter().all(|&v| v == x.scales()[1]));
+    let w = weights(4, 17, 1, false);
+    let mut out = vec![0.0; 2 * 9 * 4];
+    assert!(conv2d(&x, &w, &s, &Epilogue::default(), &mut out).is_err());
+    let bad = Conv2dShape { in_c: 3, ..s };
+    assert!(im2col(&x, &bad).is_err());
+    let huge = Conv2dShape { kh: 6, pad: 1, ..s };
+    assert!(im2col(&x, &huge).is_err());
+}
