@@ -50,7 +50,7 @@ impl Epilogue<'_> {
 }
 
 /// Problems smaller than this many multiply-adds run on one thread.
-pub const PARALLEL_MIN_MACS: usize = 1 << 21;
+pub const PARALLEL_MIN_MACS: usize = 1 << 20;
 
 /// Final rescale of one accumulator (the only place outputs are formed).
 #[inline(always)]
@@ -147,7 +147,7 @@ pub(crate) fn check(
 /// A raw output pointer shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint (row, column) positions; see `gemm_planned`.
+// SAFETY: tasks write disjoint (row, column) blocks; see `gemm_planned`.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
@@ -162,28 +162,43 @@ pub(crate) fn gemm_planned(
     let panels = w.panels();
     let macs = a.rows() * w.rows() * w.cols();
     let threads = rayon::current_num_threads();
-    let tasks = if macs >= PARALLEL_MIN_MACS && threads > 1 {
-        (threads * 4).min(panels)
+    let want = if macs >= PARALLEL_MIN_MACS && threads > 1 {
+        threads * 4
     } else {
         1
     };
+    // Split the channels first (no repeated expansion); when there are too few panels (small
+    // C_out, e.g. the first convs of ResNet-20) split the rows too.
+    let split_n = want.min(panels);
+    let tiles = a.rows().div_ceil(MR);
+    let split_m = want.div_ceil(split_n).min(tiles);
     let ptr = OutPtr(out.as_mut_ptr());
     let run = |t: usize| {
-        let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
-        run_panels(plan, a, w, epi, ptr, p0..p1);
+        let (tn, tm) = (t % split_n, t / split_n);
+        let (p0, p1) = (panels * tn / split_n, panels * (tn + 1) / split_n);
+        let (t0, t1) = (tiles * tm / split_m, tiles * (tm + 1) / split_m);
+        run_panels(
+            plan,
+            a,
+            w,
+            epi,
+            ptr,
+            p0..p1,
+            t0 * MR..(t1 * MR).min(a.rows()),
+        );
     };
-    if tasks == 1 {
+    if split_n * split_m == 1 {
         run(0);
     } else {
-        (0..tasks).into_par_iter().for_each(run);
+        (0..split_n * split_m).into_par_iter().for_each(run);
     }
 }
 
 /// Writes `v` at `out[i]`.
 #[inline(always)]
 fn store(out: OutPtr, i: usize, v: f32) {
-    // SAFETY: callers pass `i < M · N` (checked by `check`), and each task owns the columns of
-    // its panel range exclusively, so no two threads write the same element.
+    // SAFETY: callers pass `i < M · N` (checked by `check`), and each task owns the (row range,
+    // panel range) block it was given exclusively, so no two threads write the same element.
     unsafe { out.0.add(i).write(v) }
 }
 
@@ -194,6 +209,7 @@ fn run_panels(
     epi: &Epilogue<'_>,
     out: OutPtr,
     panels: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
 ) {
     let groups = w.groups();
     let n = w.rows();
@@ -211,7 +227,7 @@ fn run_panels(
         if let Some(t) = second {
             plan.expand(w.panel(p), w.bits(), t, b2);
         }
-        for m0 in (0..a.rows()).step_by(MR) {
+        for m0 in rows.clone().step_by(MR) {
             for half in 0..2 {
                 let c0 = p * NR + half * 8;
                 if c0 >= n {

@@ -177,26 +177,29 @@ proptest! {
 
 #[test]
 fn threaded_large_problem_matches_the_reference() {
-    // Above the parallel threshold; run inside a two-thread pool so the split is exercised.
+    // Above the parallel threshold; run inside a two-thread pool so the split is exercised:
+    // many panels (split by channels) and a single panel (split by rows).
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()
         .unwrap();
     for kind in [Kind::Post(4), Kind::PostInt(4, 64), Kind::Uniform(8)] {
-        let (w, _) = weights(kind, 203, 301, 11);
-        for m in [1, 37] {
-            let (a, _) = activations(QuantRange::unsigned(8).unwrap(), m, 301, 12);
-            pool.install(|| {
-                check_all_variants(
-                    &a,
-                    &w,
-                    &Epilogue {
-                        relu: true,
-                        ..Default::default()
-                    },
-                )
-            })
-            .unwrap();
+        for (n, k, ms) in [(203, 301, [1, 37]), (16, 450, [1, 301])] {
+            let (w, _) = weights(kind, n, k, 11);
+            for m in ms {
+                let (a, _) = activations(QuantRange::unsigned(8).unwrap(), m, k, 12);
+                pool.install(|| {
+                    check_all_variants(
+                        &a,
+                        &w,
+                        &Epilogue {
+                            relu: true,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .unwrap();
+            }
         }
     }
 }

@@ -326,32 +326,51 @@ unsafe fn gemv_maddubs<const BITS: u32, const TWO: bool>(
     let (l1, l2) = (lut16(t1), lut16(t2));
     let ones = _mm256_set1_epi16(1);
     let mut c = [_mm256_setzero_si256(); 4];
-    let mut g = 0;
-    while g < groups {
-        let end = (g + depth).min(groups);
-        let mut s = [_mm256_setzero_si256(); 4];
-        while g < end {
-            // SAFETY: g < groups: 4 bytes of `a` and one tile of `panel` are in bounds.
-            let (av, p) = unsafe {
-                (
-                    _mm256_set1_epi32((a.as_ptr().add(g * 4) as *const i32).read_unaligned()),
-                    panel.as_ptr().add(g * tb),
-                )
-            };
-            // SAFETY: `p` points at a whole tile.
-            let (x, y) = unsafe { expand_tile::<BITS>(p, l1) };
-            s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(av, x));
-            s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(av, y));
-            if TWO {
-                // SAFETY: as above.
-                let (x, y) = unsafe { expand_tile::<BITS>(p, l2) };
-                s[2] = _mm256_add_epi16(s[2], _mm256_maddubs_epi16(av, x));
-                s[3] = _mm256_add_epi16(s[3], _mm256_maddubs_epi16(av, y));
-            }
-            g += 1;
+    // The 32 products of one expanded vector pair, as i16 pair sums: [x, y] per table.
+    let step = |g: usize| {
+        // SAFETY: g < groups: 4 bytes of `a` and one tile of `panel` are in bounds.
+        let (av, p) = unsafe {
+            (
+                _mm256_set1_epi32((a.as_ptr().add(g * 4) as *const i32).read_unaligned()),
+                panel.as_ptr().add(g * tb),
+            )
+        };
+        // SAFETY: `p` points at a whole tile.
+        let (x, y) = unsafe { expand_tile::<BITS>(p, l1) };
+        let mut out = [
+            _mm256_maddubs_epi16(av, x),
+            _mm256_maddubs_epi16(av, y),
+            x,
+            y,
+        ];
+        if TWO {
+            // SAFETY: as above.
+            let (x, y) = unsafe { expand_tile::<BITS>(p, l2) };
+            out[2] = _mm256_maddubs_epi16(av, x);
+            out[3] = _mm256_maddubs_epi16(av, y);
         }
-        for (ci, si) in c.iter_mut().zip(&s) {
-            *ci = _mm256_add_epi32(*ci, _mm256_madd_epi16(*si, ones));
+        out
+    };
+    let used = if TWO { 4 } else { 2 };
+    if depth == 1 {
+        for g in 0..groups {
+            let s = step(g);
+            for i in 0..used {
+                c[i] = _mm256_add_epi32(c[i], _mm256_madd_epi16(s[i], ones));
+            }
+        }
+    } else {
+        for start in (0..groups).step_by(depth) {
+            let mut s = [_mm256_setzero_si256(); 4];
+            for g in start..(start + depth).min(groups) {
+                let t = step(g);
+                for i in 0..used {
+                    s[i] = _mm256_add_epi16(s[i], t[i]);
+                }
+            }
+            for i in 0..used {
+                c[i] = _mm256_add_epi32(c[i], _mm256_madd_epi16(s[i], ones));
+            }
         }
     }
     // SAFETY: acc and acc2 are 16 i32 = two vectors each.
