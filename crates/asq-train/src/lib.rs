@@ -1,5 +1,28 @@
-//! # asq-train (not built yet)
+//! # asq-train: quantization-aware training on the CPU
 //!
-//! Will hold the tape autograd on ndarray, layers, fake-quant ops over `asq-core`, optimizers,
-//! data loaders and checkpoints. Nothing is implemented yet; this crate exists so that the
-//! workspace layering (`asq-core` <- `asq-train`) is fixed from the start.
+//! A light reverse-mode autodiff engine on ndarray and everything around it needed to train
+//! full-precision and quantization-aware CNNs on real data:
+//!
+//! - [`Graph`]: the tape. Ops record their output and a [`graph::Backward`] rule; the tape
+//!   knows nothing about specific ops.
+//! - [`ops`]: differentiable ops (arithmetic, matmul/linear, conv2d with groups, batch norm,
+//!   pooling, activations, dropout, softmax cross-entropy) and fake-quant ops built on
+//!   `asq-core` (LSQ, ASQ with per-sample beta, POT/APoT/POST weights, uniform).
+//! - [`ParamStore`]: named parameters and buffers, the unit of optimizers and checkpoints.
+//!
+//! Deliberately left out: GPU backends, dynamic shapes beyond what CNNs need, model
+//! definitions (the zoo is `asq-models`) and integer inference (`asq-kernels`).
+
+pub mod error;
+pub mod graph;
+pub mod ops;
+pub mod params;
+pub mod rng;
+
+pub use error::{Error, Result};
+pub use graph::{Graph, Var};
+pub use params::{Param, ParamId, ParamKind, ParamStore};
+pub use rng::Rng;
+
+/// The tensor type: a dynamic-rank f32 array.
+pub type Tensor = ndarray::ArrayD<f32>;

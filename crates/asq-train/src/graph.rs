@@ -1,0 +1,143 @@
+//! The tape: a graph of values recorded on the forward pass and differentiated in reverse.
+//!
+//! Nodes are appended in execution order, so reverse index order is a topological order. Each
+//! non-leaf node owns a [`Backward`] object supplied by its op; the tape calls it without knowing
+//! which op it is. Leaves are inputs (no gradient) or parameters (gradient accumulated into the
+//! [`ParamStore`] on [`Graph::backward`]).
+
+use crate::error::{shape, Result};
+use crate::params::{ParamId, ParamStore};
+use crate::Tensor;
+
+/// A value on the tape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Var(pub(crate) usize);
+
+/// The backward rule of one recorded op.
+pub trait Backward: Send + Sync {
+    /// Gradients w.r.t. each input (same order as recorded), given the inputs' values, the
+    /// output value and the gradient of the loss w.r.t. the output. `None`: no gradient.
+    fn backward(&self, inputs: &[&Tensor], output: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>>;
+}
+
+struct Node {
+    value: Tensor,
+    inputs: Vec<Var>,
+    op: Option<Box<dyn Backward>>,
+    needs_grad: bool,
+    param: Option<ParamId>,
+}
+
+/// A forward pass being recorded.
+pub struct Graph {
+    nodes: Vec<Node>,
+    training: bool,
+}
+
+impl Graph {
+    /// A new tape; `training` selects batch statistics, dropout and quantizer updates.
+    pub fn new(training: bool) -> Self {
+        Self { nodes: Vec::new(), training }
+    }
+
+    /// Whether this pass trains.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// A constant input (no gradient).
+    pub fn input(&mut self, value: Tensor) -> Var {
+        self.nodes.push(Node { value, inputs: Vec::new(), op: None, needs_grad: false, param: None });
+        Var(self.nodes.len() - 1)
+    }
+
+    /// An input that receives a gradient (for gradient checks and input attributions).
+    pub fn input_with_grad(&mut self, value: Tensor) -> Var {
+        self.nodes.push(Node { value, inputs: Vec::new(), op: None, needs_grad: true, param: None });
+        Var(self.nodes.len() - 1)
+    }
+
+    /// A parameter leaf: its gradient goes to `store` on [`Graph::backward`] (in training).
+    pub fn param(&mut self, store: &ParamStore, id: ParamId) -> Var {
+        let value = store.get(id).value.clone();
+        let needs_grad = self.training;
+        self.nodes.push(Node { value, inputs: Vec::new(), op: None, needs_grad, param: Some(id) });
+        Var(self.nodes.len() - 1)
+    }
+
+    /// Records an op's output. The backward rule is kept only if an input needs a gradient.
+    pub fn record(&mut self, value: Tensor, inputs: &[Var], op: impl Backward + 'static) -> Var {
+        let needs_grad = inputs.iter().any(|v| self.nodes[v.0].needs_grad);
+        let op: Option<Box<dyn Backward>> = if needs_grad { Some(Box::new(op)) } else { None };
+        self.nodes.push(Node { value, inputs: inputs.to_vec(), op, needs_grad, param: None });
+        Var(self.nodes.len() - 1)
+    }
+
+    /// The value of `v`.
+    pub fn value(&self, v: Var) -> &Tensor {
+        &self.nodes[v.0].value
+    }
+
+    /// Shape of `v`.
+    pub fn shape(&self, v: Var) -> &[usize] {
+        self.nodes[v.0].value.shape()
+    }
+
+    /// Number of recorded nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Reverse pass from a scalar `loss`: accumulates parameter gradients into `store`.
+    pub fn backward(&mut self, loss: Var, store: &mut ParamStore) -> Result<()> {
+        if self.nodes[loss.0].value.len() != 1 {
+            return Err(shape("backward", format!("loss must be a scalar, got shape {:?}", self.shape(loss))));
+        }
+        let grads = self.gradients(loss)?;
+        for (i, g) in grads.into_iter().enumerate() {
+            if let (Some(g), Some(id)) = (g, self.nodes[i].param) {
+                let p = store.get_mut(id);
+                p.grad.zip_mut_with(&g, |a, b| *a += b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gradients of the scalar `loss` w.r.t. every leaf (`None` where none flows and for
+    /// intermediate nodes).
+    pub fn gradients(&self, loss: Var) -> Result<Vec<Option<Tensor>>> {
+        let mut grads: Vec<Option<Tensor>> = (0..self.nodes.len()).map(|_| None).collect();
+        grads[loss.0] = Some(Tensor::ones(self.nodes[loss.0].value.raw_dim()));
+        for i in (0..=loss.0).rev() {
+            let Some(g) = grads[i].take() else { continue };
+            let node = &self.nodes[i];
+            if let Some(op) = &node.op {
+                let inputs: Vec<&Tensor> = node.inputs.iter().map(|v| &self.nodes[v.0].value).collect();
+                let gin = op.backward(&inputs, &node.value, &g);
+                for (v, gi) in node.inputs.iter().zip(gin) {
+                    let Some(gi) = gi else { continue };
+                    if !self.nodes[v.0].needs_grad {
+                        continue;
+                    }
+                    if gi.shape() != self.nodes[v.0].value.shape() {
+                        return Err(shape("backward", format!("gradient {:?} for value {:?}", gi.shape(), self.nodes[v.0].value.shape())));
+                    }
+                    match &mut grads[v.0] {
+                        Some(acc) => acc.zip_mut_with(&gi, |a, b| *a += b),
+                        slot => *slot = Some(gi),
+                    }
+                }
+            }
+            // Keep gradients of leaves only: intermediate ones are not needed after their op.
+            if node.op.is_none() {
+                grads[i] = Some(g);
+            }
+        }
+        Ok(grads)
+    }
+}

@@ -1,0 +1,188 @@
+//! Batch normalisation over `[N, C, H, W]` (per channel over N, H, W).
+
+use ndarray::IxDyn;
+
+use crate::error::{shape, Result};
+use crate::graph::{Backward, Graph, Var};
+use crate::Tensor;
+
+fn dims(t: &Tensor) -> (usize, usize, usize) {
+    let s = t.shape();
+    (s[0], s[1], s[2] * s[3])
+}
+
+struct BnTrainOp {
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+impl Backward for BnTrainOp {
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
+        let (n, c, hw) = dims(inputs[0]);
+        let xs = inputs[0].as_standard_layout();
+        let gs = grad.as_standard_layout();
+        let (x, gy, gamma) = (xs.as_slice().expect("std"), gs.as_slice().expect("std"), inputs[1]);
+        let m = (n * hw) as f64;
+        let mut dx = vec![0.0f32; x.len()];
+        let mut dgamma = vec![0.0f32; c];
+        let mut dbeta = vec![0.0f32; c];
+        for ch in 0..c {
+            let (mu, is) = (self.mean[ch] as f64, self.inv_std[ch] as f64);
+            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+            for s in 0..n {
+                let o = (s * c + ch) * hw;
+                for i in o..o + hw {
+                    sg += gy[i] as f64;
+                    sgx += gy[i] as f64 * (x[i] as f64 - mu) * is;
+                }
+            }
+            dbeta[ch] = sg as f32;
+            dgamma[ch] = sgx as f32;
+            let k = gamma[ch] as f64 * is / m;
+            for s in 0..n {
+                let o = (s * c + ch) * hw;
+                for i in o..o + hw {
+                    let xh = (x[i] as f64 - mu) * is;
+                    dx[i] = (k * (m * gy[i] as f64 - sg - xh * sgx)) as f32;
+                }
+            }
+        }
+        vec![
+            Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape")),
+            Some(Tensor::from_shape_vec(IxDyn(&[c]), dgamma).expect("shape")),
+            Some(Tensor::from_shape_vec(IxDyn(&[c]), dbeta).expect("shape")),
+        ]
+    }
+}
+
+fn check(g: &Graph, x: Var, gamma: Var, beta: Var) -> Result<usize> {
+    let s = g.shape(x);
+    if s.len() != 4 || g.shape(gamma) != [s[1]] || g.shape(beta) != [s[1]] {
+        return Err(shape("batch_norm2d", format!("input {s:?}, gamma {:?}, beta {:?}", g.shape(gamma), g.shape(beta))));
+    }
+    Ok(s[1])
+}
+
+/// Training-mode batch norm: normalises with the batch statistics and returns them
+/// `(output, mean, biased variance)` so that the layer can update its running statistics.
+pub fn batch_norm2d_train(g: &mut Graph, x: Var, gamma: Var, beta: Var, eps: f32) -> Result<(Var, Vec<f32>, Vec<f32>)> {
+    let c = check(g, x, gamma, beta)?;
+    let xv = g.value(x).as_standard_layout().into_owned();
+    let (n, _, hw) = dims(&xv);
+    let xs = xv.as_slice().expect("std");
+    let m = (n * hw) as f64;
+    let (mut mean, mut var) = (vec![0.0f32; c], vec![0.0f32; c]);
+    for ch in 0..c {
+        let (mut s, mut s2) = (0.0f64, 0.0f64);
+        for b in 0..n {
+            for &v in &xs[(b * c + ch) * hw..][..hw] {
+                s += v as f64;
+                s2 += v as f64 * v as f64;
+            }
+        }
+        let mu = s / m;
+        mean[ch] = mu as f32;
+        var[ch] = (s2 / m - mu * mu).max(0.0) as f32;
+    }
+    let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let (gm, bt) = (g.value(gamma).clone(), g.value(beta).clone());
+    let mut y = vec![0.0f32; xs.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            let o = (b * c + ch) * hw;
+            let (mu, is, ga, be) = (mean[ch], inv_std[ch], gm[ch], bt[ch]);
+            for i in o..o + hw {
+                y[i] = (xs[i] - mu) * is * ga + be;
+            }
+        }
+    }
+    let y = Tensor::from_shape_vec(xv.raw_dim(), y).expect("shape");
+    let out = g.record(y, &[x, gamma, beta], BnTrainOp { mean: mean.clone(), inv_std });
+    Ok((out, mean, var))
+}
+
+struct BnEvalOp {
+    inv_std: Vec<f32>,
+    mean: Vec<f32>,
+}
+
+impl Backward for BnEvalOp {
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
+        let (n, c, hw) = dims(inputs[0]);
+        let xs = inputs[0].as_standard_layout();
+        let gs = grad.as_standard_layout();
+        let (x, gy) = (xs.as_slice().expect("std"), gs.as_slice().expect("std"));
+        let mut dx = vec![0.0f32; x.len()];
+        let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
+        for b in 0..n {
+            for ch in 0..c {
+                let o = (b * c + ch) * hw;
+                for i in o..o + hw {
+                    dx[i] = gy[i] * inputs[1][ch] * self.inv_std[ch];
+                    dg[ch] += gy[i] * (x[i] - self.mean[ch]) * self.inv_std[ch];
+                    db[ch] += gy[i];
+                }
+            }
+        }
+        vec![
+            Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape")),
+            Some(Tensor::from_shape_vec(IxDyn(&[c]), dg).expect("shape")),
+            Some(Tensor::from_shape_vec(IxDyn(&[c]), db).expect("shape")),
+        ]
+    }
+}
+
+/// Evaluation-mode batch norm with running statistics.
+pub fn batch_norm2d_eval(g: &mut Graph, x: Var, gamma: Var, beta: Var, mean: &[f32], var: &[f32], eps: f32) -> Result<Var> {
+    let c = check(g, x, gamma, beta)?;
+    if mean.len() != c || var.len() != c {
+        return Err(shape("batch_norm2d", format!("running statistics for {} channels, input has {c}", mean.len())));
+    }
+    let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let xv = g.value(x).as_standard_layout().into_owned();
+    let (n, _, hw) = dims(&xv);
+    let (gm, bt) = (g.value(gamma).clone(), g.value(beta).clone());
+    let xs = xv.as_slice().expect("std");
+    let mut y = vec![0.0f32; xs.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            let o = (b * c + ch) * hw;
+            for i in o..o + hw {
+                y[i] = (xs[i] - mean[ch]) * inv_std[ch] * gm[ch] + bt[ch];
+            }
+        }
+    }
+    let y = Tensor::from_shape_vec(xv.raw_dim(), y).expect("shape");
+    Ok(g.record(y, &[x, gamma, beta], BnEvalOp { inv_std, mean: mean.to_vec() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::{check, random};
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let (x, gm, bt) = (random(&[3, 4, 2, 3], 1), random(&[4], 2), random(&[4], 3));
+        check(&[x.clone(), gm.clone(), bt.clone()], 1e-2, 2e-2, 30, |g, v| batch_norm2d_train(g, v[0], v[1], v[2], 1e-5).unwrap().0);
+        let (m, var) = ([0.1, -0.2, 0.3, 0.0], [1.0, 0.5, 2.0, 0.3]);
+        check(&[x, gm, bt], 1e-2, 1e-2, 30, |g, v| batch_norm2d_eval(g, v[0], v[1], v[2], &m, &var, 1e-5).unwrap());
+    }
+
+    #[test]
+    fn training_output_is_normalised() {
+        let mut g = Graph::new(true);
+        let x = g.input(random(&[8, 2, 3, 3], 4).mapv(|v| v * 5.0 + 2.0));
+        let gm = g.input(Tensor::ones(IxDyn(&[2])));
+        let bt = g.input(Tensor::zeros(IxDyn(&[2])));
+        let (y, mean, _) = batch_norm2d_train(&mut g, x, gm, bt, 1e-5).unwrap();
+        let y = g.value(y);
+        for ch in 0..2 {
+            let vals: Vec<f32> = (0..8).flat_map(|b| (0..9).map(move |i| (b, i))).map(|(b, i)| y[[b, ch, i / 3, i % 3]]).collect();
+            let mu: f32 = vals.iter().sum::<f32>() / 72.0;
+            let var: f32 = vals.iter().map(|v| (v - mu).powi(2)).sum::<f32>() / 72.0;
+            assert!(mu.abs() < 1e-5 && (var - 1.0).abs() < 1e-3, "{mu} {var}");
+            assert!((mean[ch] - 2.0).abs() < 1.0);
+        }
+    }
+}

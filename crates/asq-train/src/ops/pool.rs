@@ -1,0 +1,172 @@
+//! Pooling on `[N, C, H, W]`: max, average (no padding) and global average.
+
+use ndarray::IxDyn;
+
+use crate::error::{shape, Result};
+use crate::graph::{Backward, Graph, Var};
+use crate::Tensor;
+
+fn out_size(op: &'static str, s: &[usize], k: usize, stride: usize) -> Result<(usize, usize)> {
+    if s.len() != 4 || k == 0 || stride == 0 || s[2] < k || s[3] < k {
+        return Err(shape(op, format!("input {s:?} with window {k} stride {stride}")));
+    }
+    Ok(((s[2] - k) / stride + 1, (s[3] - k) / stride + 1))
+}
+
+struct MaxPoolOp {
+    argmax: Vec<usize>,
+}
+
+impl Backward for MaxPoolOp {
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
+        let mut dx = vec![0.0f32; inputs[0].len()];
+        for (&i, &gv) in self.argmax.iter().zip(grad.iter()) {
+            dx[i] += gv;
+        }
+        vec![Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape"))]
+    }
+}
+
+/// Max pooling with a `k x k` window (first maximum wins ties).
+pub fn max_pool2d(g: &mut Graph, x: Var, k: usize, stride: usize) -> Result<Var> {
+    let s = g.shape(x).to_vec();
+    let (oh, ow) = out_size("max_pool2d", &s, k, stride)?;
+    let xv = g.value(x).as_standard_layout().into_owned();
+    let xs = xv.as_slice().expect("std");
+    let mut y = Vec::with_capacity(s[0] * s[1] * oh * ow);
+    let mut argmax = Vec::with_capacity(y.capacity());
+    for plane in 0..s[0] * s[1] {
+        let base = plane * s[2] * s[3];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let (mut best, mut at) = (f32::NEG_INFINITY, base + oy * stride * s[3] + ox * stride);
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let i = base + (oy * stride + ky) * s[3] + ox * stride + kx;
+                        if xs[i] > best {
+                            best = xs[i];
+                            at = i;
+                        }
+                    }
+                }
+                y.push(best);
+                argmax.push(at);
+            }
+        }
+    }
+    let y = Tensor::from_shape_vec(IxDyn(&[s[0], s[1], oh, ow]), y).expect("shape");
+    Ok(g.record(y, &[x], MaxPoolOp { argmax }))
+}
+
+struct AvgPoolOp {
+    k: usize,
+    stride: usize,
+}
+
+impl Backward for AvgPoolOp {
+    fn backward(&self, inputs: &[&Tensor], out: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
+        let s = inputs[0].shape();
+        let (oh, ow) = (out.shape()[2], out.shape()[3]);
+        let gs = grad.as_standard_layout();
+        let gy = gs.as_slice().expect("std");
+        let mut dx = vec![0.0f32; inputs[0].len()];
+        let inv = 1.0 / (self.k * self.k) as f32;
+        for plane in 0..s[0] * s[1] {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let gv = gy[(plane * oh + oy) * ow + ox] * inv;
+                    for ky in 0..self.k {
+                        for kx in 0..self.k {
+                            dx[plane * s[2] * s[3] + (oy * self.stride + ky) * s[3] + ox * self.stride + kx] += gv;
+                        }
+                    }
+                }
+            }
+        }
+        vec![Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape"))]
+    }
+}
+
+/// Average pooling with a `k x k` window.
+pub fn avg_pool2d(g: &mut Graph, x: Var, k: usize, stride: usize) -> Result<Var> {
+    let s = g.shape(x).to_vec();
+    let (oh, ow) = out_size("avg_pool2d", &s, k, stride)?;
+    let xv = g.value(x).as_standard_layout().into_owned();
+    let xs = xv.as_slice().expect("std");
+    let inv = 1.0 / (k * k) as f32;
+    let mut y = Vec::with_capacity(s[0] * s[1] * oh * ow);
+    for plane in 0..s[0] * s[1] {
+        let base = plane * s[2] * s[3];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut acc = 0.0f32;
+                for ky in 0..k {
+                    for kx in 0..k {
+                        acc += xs[base + (oy * stride + ky) * s[3] + ox * stride + kx];
+                    }
+                }
+                y.push(acc * inv);
+            }
+        }
+    }
+    let y = Tensor::from_shape_vec(IxDyn(&[s[0], s[1], oh, ow]), y).expect("shape");
+    Ok(g.record(y, &[x], AvgPoolOp { k, stride }))
+}
+
+struct GapOp;
+
+impl Backward for GapOp {
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
+        let s = inputs[0].shape();
+        let hw = s[2] * s[3];
+        let inv = 1.0 / hw as f32;
+        let gs = grad.as_standard_layout();
+        let gy = gs.as_slice().expect("std");
+        let dx: Vec<f32> = (0..inputs[0].len()).map(|i| gy[i / hw] * inv).collect();
+        vec![Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape"))]
+    }
+}
+
+/// Global average pooling `[N, C, H, W] -> [N, C]`.
+pub fn global_avg_pool(g: &mut Graph, x: Var) -> Result<Var> {
+    let s = g.shape(x).to_vec();
+    if s.len() != 4 || s[2] * s[3] == 0 {
+        return Err(shape("global_avg_pool", format!("input {s:?}")));
+    }
+    let hw = s[2] * s[3];
+    let xv = g.value(x).as_standard_layout().into_owned();
+    let y: Vec<f32> = xv
+        .as_slice()
+        .expect("std")
+        .chunks(hw)
+        .map(|p| (p.iter().map(|&v| v as f64).sum::<f64>() / hw as f64) as f32)
+        .collect();
+    let y = Tensor::from_shape_vec(IxDyn(&[s[0], s[1]]), y).expect("shape");
+    Ok(g.record(y, &[x], GapOp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::{check, random};
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        // Distinct values spaced well apart, so a small step never changes the argmax.
+        let mut x = random(&[2, 2, 5, 4], 1);
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = (i as f32 * 0.37).sin() + i as f32 * 0.01;
+        }
+        check(&[x.clone()], 1e-3, 1e-2, 40, |g, v| max_pool2d(g, v[0], 2, 2).unwrap());
+        check(&[x.clone()], 1e-2, 1e-2, 40, |g, v| avg_pool2d(g, v[0], 3, 1).unwrap());
+        check(&[x], 1e-2, 1e-2, 40, |g, v| global_avg_pool(g, v[0]).unwrap());
+    }
+
+    #[test]
+    fn windows_larger_than_input_are_errors() {
+        let mut g = Graph::new(true);
+        let x = g.input(random(&[1, 1, 2, 2], 1));
+        assert!(max_pool2d(&mut g, x, 3, 1).is_err());
+        assert!(avg_pool2d(&mut g, x, 2, 0).is_err());
+    }
+}
