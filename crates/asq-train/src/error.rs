@@ -44,5 +44,8 @@ pub enum Error {
 pub type Result<T> = core::result::Result<T, Error>;
 
 pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Error {
-    Error::Shape { op, detail: detail.into() }
+    Error::Shape {
+        op,
+        detail: detail.into(),
+    }
 }

@@ -37,7 +37,10 @@ pub struct Graph {
 impl Graph {
     /// A new tape; `training` selects batch statistics, dropout and quantizer updates.
     pub fn new(training: bool) -> Self {
-        Self { nodes: Vec::new(), training }
+        Self {
+            nodes: Vec::new(),
+            training,
+        }
     }
 
     /// Whether this pass trains.
@@ -47,13 +50,25 @@ impl Graph {
 
     /// A constant input (no gradient).
     pub fn input(&mut self, value: Tensor) -> Var {
-        self.nodes.push(Node { value, inputs: Vec::new(), op: None, needs_grad: false, param: None });
+        self.nodes.push(Node {
+            value,
+            inputs: Vec::new(),
+            op: None,
+            needs_grad: false,
+            param: None,
+        });
         Var(self.nodes.len() - 1)
     }
 
     /// An input that receives a gradient (for gradient checks and input attributions).
     pub fn input_with_grad(&mut self, value: Tensor) -> Var {
-        self.nodes.push(Node { value, inputs: Vec::new(), op: None, needs_grad: true, param: None });
+        self.nodes.push(Node {
+            value,
+            inputs: Vec::new(),
+            op: None,
+            needs_grad: true,
+            param: None,
+        });
         Var(self.nodes.len() - 1)
     }
 
@@ -61,7 +76,13 @@ impl Graph {
     pub fn param(&mut self, store: &ParamStore, id: ParamId) -> Var {
         let value = store.get(id).value.clone();
         let needs_grad = self.training;
-        self.nodes.push(Node { value, inputs: Vec::new(), op: None, needs_grad, param: Some(id) });
+        self.nodes.push(Node {
+            value,
+            inputs: Vec::new(),
+            op: None,
+            needs_grad,
+            param: Some(id),
+        });
         Var(self.nodes.len() - 1)
     }
 
@@ -69,7 +90,13 @@ impl Graph {
     pub fn record(&mut self, value: Tensor, inputs: &[Var], op: impl Backward + 'static) -> Var {
         let needs_grad = inputs.iter().any(|v| self.nodes[v.0].needs_grad);
         let op: Option<Box<dyn Backward>> = if needs_grad { Some(Box::new(op)) } else { None };
-        self.nodes.push(Node { value, inputs: inputs.to_vec(), op, needs_grad, param: None });
+        self.nodes.push(Node {
+            value,
+            inputs: inputs.to_vec(),
+            op,
+            needs_grad,
+            param: None,
+        });
         Var(self.nodes.len() - 1)
     }
 
@@ -96,7 +123,10 @@ impl Graph {
     /// Reverse pass from a scalar `loss`: accumulates parameter gradients into `store`.
     pub fn backward(&mut self, loss: Var, store: &mut ParamStore) -> Result<()> {
         if self.nodes[loss.0].value.len() != 1 {
-            return Err(shape("backward", format!("loss must be a scalar, got shape {:?}", self.shape(loss))));
+            return Err(shape(
+                "backward",
+                format!("loss must be a scalar, got shape {:?}", self.shape(loss)),
+            ));
         }
         let grads = self.gradients(loss)?;
         for (i, g) in grads.into_iter().enumerate() {
@@ -117,7 +147,8 @@ impl Graph {
             let Some(g) = grads[i].take() else { continue };
             let node = &self.nodes[i];
             if let Some(op) = &node.op {
-                let inputs: Vec<&Tensor> = node.inputs.iter().map(|v| &self.nodes[v.0].value).collect();
+                let inputs: Vec<&Tensor> =
+                    node.inputs.iter().map(|v| &self.nodes[v.0].value).collect();
                 let gin = op.backward(&inputs, &node.value, &g);
                 for (v, gi) in node.inputs.iter().zip(gin) {
                     let Some(gi) = gi else { continue };
@@ -125,7 +156,14 @@ impl Graph {
                         continue;
                     }
                     if gi.shape() != self.nodes[v.0].value.shape() {
-                        return Err(shape("backward", format!("gradient {:?} for value {:?}", gi.shape(), self.nodes[v.0].value.shape())));
+                        return Err(shape(
+                            "backward",
+                            format!(
+                                "gradient {:?} for value {:?}",
+                                gi.shape(),
+                                self.nodes[v.0].value.shape()
+                            ),
+                        ));
                     }
                     match &mut grads[v.0] {
                         Some(acc) => acc.zip_mut_with(&gi, |a, b| *a += b),

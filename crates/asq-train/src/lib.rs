@@ -15,6 +15,7 @@
 
 pub mod error;
 pub mod graph;
+pub mod nn;
 pub mod ops;
 pub mod params;
 pub mod rng;

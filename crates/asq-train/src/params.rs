@@ -56,7 +56,12 @@ impl ParamStore {
     }
 
     /// Adds a parameter; names must be unique.
-    pub fn add(&mut self, name: impl Into<String>, value: Tensor, kind: ParamKind) -> Result<ParamId> {
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        value: Tensor,
+        kind: ParamKind,
+    ) -> Result<ParamId> {
         let name = name.into();
         if self.by_name.contains_key(&name) || self.buffer_names.contains_key(&name) {
             return Err(Error::Config(format!("duplicate parameter name {name}")));
@@ -64,7 +69,12 @@ impl ParamStore {
         let id = self.params.len();
         self.by_name.insert(name.clone(), id);
         let grad = ArrayD::zeros(value.raw_dim());
-        self.params.push(Param { name, value, grad, kind });
+        self.params.push(Param {
+            name,
+            value,
+            grad,
+            kind,
+        });
         Ok(ParamId(id))
     }
 

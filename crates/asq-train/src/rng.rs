@@ -20,7 +20,9 @@ impl Rng {
             x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
             x ^ (x >> 31)
         };
-        Self { s: [next(), next(), next(), next()] }
+        Self {
+            s: [next(), next(), next(), next()],
+        }
     }
 
     /// Next 64 random bits.
@@ -75,7 +77,10 @@ mod tests {
         let mut r = Rng::new(1);
         let mean: f64 = (0..10_000).map(|_| r.uniform() as f64).sum::<f64>() / 1e4;
         assert!((mean - 0.5).abs() < 0.02, "{mean}");
-        let var: f64 = (0..10_000).map(|_| (r.normal() as f64).powi(2)).sum::<f64>() / 1e4;
+        let var: f64 = (0..10_000)
+            .map(|_| (r.normal() as f64).powi(2))
+            .sum::<f64>()
+            / 1e4;
         assert!((var - 1.0).abs() < 0.05, "{var}");
         assert!((0..1000).all(|_| r.below(3) < 3));
     }

@@ -50,10 +50,28 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences_away_from_kinks() {
         // Keep every value at least 0.02 from the kinks so that a step never crosses one.
-        let avoid = |t: Tensor, kinks: &[f32]| t.mapv(|v| if kinks.iter().any(|k| (v - k).abs() < 0.02) { v + 0.05 } else { v });
+        let avoid = |t: Tensor, kinks: &[f32]| {
+            t.mapv(|v| {
+                if kinks.iter().any(|k| (v - k).abs() < 0.02) {
+                    v + 0.05
+                } else {
+                    v
+                }
+            })
+        };
         let x = random(&[4, 7], 1).mapv(|v| v * 4.0);
-        check(&[avoid(x.clone(), &[0.0])], 1e-3, 1e-2, 28, |g, v| relu(g, v[0]));
-        check(&[avoid(x.mapv(|v| v + 3.0), &[0.0, 6.0])], 1e-3, 1e-2, 28, |g, v| relu6(g, v[0]));
-        check(&[avoid(x.clone(), &[0.5])], 1e-3, 1e-2, 28, |g, v| clamp_min(g, v[0], 0.5));
+        check(&[avoid(x.clone(), &[0.0])], 1e-3, 1e-2, 28, |g, v| {
+            relu(g, v[0])
+        });
+        check(
+            &[avoid(x.mapv(|v| v + 3.0), &[0.0, 6.0])],
+            1e-3,
+            1e-2,
+            28,
+            |g, v| relu6(g, v[0]),
+        );
+        check(&[avoid(x.clone(), &[0.5])], 1e-3, 1e-2, 28, |g, v| {
+            clamp_min(g, v[0], 0.5)
+        });
     }
 }

@@ -57,7 +57,10 @@ pub fn scale(g: &mut Graph, a: Var, c: f32) -> Var {
 struct SumOp;
 impl Backward for SumOp {
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
-        vec![Some(Tensor::from_elem(inputs[0].raw_dim(), grad.iter().next().copied().unwrap_or(0.0)))]
+        vec![Some(Tensor::from_elem(
+            inputs[0].raw_dim(),
+            grad.iter().next().copied().unwrap_or(0.0),
+        ))]
     }
 }
 
@@ -78,7 +81,10 @@ struct ReshapeOp;
 impl Backward for ReshapeOp {
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
         let g = grad.as_standard_layout().into_owned();
-        vec![Some(g.into_shape_with_order(inputs[0].raw_dim()).expect("same element count"))]
+        vec![Some(
+            g.into_shape_with_order(inputs[0].raw_dim())
+                .expect("same element count"),
+        )]
     }
 }
 
@@ -86,9 +92,21 @@ impl Backward for ReshapeOp {
 pub fn reshape(g: &mut Graph, a: Var, dims: &[usize]) -> Result<Var> {
     let n: usize = dims.iter().product();
     if n != g.value(a).len() {
-        return Err(shape("reshape", format!("{:?} has {} elements, {dims:?} needs {n}", g.shape(a), g.value(a).len())));
+        return Err(shape(
+            "reshape",
+            format!(
+                "{:?} has {} elements, {dims:?} needs {n}",
+                g.shape(a),
+                g.value(a).len()
+            ),
+        ));
     }
-    let v = g.value(a).as_standard_layout().into_owned().into_shape_with_order(IxDyn(dims)).expect("checked");
+    let v = g
+        .value(a)
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order(IxDyn(dims))
+        .expect("checked");
     Ok(g.record(v, &[a], ReshapeOp))
 }
 
@@ -107,11 +125,17 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let (a, b) = (random(&[3, 5], 1), random(&[3, 5], 2));
-        check(&[a.clone(), b.clone()], 1e-2, 1e-2, 30, |g, v| add(g, v[0], v[1]).unwrap());
-        check(&[a.clone(), b.clone()], 1e-2, 1e-2, 30, |g, v| mul(g, v[0], v[1]).unwrap());
+        check(&[a.clone(), b.clone()], 1e-2, 1e-2, 30, |g, v| {
+            add(g, v[0], v[1]).unwrap()
+        });
+        check(&[a.clone(), b.clone()], 1e-2, 1e-2, 30, |g, v| {
+            mul(g, v[0], v[1]).unwrap()
+        });
         check(&[a.clone()], 1e-2, 1e-2, 30, |g, v| scale(g, v[0], -1.7));
         check(&[a.clone()], 1e-2, 1e-2, 30, |g, v| mean(g, v[0]));
-        check(&[random(&[2, 3, 4], 3)], 1e-2, 1e-2, 30, |g, v| flatten(g, v[0]).unwrap());
+        check(&[random(&[2, 3, 4], 3)], 1e-2, 1e-2, 30, |g, v| {
+            flatten(g, v[0]).unwrap()
+        });
     }
 
     #[test]

@@ -25,7 +25,11 @@ pub struct ConvSpec {
 
 impl Default for ConvSpec {
     fn default() -> Self {
-        Self { stride: 1, pad: 0, groups: 1 }
+        Self {
+            stride: 1,
+            pad: 0,
+            groups: 1,
+        }
     }
 }
 
@@ -81,7 +85,11 @@ fn im2col(x: &[f32], geo: &Geo, group: usize, cols: &mut [f32]) {
                     let src = &plane[iy as usize * geo.w..][..geo.w];
                     for (ox, d) in dst.iter_mut().enumerate() {
                         let ix = (ox * s + kx) as isize - p as isize;
-                        *d = if ix < 0 || ix as usize >= geo.w { 0.0 } else { src[ix as usize] };
+                        *d = if ix < 0 || ix as usize >= geo.w {
+                            0.0
+                        } else {
+                            src[ix as usize]
+                        };
                     }
                 }
             }
@@ -132,8 +140,14 @@ struct ConvOp {
 impl Backward for ConvOp {
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
         let geo = self.geo;
-        let (xs, ws) = (inputs[0].as_standard_layout(), inputs[1].as_standard_layout());
-        let (x, w) = (xs.as_slice().expect("standard layout"), ws.as_slice().expect("standard layout"));
+        let (xs, ws) = (
+            inputs[0].as_standard_layout(),
+            inputs[1].as_standard_layout(),
+        );
+        let (x, w) = (
+            xs.as_slice().expect("standard layout"),
+            ws.as_slice().expect("standard layout"),
+        );
         let gy = grad.as_standard_layout();
         let gy = gy.as_slice().expect("standard layout");
         let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
@@ -150,10 +164,15 @@ impl Backward for ConvOp {
                     let n = chunk * per_chunk + j;
                     let xn = &x[n * in_len..(n + 1) * in_len];
                     for grp in 0..geo.spec.groups {
-                        let gyg = view(&gy[n * out_len + grp * cog * opix..][..cog * opix], cog, opix);
+                        let gyg = view(
+                            &gy[n * out_len + grp * cog * opix..][..cog * opix],
+                            cog,
+                            opix,
+                        );
                         let wg = view(&w[grp * cog * krows..][..cog * krows], cog, krows);
                         im2col(xn, &geo, grp, &mut cols);
-                        let mut dwg = view_mut(&mut dw[grp * cog * krows..][..cog * krows], cog, krows);
+                        let mut dwg =
+                            view_mut(&mut dw[grp * cog * krows..][..cog * krows], cog, krows);
                         general_mat_mul(1.0, &gyg, &view(&cols, krows, opix).t(), 1.0, &mut dwg);
                         let mut dcols = view_mut(&mut cols, krows, opix);
                         general_mat_mul(1.0, &wg.t(), &gyg, 0.0, &mut dcols);
@@ -175,10 +194,16 @@ impl Backward for ConvOp {
             let mut db = vec![0.0f64; geo.co];
             for n in 0..geo.n {
                 for (o, d) in db.iter_mut().enumerate() {
-                    *d += gy[n * out_len + o * opix..][..opix].iter().map(|&v| v as f64).sum::<f64>();
+                    *d += gy[n * out_len + o * opix..][..opix]
+                        .iter()
+                        .map(|&v| v as f64)
+                        .sum::<f64>();
                 }
             }
-            out.push(Some(Tensor::from_shape_vec(IxDyn(&[geo.co]), db.iter().map(|&v| v as f32).collect()).expect("bias")));
+            out.push(Some(
+                Tensor::from_shape_vec(IxDyn(&[geo.co]), db.iter().map(|&v| v as f32).collect())
+                    .expect("bias"),
+            ));
         }
         out
     }
@@ -189,19 +214,36 @@ impl Backward for ConvOp {
 pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> Result<Var> {
     let (sx, sw) = (g.shape(x).to_vec(), g.shape(w).to_vec());
     if sx.len() != 4 || sw.len() != 4 {
-        return Err(shape("conv2d", format!("input {sx:?} and weight {sw:?} must be 4-D")));
+        return Err(shape(
+            "conv2d",
+            format!("input {sx:?} and weight {sw:?} must be 4-D"),
+        ));
     }
     let (n, c, h, wd) = (sx[0], sx[1], sx[2], sx[3]);
     let (co, kh, kw) = (sw[0], sw[2], sw[3]);
-    if spec.groups == 0 || spec.stride == 0 || c % spec.groups != 0 || co % spec.groups != 0 || sw[1] != c / spec.groups {
-        return Err(shape("conv2d", format!("input {sx:?}, weight {sw:?}, groups {}", spec.groups)));
+    if spec.groups == 0
+        || spec.stride == 0
+        || c % spec.groups != 0
+        || co % spec.groups != 0
+        || sw[1] != c / spec.groups
+    {
+        return Err(shape(
+            "conv2d",
+            format!("input {sx:?}, weight {sw:?}, groups {}", spec.groups),
+        ));
     }
     if h + 2 * spec.pad < kh || wd + 2 * spec.pad < kw {
-        return Err(shape("conv2d", format!("kernel {kh}x{kw} larger than padded input {h}x{wd}")));
+        return Err(shape(
+            "conv2d",
+            format!("kernel {kh}x{kw} larger than padded input {h}x{wd}"),
+        ));
     }
     if let Some(b) = b {
         if g.shape(b) != [co] {
-            return Err(shape("conv2d", format!("bias {:?} for {co} channels", g.shape(b))));
+            return Err(shape(
+                "conv2d",
+                format!("bias {:?} for {co} channels", g.shape(b)),
+            ));
         }
     }
     let geo = Geo {
@@ -218,9 +260,18 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
     };
     let xs = g.value(x).as_standard_layout().into_owned();
     let ws = g.value(w).as_standard_layout().into_owned();
-    let (xv, wv) = (xs.as_slice().expect("standard"), ws.as_slice().expect("standard"));
+    let (xv, wv) = (
+        xs.as_slice().expect("standard"),
+        ws.as_slice().expect("standard"),
+    );
     let bias: Option<Vec<f32>> = b.map(|b| g.value(b).iter().copied().collect());
-    let (in_len, out_len, krows, opix, cog) = (c * h * wd, co * geo.opix(), geo.krows(), geo.opix(), geo.cog());
+    let (in_len, out_len, krows, opix, cog) = (
+        c * h * wd,
+        co * geo.opix(),
+        geo.krows(),
+        geo.opix(),
+        geo.cog(),
+    );
     let mut y = vec![0.0f32; n * out_len];
     y.par_chunks_mut(out_len).enumerate().for_each_init(
         || vec![0.0f32; krows * opix],
@@ -234,14 +285,23 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
             }
             if let Some(bias) = &bias {
                 for (o, bv) in bias.iter().enumerate() {
-                    yn[o * opix..(o + 1) * opix].iter_mut().for_each(|v| *v += bv);
+                    yn[o * opix..(o + 1) * opix]
+                        .iter_mut()
+                        .for_each(|v| *v += bv);
                 }
             }
         },
     );
     let y = Tensor::from_shape_vec(IxDyn(&[n, co, geo.oh, geo.ow]), y).expect("output shape");
     let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
-    Ok(g.record(y, &inputs, ConvOp { geo, bias: b.is_some() }))
+    Ok(g.record(
+        y,
+        &inputs,
+        ConvOp {
+            geo,
+            bias: b.is_some(),
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -252,21 +312,59 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         for (spec, c, co) in [
-            (ConvSpec { stride: 1, pad: 1, groups: 1 }, 3, 4),
-            (ConvSpec { stride: 2, pad: 0, groups: 1 }, 2, 3),
-            (ConvSpec { stride: 2, pad: 1, groups: 2 }, 4, 6),
-            (ConvSpec { stride: 1, pad: 1, groups: 5 }, 5, 5),
+            (
+                ConvSpec {
+                    stride: 1,
+                    pad: 1,
+                    groups: 1,
+                },
+                3,
+                4,
+            ),
+            (
+                ConvSpec {
+                    stride: 2,
+                    pad: 0,
+                    groups: 1,
+                },
+                2,
+                3,
+            ),
+            (
+                ConvSpec {
+                    stride: 2,
+                    pad: 1,
+                    groups: 2,
+                },
+                4,
+                6,
+            ),
+            (
+                ConvSpec {
+                    stride: 1,
+                    pad: 1,
+                    groups: 5,
+                },
+                5,
+                5,
+            ),
         ] {
             let x = random(&[2, c, 5, 6], 1);
             let w = random(&[co, c / spec.groups, 3, 3], 2);
             let b = random(&[co], 3);
-            check(&[x, w, b], 1e-2, 1e-2, 25, |g, v| conv2d(g, v[0], v[1], Some(v[2]), spec).unwrap());
+            check(&[x, w, b], 1e-2, 1e-2, 25, |g, v| {
+                conv2d(g, v[0], v[1], Some(v[2]), spec).unwrap()
+            });
         }
     }
 
     #[test]
     fn matches_a_direct_convolution() {
-        let spec = ConvSpec { stride: 2, pad: 1, groups: 1 };
+        let spec = ConvSpec {
+            stride: 2,
+            pad: 1,
+            groups: 1,
+        };
         let (x, w) = (random(&[2, 3, 7, 5], 4), random(&[4, 3, 3, 3], 5));
         let mut g = Graph::new(false);
         let (xv, wv) = (g.input(x.clone()), g.input(w.clone()));
@@ -281,9 +379,11 @@ mod tests {
                         for ci in 0..3 {
                             for ky in 0..3 {
                                 for kx in 0..3 {
-                                    let (iy, ix) = ((oy * 2 + ky) as isize - 1, (ox * 2 + kx) as isize - 1);
+                                    let (iy, ix) =
+                                        ((oy * 2 + ky) as isize - 1, (ox * 2 + kx) as isize - 1);
                                     if iy >= 0 && iy < 7 && ix >= 0 && ix < 5 {
-                                        s += x[[n, ci, iy as usize, ix as usize]] * w[[o, ci, ky, kx]];
+                                        s += x[[n, ci, iy as usize, ix as usize]]
+                                            * w[[o, ci, ky, kx]];
                                     }
                                 }
                             }

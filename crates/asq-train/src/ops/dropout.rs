@@ -19,13 +19,17 @@ impl Backward for DropoutOp {
 /// Dropout with probability `p` in `[0, 1)`, drawing the mask from `rng`.
 pub fn dropout(g: &mut Graph, x: Var, p: f32, rng: &mut Rng) -> Result<Var> {
     if !(0.0..1.0).contains(&p) {
-        return Err(Error::Config(format!("dropout probability {p} must be in [0, 1)")));
+        return Err(Error::Config(format!(
+            "dropout probability {p} must be in [0, 1)"
+        )));
     }
     if !g.is_training() || p == 0.0 {
         return Ok(x);
     }
     let keep = 1.0 / (1.0 - p);
-    let mask = g.value(x).mapv(|_| if rng.uniform() < p { 0.0 } else { keep });
+    let mask = g
+        .value(x)
+        .mapv(|_| if rng.uniform() < p { 0.0 } else { keep });
     let y = g.value(x) * &mask;
     Ok(g.record(y, &[x], DropoutOp { mask }))
 }
@@ -47,7 +51,10 @@ mod tests {
         let grads = g.gradients(s).unwrap();
         let gx = grads[x.0].as_ref().unwrap();
         for ((a, b), gv) in xv.iter().zip(yv.iter()).zip(gx.iter()) {
-            assert!((*b == 0.0 && *gv == 0.0) || ((b / a - 1.0 / 0.75).abs() < 1e-5 && (gv - 1.0 / 0.75).abs() < 1e-6));
+            assert!(
+                (*b == 0.0 && *gv == 0.0)
+                    || ((b / a - 1.0 / 0.75).abs() < 1e-5 && (gv - 1.0 / 0.75).abs() < 1e-6)
+            );
         }
         let mut e = Graph::new(false);
         let xe = e.input(xv.clone());

@@ -19,17 +19,30 @@ impl Backward for CeOp {
 }
 
 /// `mean_n [ -sum_k q_nk log softmax(z_n)_k ]` with `q = (1 - eps) onehot(y) + eps / K`.
-pub fn softmax_cross_entropy(g: &mut Graph, logits: Var, labels: &[usize], smoothing: f32) -> Result<Var> {
+pub fn softmax_cross_entropy(
+    g: &mut Graph,
+    logits: Var,
+    labels: &[usize],
+    smoothing: f32,
+) -> Result<Var> {
     let s = g.shape(logits).to_vec();
     if s.len() != 2 || s[0] != labels.len() || s[0] == 0 {
-        return Err(shape("softmax_cross_entropy", format!("logits {s:?} with {} labels", labels.len())));
+        return Err(shape(
+            "softmax_cross_entropy",
+            format!("logits {s:?} with {} labels", labels.len()),
+        ));
     }
     if !(0.0..1.0).contains(&smoothing) {
-        return Err(Error::Config(format!("label smoothing {smoothing} must be in [0, 1)")));
+        return Err(Error::Config(format!(
+            "label smoothing {smoothing} must be in [0, 1)"
+        )));
     }
     let (n, k) = (s[0], s[1]);
     if let Some(&bad) = labels.iter().find(|&&y| y >= k) {
-        return Err(shape("softmax_cross_entropy", format!("label {bad} for {k} classes")));
+        return Err(shape(
+            "softmax_cross_entropy",
+            format!("label {bad} for {k} classes"),
+        ));
     }
     let z = g.value(logits).as_standard_layout().into_owned();
     let zs = z.as_slice().expect("std");
@@ -38,11 +51,19 @@ pub fn softmax_cross_entropy(g: &mut Graph, logits: Var, labels: &[usize], smoot
     }
     let mut loss = 0.0f64;
     let mut d = vec![0.0f32; n * k];
-    let (off, on) = (smoothing as f64 / k as f64, 1.0 - smoothing as f64 + smoothing as f64 / k as f64);
+    let (off, on) = (
+        smoothing as f64 / k as f64,
+        1.0 - smoothing as f64 + smoothing as f64 / k as f64,
+    );
     for (r, &y) in labels.iter().enumerate() {
         let row = &zs[r * k..(r + 1) * k];
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        let lse = max
+            + row
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
         for (j, &v) in row.iter().enumerate() {
             let q = if j == y { on } else { off };
             let logp = v as f64 - lse;
@@ -51,7 +72,11 @@ pub fn softmax_cross_entropy(g: &mut Graph, logits: Var, labels: &[usize], smoot
         }
     }
     let dlogits = Tensor::from_shape_vec(IxDyn(&[n, k]), d).expect("shape");
-    Ok(g.record(Tensor::from_elem(IxDyn(&[]), (loss / n as f64) as f32), &[logits], CeOp { dlogits }))
+    Ok(g.record(
+        Tensor::from_elem(IxDyn(&[]), (loss / n as f64) as f32),
+        &[logits],
+        CeOp { dlogits },
+    ))
 }
 
 /// Number of rows whose arg-max equals the label.
@@ -63,7 +88,13 @@ pub fn correct(logits: &Tensor, labels: &[usize]) -> usize {
         .chunks(k)
         .zip(labels)
         .filter(|(row, &y)| {
-            let best = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                );
             best.0 == y
         })
         .count()
@@ -77,8 +108,12 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let z = random(&[4, 5], 1).mapv(|v| v * 3.0);
-        check(&[z.clone()], 1e-2, 1e-2, 20, |g, v| softmax_cross_entropy(g, v[0], &[0, 4, 2, 2], 0.0).unwrap());
-        check(&[z], 1e-2, 1e-2, 20, |g, v| softmax_cross_entropy(g, v[0], &[1, 3, 0, 2], 0.1).unwrap());
+        check(&[z.clone()], 1e-2, 1e-2, 20, |g, v| {
+            softmax_cross_entropy(g, v[0], &[0, 4, 2, 2], 0.0).unwrap()
+        });
+        check(&[z], 1e-2, 1e-2, 20, |g, v| {
+            softmax_cross_entropy(g, v[0], &[1, 3, 0, 2], 0.1).unwrap()
+        });
     }
 
     #[test]

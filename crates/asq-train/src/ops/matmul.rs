@@ -9,7 +9,9 @@ use crate::graph::{Backward, Graph, Var};
 use crate::Tensor;
 
 pub(crate) fn view2(t: &Tensor) -> ArrayView2<'_, f32> {
-    t.view().into_dimensionality::<Ix2>().expect("2-D operand checked at record time")
+    t.view()
+        .into_dimensionality::<Ix2>()
+        .expect("2-D operand checked at record time")
 }
 
 /// `a · b` for 2-D views.
@@ -59,15 +61,25 @@ pub fn linear(g: &mut Graph, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
     }
     if let Some(b) = b {
         if g.shape(b) != [sw[0]] {
-            return Err(shape("linear", format!("bias {:?} for {} outputs", g.shape(b), sw[0])));
+            return Err(shape(
+                "linear",
+                format!("bias {:?} for {} outputs", g.shape(b), sw[0]),
+            ));
         }
     }
     let mut y = mm(view2(g.value(x)), view2(g.value(w)).t());
     if let Some(b) = b {
-        let bv = g.value(b).view().into_dimensionality::<ndarray::Ix1>().expect("checked");
+        let bv = g
+            .value(b)
+            .view()
+            .into_dimensionality::<ndarray::Ix1>()
+            .expect("checked");
         y += &bv;
     }
-    let inputs: Vec<Var> = std::iter::once(x).chain(std::iter::once(w)).chain(b).collect();
+    let inputs: Vec<Var> = std::iter::once(x)
+        .chain(std::iter::once(w))
+        .chain(b)
+        .collect();
     Ok(g.record(y.into_dyn(), &inputs, LinearOp { bias: b.is_some() }))
 }
 
@@ -78,11 +90,27 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        check(&[random(&[3, 5], 1), random(&[5, 4], 2)], 1e-2, 1e-2, 30, |g, v| matmul(g, v[0], v[1]).unwrap());
-        check(&[random(&[4, 7], 3), random(&[3, 7], 4), random(&[3], 5)], 1e-2, 1e-2, 30, |g, v| {
-            linear(g, v[0], v[1], Some(v[2])).unwrap()
-        });
-        check(&[random(&[1, 3], 3), random(&[2, 3], 4)], 1e-2, 1e-2, 30, |g, v| linear(g, v[0], v[1], None).unwrap());
+        check(
+            &[random(&[3, 5], 1), random(&[5, 4], 2)],
+            1e-2,
+            1e-2,
+            30,
+            |g, v| matmul(g, v[0], v[1]).unwrap(),
+        );
+        check(
+            &[random(&[4, 7], 3), random(&[3, 7], 4), random(&[3], 5)],
+            1e-2,
+            1e-2,
+            30,
+            |g, v| linear(g, v[0], v[1], Some(v[2])).unwrap(),
+        );
+        check(
+            &[random(&[1, 3], 3), random(&[2, 3], 4)],
+            1e-2,
+            1e-2,
+            30,
+            |g, v| linear(g, v[0], v[1], None).unwrap(),
+        );
     }
 
     #[test]

@@ -33,8 +33,15 @@ pub(crate) mod gradcheck {
             let vars: Vec<Var> = vals.iter().map(|t| g.input_with_grad(t.clone())).collect();
             let y = f(&mut g, &vars);
             let mut rng = Rng::new(99);
-            let r: Vec<f32> = (0..g.value(y).len()).map(|_| rng.uniform() * 2.0 - 1.0).collect();
-            let loss: f64 = g.value(y).iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let r: Vec<f32> = (0..g.value(y).len())
+                .map(|_| rng.uniform() * 2.0 - 1.0)
+                .collect();
+            let loss: f64 = g
+                .value(y)
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
             let rt = Tensor::from_shape_vec(g.value(y).raw_dim(), r).unwrap();
             let w = g.input(rt);
             let prod = crate::ops::basic::mul(&mut g, y, w).unwrap();
@@ -45,9 +52,15 @@ pub(crate) mod gradcheck {
         let (_, analytic) = run(inputs);
         let mut rng = Rng::new(5);
         for (i, t) in inputs.iter().enumerate() {
-            let ga = analytic[i].clone().unwrap_or_else(|| Tensor::zeros(t.raw_dim()));
+            let ga = analytic[i]
+                .clone()
+                .unwrap_or_else(|| Tensor::zeros(t.raw_dim()));
             let n = t.len();
-            let picks: Vec<usize> = if n <= samples { (0..n).collect() } else { (0..samples).map(|_| rng.below(n)).collect() };
+            let picks: Vec<usize> = if n <= samples {
+                (0..n).collect()
+            } else {
+                (0..samples).map(|_| rng.below(n)).collect()
+            };
             for j in picks {
                 let mut plus = inputs.to_vec();
                 let mut minus = inputs.to_vec();

@@ -21,7 +21,11 @@ impl Backward for BnTrainOp {
         let (n, c, hw) = dims(inputs[0]);
         let xs = inputs[0].as_standard_layout();
         let gs = grad.as_standard_layout();
-        let (x, gy, gamma) = (xs.as_slice().expect("std"), gs.as_slice().expect("std"), inputs[1]);
+        let (x, gy, gamma) = (
+            xs.as_slice().expect("std"),
+            gs.as_slice().expect("std"),
+            inputs[1],
+        );
         let m = (n * hw) as f64;
         let mut dx = vec![0.0f32; x.len()];
         let mut dgamma = vec![0.0f32; c];
@@ -58,14 +62,27 @@ impl Backward for BnTrainOp {
 fn check(g: &Graph, x: Var, gamma: Var, beta: Var) -> Result<usize> {
     let s = g.shape(x);
     if s.len() != 4 || g.shape(gamma) != [s[1]] || g.shape(beta) != [s[1]] {
-        return Err(shape("batch_norm2d", format!("input {s:?}, gamma {:?}, beta {:?}", g.shape(gamma), g.shape(beta))));
+        return Err(shape(
+            "batch_norm2d",
+            format!(
+                "input {s:?}, gamma {:?}, beta {:?}",
+                g.shape(gamma),
+                g.shape(beta)
+            ),
+        ));
     }
     Ok(s[1])
 }
 
 /// Training-mode batch norm: normalises with the batch statistics and returns them
 /// `(output, mean, biased variance)` so that the layer can update its running statistics.
-pub fn batch_norm2d_train(g: &mut Graph, x: Var, gamma: Var, beta: Var, eps: f32) -> Result<(Var, Vec<f32>, Vec<f32>)> {
+pub fn batch_norm2d_train(
+    g: &mut Graph,
+    x: Var,
+    gamma: Var,
+    beta: Var,
+    eps: f32,
+) -> Result<(Var, Vec<f32>, Vec<f32>)> {
     let c = check(g, x, gamma, beta)?;
     let xv = g.value(x).as_standard_layout().into_owned();
     let (n, _, hw) = dims(&xv);
@@ -97,7 +114,14 @@ pub fn batch_norm2d_train(g: &mut Graph, x: Var, gamma: Var, beta: Var, eps: f32
         }
     }
     let y = Tensor::from_shape_vec(xv.raw_dim(), y).expect("shape");
-    let out = g.record(y, &[x, gamma, beta], BnTrainOp { mean: mean.clone(), inv_std });
+    let out = g.record(
+        y,
+        &[x, gamma, beta],
+        BnTrainOp {
+            mean: mean.clone(),
+            inv_std,
+        },
+    );
     Ok((out, mean, var))
 }
 
@@ -133,10 +157,24 @@ impl Backward for BnEvalOp {
 }
 
 /// Evaluation-mode batch norm with running statistics.
-pub fn batch_norm2d_eval(g: &mut Graph, x: Var, gamma: Var, beta: Var, mean: &[f32], var: &[f32], eps: f32) -> Result<Var> {
+pub fn batch_norm2d_eval(
+    g: &mut Graph,
+    x: Var,
+    gamma: Var,
+    beta: Var,
+    mean: &[f32],
+    var: &[f32],
+    eps: f32,
+) -> Result<Var> {
     let c = check(g, x, gamma, beta)?;
     if mean.len() != c || var.len() != c {
-        return Err(shape("batch_norm2d", format!("running statistics for {} channels, input has {c}", mean.len())));
+        return Err(shape(
+            "batch_norm2d",
+            format!(
+                "running statistics for {} channels, input has {c}",
+                mean.len()
+            ),
+        ));
     }
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let xv = g.value(x).as_standard_layout().into_owned();
@@ -153,7 +191,14 @@ pub fn batch_norm2d_eval(g: &mut Graph, x: Var, gamma: Var, beta: Var, mean: &[f
         }
     }
     let y = Tensor::from_shape_vec(xv.raw_dim(), y).expect("shape");
-    Ok(g.record(y, &[x, gamma, beta], BnEvalOp { inv_std, mean: mean.to_vec() }))
+    Ok(g.record(
+        y,
+        &[x, gamma, beta],
+        BnEvalOp {
+            inv_std,
+            mean: mean.to_vec(),
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -164,9 +209,17 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let (x, gm, bt) = (random(&[3, 4, 2, 3], 1), random(&[4], 2), random(&[4], 3));
-        check(&[x.clone(), gm.clone(), bt.clone()], 1e-2, 2e-2, 30, |g, v| batch_norm2d_train(g, v[0], v[1], v[2], 1e-5).unwrap().0);
+        check(
+            &[x.clone(), gm.clone(), bt.clone()],
+            1e-2,
+            2e-2,
+            30,
+            |g, v| batch_norm2d_train(g, v[0], v[1], v[2], 1e-5).unwrap().0,
+        );
         let (m, var) = ([0.1, -0.2, 0.3, 0.0], [1.0, 0.5, 2.0, 0.3]);
-        check(&[x, gm, bt], 1e-2, 1e-2, 30, |g, v| batch_norm2d_eval(g, v[0], v[1], v[2], &m, &var, 1e-5).unwrap());
+        check(&[x, gm, bt], 1e-2, 1e-2, 30, |g, v| {
+            batch_norm2d_eval(g, v[0], v[1], v[2], &m, &var, 1e-5).unwrap()
+        });
     }
 
     #[test]
@@ -178,7 +231,10 @@ mod tests {
         let (y, mean, _) = batch_norm2d_train(&mut g, x, gm, bt, 1e-5).unwrap();
         let y = g.value(y);
         for ch in 0..2 {
-            let vals: Vec<f32> = (0..8).flat_map(|b| (0..9).map(move |i| (b, i))).map(|(b, i)| y[[b, ch, i / 3, i % 3]]).collect();
+            let vals: Vec<f32> = (0..8)
+                .flat_map(|b| (0..9).map(move |i| (b, i)))
+                .map(|(b, i)| y[[b, ch, i / 3, i % 3]])
+                .collect();
             let mu: f32 = vals.iter().sum::<f32>() / 72.0;
             let var: f32 = vals.iter().map(|v| (v - mu).powi(2)).sum::<f32>() / 72.0;
             assert!(mu.abs() < 1e-5 && (var - 1.0).abs() < 1e-3, "{mu} {var}");

@@ -8,7 +8,10 @@ use crate::Tensor;
 
 fn out_size(op: &'static str, s: &[usize], k: usize, stride: usize) -> Result<(usize, usize)> {
     if s.len() != 4 || k == 0 || stride == 0 || s[2] < k || s[3] < k {
-        return Err(shape(op, format!("input {s:?} with window {k} stride {stride}")));
+        return Err(shape(
+            op,
+            format!("input {s:?} with window {k} stride {stride}"),
+        ));
     }
     Ok(((s[2] - k) / stride + 1, (s[3] - k) / stride + 1))
 }
@@ -23,7 +26,9 @@ impl Backward for MaxPoolOp {
         for (&i, &gv) in self.argmax.iter().zip(grad.iter()) {
             dx[i] += gv;
         }
-        vec![Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape"))]
+        vec![Some(
+            Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape"),
+        )]
     }
 }
 
@@ -39,7 +44,8 @@ pub fn max_pool2d(g: &mut Graph, x: Var, k: usize, stride: usize) -> Result<Var>
         let base = plane * s[2] * s[3];
         for oy in 0..oh {
             for ox in 0..ow {
-                let (mut best, mut at) = (f32::NEG_INFINITY, base + oy * stride * s[3] + ox * stride);
+                let (mut best, mut at) =
+                    (f32::NEG_INFINITY, base + oy * stride * s[3] + ox * stride);
                 for ky in 0..k {
                     for kx in 0..k {
                         let i = base + (oy * stride + ky) * s[3] + ox * stride + kx;
@@ -77,13 +83,18 @@ impl Backward for AvgPoolOp {
                     let gv = gy[(plane * oh + oy) * ow + ox] * inv;
                     for ky in 0..self.k {
                         for kx in 0..self.k {
-                            dx[plane * s[2] * s[3] + (oy * self.stride + ky) * s[3] + ox * self.stride + kx] += gv;
+                            dx[plane * s[2] * s[3]
+                                + (oy * self.stride + ky) * s[3]
+                                + ox * self.stride
+                                + kx] += gv;
                         }
                     }
                 }
             }
         }
-        vec![Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape"))]
+        vec![Some(
+            Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape"),
+        )]
     }
 }
 
@@ -123,7 +134,9 @@ impl Backward for GapOp {
         let gs = grad.as_standard_layout();
         let gy = gs.as_slice().expect("std");
         let dx: Vec<f32> = (0..inputs[0].len()).map(|i| gy[i / hw] * inv).collect();
-        vec![Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape"))]
+        vec![Some(
+            Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape"),
+        )]
     }
 }
 
@@ -157,9 +170,15 @@ mod tests {
         for (i, v) in x.iter_mut().enumerate() {
             *v = (i as f32 * 0.37).sin() + i as f32 * 0.01;
         }
-        check(&[x.clone()], 1e-3, 1e-2, 40, |g, v| max_pool2d(g, v[0], 2, 2).unwrap());
-        check(&[x.clone()], 1e-2, 1e-2, 40, |g, v| avg_pool2d(g, v[0], 3, 1).unwrap());
-        check(&[x], 1e-2, 1e-2, 40, |g, v| global_avg_pool(g, v[0]).unwrap());
+        check(&[x.clone()], 1e-3, 1e-2, 40, |g, v| {
+            max_pool2d(g, v[0], 2, 2).unwrap()
+        });
+        check(&[x.clone()], 1e-2, 1e-2, 40, |g, v| {
+            avg_pool2d(g, v[0], 3, 1).unwrap()
+        });
+        check(&[x], 1e-2, 1e-2, 40, |g, v| {
+            global_avg_pool(g, v[0]).unwrap()
+        });
     }
 
     #[test]

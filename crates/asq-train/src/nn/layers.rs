@@ -1,0 +1,203 @@
+//! Float layers: linear, convolution, batch norm.
+
+use ndarray::IxDyn;
+
+use crate::error::Result;
+use crate::graph::{Graph, Var};
+use crate::nn::Module;
+use crate::ops::conv::{conv2d, ConvSpec};
+use crate::ops::matmul::linear;
+use crate::ops::norm::{batch_norm2d_eval, batch_norm2d_train};
+use crate::params::{ParamId, ParamKind, ParamStore};
+use crate::rng::Rng;
+use crate::Tensor;
+
+/// He (Kaiming) normal initialisation: `N(0, 2 / fan_in)`.
+pub fn kaiming(shape: &[usize], fan_in: usize, rng: &mut Rng) -> Tensor {
+    let std = (2.0 / fan_in.max(1) as f32).sqrt();
+    let n: usize = shape.iter().product();
+    Tensor::from_shape_vec(IxDyn(shape), (0..n).map(|_| rng.normal() * std).collect())
+        .expect("shape")
+}
+
+/// Fully connected layer `y = x wᵀ + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: ParamId,
+    /// `[out]`.
+    pub bias: Option<ParamId>,
+}
+
+impl Linear {
+    /// Registers `{name}.weight` (Kaiming) and `{name}.bias` (zeros).
+    pub fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        input: usize,
+        output: usize,
+        bias: bool,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        let weight = ps.add(
+            format!("{name}.weight"),
+            kaiming(&[output, input], input, rng),
+            ParamKind::Weight,
+        )?;
+        let bias = if bias {
+            Some(ps.add(
+                format!("{name}.bias"),
+                Tensor::zeros(IxDyn(&[output])),
+                ParamKind::Bias,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
+        let w = g.param(ps, self.weight);
+        let b = self.bias.map(|b| g.param(ps, b));
+        linear(g, x, w, b)
+    }
+}
+
+/// 2-D convolution layer (NCHW).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// `[out, in / groups, k, k]`.
+    pub weight: ParamId,
+    /// `[out]`.
+    pub bias: Option<ParamId>,
+    /// Stride, padding, groups.
+    pub spec: ConvSpec,
+}
+
+impl Conv2d {
+    /// Registers `{name}.weight` (Kaiming) and optionally `{name}.bias`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        input: usize,
+        output: usize,
+        kernel: usize,
+        spec: ConvSpec,
+        bias: bool,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        let per_group = input / spec.groups.max(1);
+        let fan_in = per_group * kernel * kernel;
+        let weight = ps.add(
+            format!("{name}.weight"),
+            kaiming(&[output, per_group, kernel, kernel], fan_in, rng),
+            ParamKind::Weight,
+        )?;
+        let bias = if bias {
+            Some(ps.add(
+                format!("{name}.bias"),
+                Tensor::zeros(IxDyn(&[output])),
+                ParamKind::Bias,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias, spec })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
+        let w = g.param(ps, self.weight);
+        let b = self.bias.map(|b| g.param(ps, b));
+        conv2d(g, x, w, b, self.spec)
+    }
+}
+
+/// Batch normalisation with running statistics (PyTorch semantics: momentum 0.1, unbiased
+/// running variance, biased variance for normalisation).
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    /// Scale `[C]`, init 1.
+    pub gamma: ParamId,
+    /// Shift `[C]`, init 0.
+    pub beta: ParamId,
+    running_mean: usize,
+    running_var: usize,
+    /// Running-statistics momentum.
+    pub momentum: f32,
+    /// Added to the variance.
+    pub eps: f32,
+}
+
+impl BatchNorm2d {
+    /// Registers `{name}.weight`, `{name}.bias` and buffers `{name}.running_mean`, `.running_var`.
+    pub fn new(ps: &mut ParamStore, name: &str, channels: usize) -> Result<Self> {
+        let gamma = ps.add(
+            format!("{name}.weight"),
+            Tensor::ones(IxDyn(&[channels])),
+            ParamKind::Norm,
+        )?;
+        let beta = ps.add(
+            format!("{name}.bias"),
+            Tensor::zeros(IxDyn(&[channels])),
+            ParamKind::Norm,
+        )?;
+        let running_mean = ps.add_buffer(
+            format!("{name}.running_mean"),
+            Tensor::zeros(IxDyn(&[channels])),
+        )?;
+        let running_var = ps.add_buffer(
+            format!("{name}.running_var"),
+            Tensor::ones(IxDyn(&[channels])),
+        )?;
+        Ok(Self {
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum: 0.1,
+            eps: 1e-5,
+        })
+    }
+
+    /// Running mean and variance.
+    pub fn running(&self, ps: &ParamStore) -> (Vec<f32>, Vec<f32>) {
+        (
+            ps.buffer(self.running_mean).iter().copied().collect(),
+            ps.buffer(self.running_var).iter().copied().collect(),
+        )
+    }
+}
+
+impl Module for BatchNorm2d {
+    fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
+        let (gm, bt) = (g.param(ps, self.gamma), g.param(ps, self.beta));
+        if g.is_training() {
+            let s = g.shape(x);
+            let count = (s[0] * s[2] * s[3]) as f32;
+            let (y, mean, var) = batch_norm2d_train(g, x, gm, bt, self.eps)?;
+            let m = self.momentum;
+            ps.buffer_mut(self.running_mean)
+                .iter_mut()
+                .zip(&mean)
+                .for_each(|(r, v)| *r = (1.0 - m) * *r + m * v);
+            let unbias = if count > 1.0 {
+                count / (count - 1.0)
+            } else {
+                1.0
+            };
+            ps.buffer_mut(self.running_var)
+                .iter_mut()
+                .zip(&var)
+                .for_each(|(r, v)| *r = (1.0 - m) * *r + m * v * unbias);
+            Ok(y)
+        } else {
+            let (mean, var) = self.running(ps);
+            batch_norm2d_eval(g, x, gm, bt, &mean, &var, self.eps)
+        }
+    }
+}
