@@ -131,8 +131,12 @@ mod tests {
         check(&[a.clone(), b.clone()], 1e-2, 1e-2, 30, |g, v| {
             mul(g, v[0], v[1]).unwrap()
         });
-        check(&[a.clone()], 1e-2, 1e-2, 30, |g, v| scale(g, v[0], -1.7));
-        check(&[a.clone()], 1e-2, 1e-2, 30, |g, v| mean(g, v[0]));
+        check(std::slice::from_ref(&a), 1e-2, 1e-2, 30, |g, v| {
+            scale(g, v[0], -1.7)
+        });
+        check(std::slice::from_ref(&a), 1e-2, 1e-2, 30, |g, v| {
+            mean(g, v[0])
+        });
         check(&[random(&[2, 3, 4], 3)], 1e-2, 1e-2, 30, |g, v| {
             flatten(g, v[0]).unwrap()
         });

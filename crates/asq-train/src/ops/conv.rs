@@ -381,7 +381,7 @@ mod tests {
                                 for kx in 0..3 {
                                     let (iy, ix) =
                                         ((oy * 2 + ky) as isize - 1, (ox * 2 + kx) as isize - 1);
-                                    if iy >= 0 && iy < 7 && ix >= 0 && ix < 5 {
+                                    if (0..7).contains(&iy) && (0..5).contains(&ix) {
                                         s += x[[n, ci, iy as usize, ix as usize]]
                                             * w[[o, ci, ky, kx]];
                                     }
