@@ -66,6 +66,20 @@ impl Geo {
 /// Samples per chunk of the deterministic weight-gradient reduction.
 const CHUNKS: usize = 16;
 
+/// Output columns `ox` whose input column `ox·s + kx - p` lies inside `0..w`.
+#[inline]
+fn valid_cols(geo: &Geo, kx: usize) -> (usize, usize) {
+    let (s, p) = (geo.spec.stride, geo.spec.pad);
+    // ox·s + kx >= p  and  ox·s + kx - p < w
+    let lo = p.saturating_sub(kx).div_ceil(s);
+    let hi = if geo.w + p > kx {
+        ((geo.w + p - kx - 1) / s + 1).min(geo.ow)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
 /// `cols[(ci·kh + ky)·kw + kx, oy·ow + ox] = x[g·cg + ci, oy·s + ky - p, ox·s + kx - p]` (0 outside).
 fn im2col(x: &[f32], geo: &Geo, group: usize, cols: &mut [f32]) {
     let (s, p) = (geo.spec.stride, geo.spec.pad);
@@ -75,21 +89,24 @@ fn im2col(x: &[f32], geo: &Geo, group: usize, cols: &mut [f32]) {
         for ky in 0..geo.kh {
             for kx in 0..geo.kw {
                 let row = &mut cols[((ci * geo.kh + ky) * geo.kw + kx) * opix..][..opix];
+                let (lo, hi) = valid_cols(geo, kx);
                 for oy in 0..geo.oh {
                     let iy = (oy * s + ky) as isize - p as isize;
                     let dst = &mut row[oy * geo.ow..(oy + 1) * geo.ow];
-                    if iy < 0 || iy as usize >= geo.h {
+                    if iy < 0 || iy as usize >= geo.h || lo >= hi {
                         dst.fill(0.0);
                         continue;
                     }
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
                     let src = &plane[iy as usize * geo.w..][..geo.w];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        let ix = (ox * s + kx) as isize - p as isize;
-                        *d = if ix < 0 || ix as usize >= geo.w {
-                            0.0
-                        } else {
-                            src[ix as usize]
-                        };
+                    let first = lo * s + kx - p;
+                    if s == 1 {
+                        dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
+                    } else {
+                        for (d, v) in dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
+                            *d = *v;
+                        }
                     }
                 }
             }
@@ -106,16 +123,26 @@ fn col2im(cols: &[f32], geo: &Geo, group: usize, dx: &mut [f32]) {
         for ky in 0..geo.kh {
             for kx in 0..geo.kw {
                 let row = &cols[((ci * geo.kh + ky) * geo.kw + kx) * opix..][..opix];
+                let (lo, hi) = valid_cols(geo, kx);
+                if lo >= hi {
+                    continue;
+                }
                 for oy in 0..geo.oh {
                     let iy = (oy * s + ky) as isize - p as isize;
                     if iy < 0 || iy as usize >= geo.h {
                         continue;
                     }
                     let dst = &mut plane[iy as usize * geo.w..][..geo.w];
-                    for ox in 0..geo.ow {
-                        let ix = (ox * s + kx) as isize - p as isize;
-                        if ix >= 0 && (ix as usize) < geo.w {
-                            dst[ix as usize] += row[oy * geo.ow + ox];
+                    let src = &row[oy * geo.ow + lo..oy * geo.ow + hi];
+                    let first = lo * s + kx - p;
+                    if s == 1 {
+                        dst[first..first + (hi - lo)]
+                            .iter_mut()
+                            .zip(src)
+                            .for_each(|(d, v)| *d += v);
+                    } else {
+                        for (d, v) in dst[first..].iter_mut().step_by(s).zip(src) {
+                            *d += v;
                         }
                     }
                 }

@@ -1,0 +1,217 @@
+//! CIFAR-style ResNets (He et al. 2016): a 3x3 stem, three stages of basic blocks with 16, 32
+//! and 64 channels (stride 2 at the start of stages 2 and 3, 1x1 projection shortcuts there),
+//! global average pooling and a linear classifier. Depth `6n + 2`: ResNet-20 is `n = 3`.
+
+use asq_train::nn::{BatchNorm2d, Module, QConv2d, QLinear};
+use asq_train::ops::act::relu;
+use asq_train::ops::basic::add;
+use asq_train::ops::conv::ConvSpec;
+use asq_train::ops::pool::global_avg_pool;
+use asq_train::{Error, Graph, ParamStore, Result, Rng, Var};
+
+use crate::policy::QuantPolicy;
+
+struct Block {
+    conv1: QConv2d,
+    bn1: BatchNorm2d,
+    conv2: QConv2d,
+    bn2: BatchNorm2d,
+    shortcut: Option<(QConv2d, BatchNorm2d)>,
+}
+
+impl Block {
+    fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
+        let h = self.conv1.forward(g, ps, x)?;
+        let h = self.bn1.forward(g, ps, h)?;
+        let h = relu(g, h);
+        let h = self.conv2.forward(g, ps, h)?;
+        let h = self.bn2.forward(g, ps, h)?;
+        let s = match &self.shortcut {
+            Some((conv, bn)) => {
+                let s = conv.forward(g, ps, x)?;
+                bn.forward(g, ps, s)?
+            }
+            None => x,
+        };
+        let y = add(g, h, s)?;
+        Ok(relu(g, y))
+    }
+}
+
+/// A CIFAR-style ResNet.
+pub struct ResNet {
+    stem: QConv2d,
+    stem_bn: BatchNorm2d,
+    blocks: Vec<Block>,
+    fc: QLinear,
+}
+
+impl ResNet {
+    /// ResNet of depth `6n + 2` for `in_channels`-channel images and `classes` classes.
+    pub fn cifar(
+        ps: &mut ParamStore,
+        depth: usize,
+        in_channels: usize,
+        classes: usize,
+        policy: &QuantPolicy,
+        seed: u64,
+    ) -> Result<Self> {
+        if depth < 8 || (depth - 2) % 6 != 0 {
+            return Err(Error::Config(format!(
+                "CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56...), got {depth}"
+            )));
+        }
+        let n = (depth - 2) / 6;
+        let mut rng = Rng::new(seed);
+        let same = ConvSpec {
+            stride: 1,
+            pad: 1,
+            groups: 1,
+        };
+        let stem = QConv2d::new(
+            ps,
+            "stem.conv",
+            in_channels,
+            16,
+            3,
+            same,
+            &policy.first,
+            &mut rng,
+        )?;
+        let stem_bn = BatchNorm2d::new(ps, "stem.bn", 16)?;
+        let mut blocks = Vec::new();
+        let mut cin = 16;
+        for (stage, cout) in [16, 32, 64].into_iter().enumerate() {
+            for i in 0..n {
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                let name = format!("layer{}.{i}", stage + 1);
+                let b = &policy.body;
+                let conv1 = QConv2d::new(
+                    ps,
+                    &format!("{name}.conv1"),
+                    cin,
+                    cout,
+                    3,
+                    ConvSpec {
+                        stride,
+                        pad: 1,
+                        groups: 1,
+                    },
+                    b,
+                    &mut rng,
+                )?;
+                let bn1 = BatchNorm2d::new(ps, &format!("{name}.bn1"), cout)?;
+                let conv2 = QConv2d::new(
+                    ps,
+                    &format!("{name}.conv2"),
+                    cout,
+                    cout,
+                    3,
+                    same,
+                    b,
+                    &mut rng,
+                )?;
+                let bn2 = BatchNorm2d::new(ps, &format!("{name}.bn2"), cout)?;
+                let shortcut = if stride != 1 || cin != cout {
+                    let spec = ConvSpec {
+                        stride,
+                        pad: 0,
+                        groups: 1,
+                    };
+                    let conv = QConv2d::new(
+                        ps,
+                        &format!("{name}.shortcut.conv"),
+                        cin,
+                        cout,
+                        1,
+                        spec,
+                        b,
+                        &mut rng,
+                    )?;
+                    Some((
+                        conv,
+                        BatchNorm2d::new(ps, &format!("{name}.shortcut.bn"), cout)?,
+                    ))
+                } else {
+                    None
+                };
+                blocks.push(Block {
+                    conv1,
+                    bn1,
+                    conv2,
+                    bn2,
+                    shortcut,
+                });
+                cin = cout;
+            }
+        }
+        let fc = QLinear::new(ps, "fc", 64, classes, &policy.last, &mut rng)?;
+        Ok(Self {
+            stem,
+            stem_bn,
+            blocks,
+            fc,
+        })
+    }
+}
+
+impl Module for ResNet {
+    fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
+        let h = self.stem.forward(g, ps, x)?;
+        let h = self.stem_bn.forward(g, ps, h)?;
+        let mut h = relu(g, h);
+        for b in &self.blocks {
+            h = b.forward(g, ps, h)?;
+        }
+        let h = global_avg_pool(g, h)?;
+        self.fc.forward(g, ps, h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use asq_train::ops::loss::softmax_cross_entropy;
+    use asq_train::Tensor;
+
+    #[test]
+    fn resnet20_shapes_parameters_and_a_training_step() {
+        for policy in [
+            QuantPolicy::float(),
+            QuantPolicy::lsq(4),
+            QuantPolicy::asq_post(4).unwrap(),
+        ] {
+            let mut ps = ParamStore::new();
+            let net = ResNet::cifar(&mut ps, 20, 1, 10, &policy, 1).unwrap();
+            // ResNet-20 with projection shortcuts: about 0.27M weights.
+            let weights: usize = ps
+                .params()
+                .iter()
+                .filter(|p| {
+                    p.name.ends_with("conv.weight")
+                        || p.name.ends_with("conv1.weight")
+                        || p.name.ends_with("conv2.weight")
+                        || p.name == "fc.weight"
+                })
+                .map(|p| p.value.len())
+                .sum();
+            assert!((260_000..290_000).contains(&weights), "{weights}");
+            let mut g = Graph::new(true);
+            let x = g.input(Tensor::from_shape_fn(
+                ndarray::IxDyn(&[2, 1, 28, 28]),
+                |d| ((d[2] * 28 + d[3]) % 7) as f32 / 7.0,
+            ));
+            let y = net.forward(&mut g, &mut ps, x).unwrap();
+            assert_eq!(g.shape(y), &[2, 10]);
+            let l = softmax_cross_entropy(&mut g, y, &[1, 2], 0.0).unwrap();
+            g.backward(l, &mut ps).unwrap();
+            assert!(ps
+                .params()
+                .iter()
+                .all(|p| p.grad.iter().all(|v| v.is_finite())));
+        }
+        assert!(
+            ResNet::cifar(&mut ParamStore::new(), 21, 1, 10, &QuantPolicy::float(), 1).is_err()
+        );
+    }
+}
