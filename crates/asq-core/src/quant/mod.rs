@@ -24,7 +24,7 @@
 //! # NaN and infinity
 //! Inputs: `NaN` quantizes to 0 (code of the zero level) and contributes 0 to every gradient;
 //! `±inf` clamp to the range ends (gradient w.r.t. the input 0, w.r.t. the step the bound).
-//! Step sizes must be finite and positive ([`Error::Step`](crate::Error::Step) otherwise).
+//! Step sizes must be finite and positive ([`crate::Error::Step`] otherwise).
 //! `NaN` in an incoming gradient is not hidden: it propagates.
 
 pub mod apot;

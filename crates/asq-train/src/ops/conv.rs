@@ -285,8 +285,10 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
         ow: (wd + 2 * spec.pad - kw) / spec.stride + 1,
         spec,
     };
-    let xs = g.value(x).as_standard_layout().into_owned();
-    let ws = g.value(w).as_standard_layout().into_owned();
+    let (xs, ws) = (
+        g.value(x).as_standard_layout(),
+        g.value(w).as_standard_layout(),
+    );
     let (xv, wv) = (
         xs.as_slice().expect("standard"),
         ws.as_slice().expect("standard"),
@@ -319,6 +321,7 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
             }
         },
     );
+    drop((xs, ws));
     let y = Tensor::from_shape_vec(IxDyn(&[n, co, geo.oh, geo.ow]), y).expect("output shape");
     let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
     Ok(g.record(

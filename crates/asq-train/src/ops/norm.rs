@@ -84,8 +84,8 @@ pub fn batch_norm2d_train(
     eps: f32,
 ) -> Result<(Var, Vec<f32>, Vec<f32>)> {
     let c = check(g, x, gamma, beta)?;
-    let xv = g.value(x).as_standard_layout().into_owned();
-    let (n, _, hw) = dims(&xv);
+    let xv = g.value(x).as_standard_layout();
+    let (n, _, hw) = dims(g.value(x));
     let xs = xv.as_slice().expect("std");
     let m = (n * hw) as f64;
     let (mut mean, mut var) = (vec![0.0f32; c], vec![0.0f32; c]);
@@ -102,7 +102,7 @@ pub fn batch_norm2d_train(
         var[ch] = (s2 / m - mu * mu).max(0.0) as f32;
     }
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let (gm, bt) = (g.value(gamma).clone(), g.value(beta).clone());
+    let (gm, bt) = (g.value(gamma), g.value(beta));
     let mut y = vec![0.0f32; xs.len()];
     for b in 0..n {
         for ch in 0..c {
@@ -113,7 +113,8 @@ pub fn batch_norm2d_train(
             }
         }
     }
-    let y = Tensor::from_shape_vec(xv.raw_dim(), y).expect("shape");
+    let y = Tensor::from_shape_vec(g.value(x).raw_dim(), y).expect("shape");
+    drop(xv);
     let out = g.record(
         y,
         &[x, gamma, beta],
