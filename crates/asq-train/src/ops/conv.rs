@@ -80,15 +80,16 @@ fn valid_cols(geo: &Geo, kx: usize) -> (usize, usize) {
     (lo.min(hi), hi)
 }
 
-/// `cols[(ci·kh + ky)·kw + kx, oy·ow + ox] = x[g·cg + ci, oy·s + ky - p, ox·s + kx - p]` (0 outside).
-fn im2col(x: &[f32], geo: &Geo, group: usize, cols: &mut [f32]) {
+/// `cols[(ci·kh + ky)·kw + kx, off + oy·ow + ox] = x[g·cg + ci, oy·s + ky - p, ox·s + kx - p]`
+/// (0 outside), rows of length `ld`: several samples side by side share one GEMM.
+fn im2col(x: &[f32], geo: &Geo, group: usize, cols: &mut [f32], ld: usize, off: usize) {
     let (s, p) = (geo.spec.stride, geo.spec.pad);
     let opix = geo.opix();
     for ci in 0..geo.cg() {
         let plane = &x[(group * geo.cg() + ci) * geo.h * geo.w..][..geo.h * geo.w];
         for ky in 0..geo.kh {
             for kx in 0..geo.kw {
-                let row = &mut cols[((ci * geo.kh + ky) * geo.kw + kx) * opix..][..opix];
+                let row = &mut cols[((ci * geo.kh + ky) * geo.kw + kx) * ld + off..][..opix];
                 let (lo, hi) = valid_cols(geo, kx);
                 for oy in 0..geo.oh {
                     let iy = (oy * s + ky) as isize - p as isize;
@@ -115,14 +116,14 @@ fn im2col(x: &[f32], geo: &Geo, group: usize, cols: &mut [f32]) {
 }
 
 /// Adds `cols` back into the input-shaped `dx` (the adjoint of [`im2col`]).
-fn col2im(cols: &[f32], geo: &Geo, group: usize, dx: &mut [f32]) {
+fn col2im(cols: &[f32], geo: &Geo, group: usize, dx: &mut [f32], ld: usize, off: usize) {
     let (s, p) = (geo.spec.stride, geo.spec.pad);
     let opix = geo.opix();
     for ci in 0..geo.cg() {
         let plane = &mut dx[(group * geo.cg() + ci) * geo.h * geo.w..][..geo.h * geo.w];
         for ky in 0..geo.kh {
             for kx in 0..geo.kw {
-                let row = &cols[((ci * geo.kh + ky) * geo.kw + kx) * opix..][..opix];
+                let row = &cols[((ci * geo.kh + ky) * geo.kw + kx) * ld + off..][..opix];
                 let (lo, hi) = valid_cols(geo, kx);
                 if lo >= hi {
                     continue;
@@ -185,25 +186,36 @@ impl Backward for ConvOp {
             .par_chunks_mut(per_chunk * in_len)
             .enumerate()
             .map(|(chunk, dxc)| {
+                let samples = dxc.len() / in_len;
+                let n0 = chunk * per_chunk;
+                let ld = samples * opix;
                 let mut dw = vec![0.0f32; w.len()];
-                let mut cols = vec![0.0f32; krows * opix];
-                for (j, dxn) in dxc.chunks_mut(in_len).enumerate() {
-                    let n = chunk * per_chunk + j;
-                    let xn = &x[n * in_len..(n + 1) * in_len];
-                    for grp in 0..geo.spec.groups {
-                        let gyg = view(
-                            &gy[n * out_len + grp * cog * opix..][..cog * opix],
-                            cog,
-                            opix,
+                let mut cols = vec![0.0f32; krows * ld];
+                let mut gyb = vec![0.0f32; cog * ld];
+                for grp in 0..geo.spec.groups {
+                    for j in 0..samples {
+                        let n = n0 + j;
+                        im2col(
+                            &x[n * in_len..(n + 1) * in_len],
+                            &geo,
+                            grp,
+                            &mut cols,
+                            ld,
+                            j * opix,
                         );
-                        let wg = view(&w[grp * cog * krows..][..cog * krows], cog, krows);
-                        im2col(xn, &geo, grp, &mut cols);
-                        let mut dwg =
-                            view_mut(&mut dw[grp * cog * krows..][..cog * krows], cog, krows);
-                        general_mat_mul(1.0, &gyg, &view(&cols, krows, opix).t(), 1.0, &mut dwg);
-                        let mut dcols = view_mut(&mut cols, krows, opix);
-                        general_mat_mul(1.0, &wg.t(), &gyg, 0.0, &mut dcols);
-                        col2im(&cols, &geo, grp, dxn);
+                        for o in 0..cog {
+                            let src = &gy[n * out_len + (grp * cog + o) * opix..][..opix];
+                            gyb[o * ld + j * opix..][..opix].copy_from_slice(src);
+                        }
+                    }
+                    let gyg = view(&gyb, cog, ld);
+                    let wg = view(&w[grp * cog * krows..][..cog * krows], cog, krows);
+                    let mut dwg = view_mut(&mut dw[grp * cog * krows..][..cog * krows], cog, krows);
+                    general_mat_mul(1.0, &gyg, &view(&cols, krows, ld).t(), 1.0, &mut dwg);
+                    let mut dcols = view_mut(&mut cols, krows, ld);
+                    general_mat_mul(1.0, &wg.t(), &gyg, 0.0, &mut dcols);
+                    for (j, dxn) in dxc.chunks_mut(in_len).enumerate() {
+                        col2im(&cols, &geo, grp, dxn, ld, j * opix);
                     }
                 }
                 dw
@@ -302,25 +314,46 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
         geo.cog(),
     );
     let mut y = vec![0.0f32; n * out_len];
-    y.par_chunks_mut(out_len).enumerate().for_each_init(
-        || vec![0.0f32; krows * opix],
-        |cols, (i, yn)| {
-            let xn = &xv[i * in_len..(i + 1) * in_len];
+    let per_chunk = n.div_ceil(CHUNKS.min(n));
+    y.par_chunks_mut(per_chunk * out_len)
+        .enumerate()
+        .for_each(|(chunk, yc)| {
+            let samples = yc.len() / out_len;
+            let n0 = chunk * per_chunk;
+            let ld = samples * opix;
+            let mut cols = vec![0.0f32; krows * ld];
+            let mut tmp = vec![0.0f32; cog * ld];
             for grp in 0..spec.groups {
-                im2col(xn, &geo, grp, cols);
+                for j in 0..samples {
+                    im2col(
+                        &xv[(n0 + j) * in_len..][..in_len],
+                        &geo,
+                        grp,
+                        &mut cols,
+                        ld,
+                        j * opix,
+                    );
+                }
                 let wg = view(&wv[grp * cog * krows..][..cog * krows], cog, krows);
-                let mut yg = view_mut(&mut yn[grp * cog * opix..][..cog * opix], cog, opix);
-                general_mat_mul(1.0, &wg, &view(cols, krows, opix), 0.0, &mut yg);
-            }
-            if let Some(bias) = &bias {
-                for (o, bv) in bias.iter().enumerate() {
-                    yn[o * opix..(o + 1) * opix]
-                        .iter_mut()
-                        .for_each(|v| *v += bv);
+                general_mat_mul(
+                    1.0,
+                    &wg,
+                    &view(&cols, krows, ld),
+                    0.0,
+                    &mut view_mut(&mut tmp, cog, ld),
+                );
+                for (j, yn) in yc.chunks_mut(out_len).enumerate() {
+                    for o in 0..cog {
+                        let dst = &mut yn[(grp * cog + o) * opix..][..opix];
+                        dst.copy_from_slice(&tmp[o * ld + j * opix..][..opix]);
+                        if let Some(bias) = &bias {
+                            let bv = bias[grp * cog + o];
+                            dst.iter_mut().for_each(|v| *v += bv);
+                        }
+                    }
                 }
             }
-        },
-    );
+        });
     drop((xs, ws));
     let y = Tensor::from_shape_vec(IxDyn(&[n, co, geo.oh, geo.ow]), y).expect("output shape");
     let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
