@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use crate::error::{shape, Result};
 use crate::graph::{Backward, Graph, Var};
+use crate::ops::scratch;
 use crate::Tensor;
 
 /// Geometry of a convolution.
@@ -190,8 +191,8 @@ impl Backward for ConvOp {
                 let n0 = chunk * per_chunk;
                 let ld = samples * opix;
                 let mut dw = vec![0.0f32; w.len()];
-                let mut cols = vec![0.0f32; krows * ld];
-                let mut gyb = vec![0.0f32; cog * ld];
+                let mut cols = scratch::take(0, krows * ld);
+                let mut gyb = scratch::take(1, cog * ld);
                 for grp in 0..geo.spec.groups {
                     for j in 0..samples {
                         let n = n0 + j;
@@ -218,6 +219,8 @@ impl Backward for ConvOp {
                         col2im(&cols, &geo, grp, dxn, ld, j * opix);
                     }
                 }
+                scratch::give(0, cols);
+                scratch::give(1, gyb);
                 dw
             })
             .collect();
@@ -321,8 +324,8 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
             let samples = yc.len() / out_len;
             let n0 = chunk * per_chunk;
             let ld = samples * opix;
-            let mut cols = vec![0.0f32; krows * ld];
-            let mut tmp = vec![0.0f32; cog * ld];
+            let mut cols = scratch::take(0, krows * ld);
+            let mut tmp = scratch::take(1, cog * ld);
             for grp in 0..spec.groups {
                 for j in 0..samples {
                     im2col(
@@ -353,6 +356,8 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
                     }
                 }
             }
+            scratch::give(0, cols);
+            scratch::give(1, tmp);
         });
     drop((xs, ws));
     let y = Tensor::from_shape_vec(IxDyn(&[n, co, geo.oh, geo.ow]), y).expect("output shape");

@@ -11,6 +11,28 @@ pub mod norm;
 pub mod pool;
 pub mod quant;
 
+/// Per-thread scratch buffers reused across calls (im2col columns and GEMM staging), so that a
+/// training step does not allocate, fault in and free hundreds of megabytes of temporaries.
+pub(crate) mod scratch {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static SLOTS: RefCell<[Vec<f32>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
+    }
+
+    /// Takes slot `i` resized to `len` (contents unspecified: callers overwrite what they read).
+    pub(crate) fn take(i: usize, len: usize) -> Vec<f32> {
+        let mut v = SLOTS.with(|s| std::mem::take(&mut s.borrow_mut()[i]));
+        v.resize(len, 0.0);
+        v
+    }
+
+    /// Returns a buffer to slot `i` for the next call on this thread.
+    pub(crate) fn give(i: usize, v: Vec<f32>) {
+        SLOTS.with(|s| s.borrow_mut()[i] = v);
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod gradcheck {
     //! Central finite differences against the tape's analytic gradients.
