@@ -1,5 +1,7 @@
 //! Activations: ReLU, ReLU6, clamp from below.
 
+use ndarray::Zip;
+
 use crate::graph::{Backward, Graph, Var};
 use crate::Tensor;
 
@@ -12,8 +14,9 @@ struct ClampOp {
 impl Backward for ClampOp {
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
         let mut gx = grad.clone();
-        gx.zip_mut_with(inputs[0], |g, &x| {
-            if !(x > self.lo && x < self.hi) {
+        let (lo, hi) = (self.lo, self.hi);
+        Zip::from(&mut gx).and(inputs[0]).par_for_each(|g, &x| {
+            if !(x > lo && x < hi) {
                 *g = 0.0
             }
         });
@@ -23,7 +26,8 @@ impl Backward for ClampOp {
 
 /// `clamp(x, lo, hi)`.
 pub fn clamp(g: &mut Graph, x: Var, lo: f32, hi: f32) -> Var {
-    let v = g.value(x).mapv(|a| a.max(lo).min(hi));
+    let mut v = g.value(x).clone();
+    v.par_mapv_inplace(|a| a.max(lo).min(hi));
     g.record(v, &[x], ClampOp { lo, hi })
 }
 

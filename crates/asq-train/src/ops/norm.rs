@@ -1,6 +1,7 @@
 //! Batch normalisation over `[N, C, H, W]` (per channel over N, H, W).
 
 use ndarray::IxDyn;
+use rayon::prelude::*;
 
 use crate::error::{shape, Result};
 use crate::graph::{Backward, Graph, Var};
@@ -27,30 +28,37 @@ impl Backward for BnTrainOp {
             inputs[1],
         );
         let m = (n * hw) as f64;
+        // Per-channel sums in parallel over channels (each sequential in f64: deterministic).
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mu, is) = (self.mean[ch] as f64, self.inv_std[ch] as f64);
+                let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+                for s in 0..n {
+                    let o = (s * c + ch) * hw;
+                    for i in o..o + hw {
+                        sg += gy[i] as f64;
+                        sgx += gy[i] as f64 * (x[i] as f64 - mu) * is;
+                    }
+                }
+                (sg, sgx)
+            })
+            .collect();
+        let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+        let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
         let mut dx = vec![0.0f32; x.len()];
-        let mut dgamma = vec![0.0f32; c];
-        let mut dbeta = vec![0.0f32; c];
-        for ch in 0..c {
-            let (mu, is) = (self.mean[ch] as f64, self.inv_std[ch] as f64);
-            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            for s in 0..n {
+        dx.par_chunks_mut(c * hw).enumerate().for_each(|(s, dxs)| {
+            for ch in 0..c {
+                let (mu, is) = (self.mean[ch] as f64, self.inv_std[ch] as f64);
+                let (sg, sgx) = sums[ch];
+                let k = gamma[ch] as f64 * is / m;
                 let o = (s * c + ch) * hw;
-                for i in o..o + hw {
-                    sg += gy[i] as f64;
-                    sgx += gy[i] as f64 * (x[i] as f64 - mu) * is;
+                for (j, d) in dxs[ch * hw..(ch + 1) * hw].iter_mut().enumerate() {
+                    let xh = (x[o + j] as f64 - mu) * is;
+                    *d = (k * (m * gy[o + j] as f64 - sg - xh * sgx)) as f32;
                 }
             }
-            dbeta[ch] = sg as f32;
-            dgamma[ch] = sgx as f32;
-            let k = gamma[ch] as f64 * is / m;
-            for s in 0..n {
-                let o = (s * c + ch) * hw;
-                for i in o..o + hw {
-                    let xh = (x[i] as f64 - mu) * is;
-                    dx[i] = (k * (m * gy[i] as f64 - sg - xh * sgx)) as f32;
-                }
-            }
-        }
+        });
         vec![
             Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape")),
             Some(Tensor::from_shape_vec(IxDyn(&[c]), dgamma).expect("shape")),
@@ -88,31 +96,34 @@ pub fn batch_norm2d_train(
     let (n, _, hw) = dims(g.value(x));
     let xs = xv.as_slice().expect("std");
     let m = (n * hw) as f64;
-    let (mut mean, mut var) = (vec![0.0f32; c], vec![0.0f32; c]);
-    for ch in 0..c {
-        let (mut s, mut s2) = (0.0f64, 0.0f64);
-        for b in 0..n {
-            for &v in &xs[(b * c + ch) * hw..][..hw] {
-                s += v as f64;
-                s2 += v as f64 * v as f64;
+    let stats: Vec<(f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut s, mut s2) = (0.0f64, 0.0f64);
+            for b in 0..n {
+                for &v in &xs[(b * c + ch) * hw..][..hw] {
+                    s += v as f64;
+                    s2 += v as f64 * v as f64;
+                }
             }
-        }
-        let mu = s / m;
-        mean[ch] = mu as f32;
-        var[ch] = (s2 / m - mu * mu).max(0.0) as f32;
-    }
+            let mu = s / m;
+            (mu as f32, (s2 / m - mu * mu).max(0.0) as f32)
+        })
+        .collect();
+    let mean: Vec<f32> = stats.iter().map(|s| s.0).collect();
+    let var: Vec<f32> = stats.iter().map(|s| s.1).collect();
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let (gm, bt) = (g.value(gamma), g.value(beta));
     let mut y = vec![0.0f32; xs.len()];
-    for b in 0..n {
+    y.par_chunks_mut(c * hw).enumerate().for_each(|(b, ys)| {
         for ch in 0..c {
             let o = (b * c + ch) * hw;
             let (mu, is, ga, be) = (mean[ch], inv_std[ch], gm[ch], bt[ch]);
-            for i in o..o + hw {
-                y[i] = (xs[i] - mu) * is * ga + be;
+            for (j, yv) in ys[ch * hw..(ch + 1) * hw].iter_mut().enumerate() {
+                *yv = (xs[o + j] - mu) * is * ga + be;
             }
         }
-    }
+    });
     let y = Tensor::from_shape_vec(g.value(x).raw_dim(), y).expect("shape");
     drop(xv);
     let out = g.record(
