@@ -5,6 +5,8 @@
 //! which op it is. Leaves are inputs (no gradient) or parameters (gradient accumulated into the
 //! [`ParamStore`] on [`Graph::backward`]).
 
+use ndarray::Zip;
+
 use crate::error::{shape, Result};
 use crate::params::{ParamId, ParamStore};
 use crate::Tensor;
@@ -166,7 +168,7 @@ impl Graph {
                         ));
                     }
                     match &mut grads[v.0] {
-                        Some(acc) => acc.zip_mut_with(&gi, |a, b| *a += b),
+                        Some(acc) => Zip::from(acc).and(&gi).par_for_each(|a, &b| *a += b),
                         slot => *slot = Some(gi),
                     }
                 }

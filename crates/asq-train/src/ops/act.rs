@@ -13,21 +13,18 @@ struct ClampOp {
 
 impl Backward for ClampOp {
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
-        let mut gx = grad.clone();
         let (lo, hi) = (self.lo, self.hi);
-        Zip::from(&mut gx).and(inputs[0]).par_for_each(|g, &x| {
-            if !(x > lo && x < hi) {
-                *g = 0.0
-            }
-        });
+        let gx =
+            Zip::from(grad)
+                .and(inputs[0])
+                .par_map_collect(|&g, &x| if x > lo && x < hi { g } else { 0.0 });
         vec![Some(gx)]
     }
 }
 
 /// `clamp(x, lo, hi)`.
 pub fn clamp(g: &mut Graph, x: Var, lo: f32, hi: f32) -> Var {
-    let mut v = g.value(x).clone();
-    v.par_mapv_inplace(|a| a.max(lo).min(hi));
+    let v = Zip::from(g.value(x)).par_map_collect(|&a| a.max(lo).min(hi));
     g.record(v, &[x], ClampOp { lo, hi })
 }
 
