@@ -161,7 +161,7 @@ pub fn depthwise_conv2d(
             shape.batch * oh * ow * c
         )));
     }
-    check_epilogue(epi, c, out.len())?;
+    epi.validate(c, out.len())?;
     // Integer weight values per (channel, tap): one table, or the even/odd pair of exact POST.
     let (t1, t2) = match w.form() {
         WeightForm::Int8 { table } => (table.as_slice(), None),
@@ -217,16 +217,6 @@ pub fn depthwise_conv2d(
                 }
             }
         }
-    }
-    Ok(())
-}
-
-fn check_epilogue(epi: &Epilogue<'_>, channels: usize, len: usize) -> Result<()> {
-    if epi.bias.is_some_and(|b| b.len() != channels) {
-        return Err(Error::Shape(format!("bias needs {channels} values")));
-    }
-    if epi.residual.is_some_and(|r| r.len() != len) {
-        return Err(Error::Shape(format!("residual needs {len} values")));
     }
     Ok(())
 }

@@ -39,6 +39,30 @@ pub struct Epilogue<'a> {
 }
 
 impl Epilogue<'_> {
+    /// Checks the bias (`channels` values) and residual (`len` values): lengths and finiteness.
+    pub(crate) fn validate(&self, channels: usize, len: usize) -> Result<()> {
+        for (what, values, want) in [
+            ("bias", self.bias, channels),
+            ("residual", self.residual, len),
+        ] {
+            let Some(v) = values else { continue };
+            if v.len() != want {
+                return Err(Error::Shape(format!(
+                    "{what} has {} values, needs {want}",
+                    v.len()
+                )));
+            }
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(Error::Core(asq_core::Error::NonFinite {
+                    what,
+                    value: v[i],
+                    index: i,
+                }));
+            }
+        }
+        Ok(())
+    }
+
     /// Bias and residual contributions at output `(row, col)` of an `n`-column output.
     #[inline(always)]
     pub(crate) fn extra(&self, row: usize, col: usize, n: usize) -> (f32, f32) {
@@ -100,38 +124,7 @@ pub(crate) fn check(
             a.rows() * w.rows()
         )));
     }
-    if let Some(b) = epi.bias {
-        if b.len() != w.rows() {
-            return Err(Error::Shape(format!(
-                "bias has {} values for {} channels",
-                b.len(),
-                w.rows()
-            )));
-        }
-        if let Some(i) = b.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Core(asq_core::Error::NonFinite {
-                what: "bias",
-                value: b[i],
-                index: i,
-            }));
-        }
-    }
-    if let Some(r) = epi.residual {
-        if r.len() != out.len() {
-            return Err(Error::Shape(format!(
-                "residual has {} values, output {}",
-                r.len(),
-                out.len()
-            )));
-        }
-        if let Some(i) = r.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Core(asq_core::Error::NonFinite {
-                what: "residual",
-                value: r[i],
-                index: i,
-            }));
-        }
-    }
+    epi.validate(w.rows(), out.len())?;
     let bound = a.max_abs() as u64 * w.form().max_abs() as u64 * w.groups() as u64 * KGROUP as u64;
     if bound > i32::MAX as u64 {
         return Err(Error::Overflow(format!(

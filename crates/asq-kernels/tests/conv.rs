@@ -219,4 +219,32 @@ fn im2col_rows_keep_their_sample_scale_and_bad_shapes_fail() {
     assert!(im2col(&x, &bad).is_err());
     let huge = Conv2dShape { kh: 6, pad: 1, ..s };
     assert!(im2col(&x, &huge).is_err());
+    // Depthwise: a non-finite bias or a short residual is an error, not garbage.
+    let dw = weights(2, 9, 1, true);
+    let mut out = vec![0.0; 2 * 9 * 2];
+    let nan_bias = [0.0, f32::NAN];
+    assert!(depthwise_conv2d(
+        &x,
+        &dw,
+        &s,
+        &Epilogue {
+            bias: Some(&nan_bias),
+            ..Default::default()
+        },
+        &mut out
+    )
+    .is_err());
+    let short = [0.0; 3];
+    assert!(depthwise_conv2d(
+        &x,
+        &dw,
+        &s,
+        &Epilogue {
+            residual: Some(&short),
+            ..Default::default()
+        },
+        &mut out
+    )
+    .is_err());
+    assert!(depthwise_conv2d(&x, &dw, &s, &Epilogue::default(), &mut out).is_ok());
 }
