@@ -28,25 +28,7 @@ fn gemm_shapes(c: &mut Criterion) {
             BenchmarkId::new("sgemm-f32", format!("{m}x{k}x{n}")),
             |bch| {
                 bch.iter(|| {
-                    // SAFETY: a is m x k, b is k x n, out is m x n, all row-major and fully owned.
-                    unsafe {
-                        matrixmultiply::sgemm(
-                            m,
-                            k,
-                            n,
-                            1.0,
-                            a.as_ptr(),
-                            k as isize,
-                            1,
-                            b.as_ptr(),
-                            n as isize,
-                            1,
-                            0.0,
-                            out.as_mut_ptr(),
-                            n as isize,
-                            1,
-                        )
-                    }
+                    asq_kernels::baseline::sgemm(m, k, n, black_box(&a), &b, &mut out).unwrap()
                 })
             },
         );

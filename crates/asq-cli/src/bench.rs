@@ -47,42 +47,8 @@ fn sgemm_gops(m: usize, k: usize, n: usize, seconds: f64) -> f64 {
     let a: Vec<f32> = (0..m * k).map(|i| pseudo(1, i)).collect();
     let b: Vec<f32> = (0..k * n).map(|i| pseudo(2, i)).collect();
     let mut c = vec![0.0f32; m * n];
-    let threads = rayon::current_num_threads().min(n.div_ceil(16));
-    let chunk = n.div_ceil(threads);
     measure(2.0 * (m * k * n) as f64, seconds, || {
-        let cols: Vec<(usize, usize)> = (0..threads)
-            .map(|t| (t * chunk, ((t + 1) * chunk).min(n)))
-            .collect();
-        let cp = c.as_mut_ptr() as usize;
-        rayon::scope(|s| {
-            for &(n0, n1) in &cols {
-                let (a, b) = (&a, &b);
-                s.spawn(move |_| {
-                    // Column blocks are disjoint; matrixmultiply takes raw strided pointers.
-                    let cptr = (cp as *mut f32).wrapping_add(n0);
-                    // SAFETY: a is m x k (row stride k), b is k x n (row stride n) offset to
-                    // column n0, c is m x n offset to column n0; each task writes its own columns.
-                    unsafe {
-                        matrixmultiply::sgemm(
-                            m,
-                            k,
-                            n1 - n0,
-                            1.0,
-                            a.as_ptr(),
-                            k as isize,
-                            1,
-                            b.as_ptr().add(n0),
-                            n as isize,
-                            1,
-                            0.0,
-                            cptr,
-                            n as isize,
-                            1,
-                        )
-                    }
-                });
-            }
-        });
+        asq_kernels::baseline::sgemm_parallel(m, k, n, &a, &b, &mut c).expect("consistent shapes");
     })
 }
 

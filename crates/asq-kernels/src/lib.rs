@@ -30,6 +30,7 @@
 //! ```
 
 pub mod activations;
+pub mod baseline;
 pub mod conv;
 pub mod dispatch;
 pub mod error;
