@@ -7,6 +7,7 @@
 
 use ndarray::Zip;
 
+use crate::buffers;
 use crate::error::{shape, Result};
 use crate::params::{ParamId, ParamStore};
 use crate::Tensor;
@@ -34,6 +35,15 @@ struct Node {
 pub struct Graph {
     nodes: Vec<Node>,
     training: bool,
+}
+
+impl Drop for Graph {
+    /// Hands the recorded values back to [`crate::buffers`] for the next pass.
+    fn drop(&mut self) {
+        for node in self.nodes.drain(..) {
+            buffers::recycle(node.value);
+        }
+    }
 }
 
 impl Graph {
@@ -168,7 +178,10 @@ impl Graph {
                         ));
                     }
                     match &mut grads[v.0] {
-                        Some(acc) => Zip::from(acc).and(&gi).par_for_each(|a, &b| *a += b),
+                        Some(acc) => {
+                            Zip::from(acc).and(&gi).par_for_each(|a, &b| *a += b);
+                            buffers::recycle(gi);
+                        }
                         slot => *slot = Some(gi),
                     }
                 }
@@ -176,6 +189,8 @@ impl Graph {
             // Keep gradients of leaves only: intermediate ones are not needed after their op.
             if node.op.is_none() {
                 grads[i] = Some(g);
+            } else {
+                buffers::recycle(g);
             }
         }
         Ok(grads)

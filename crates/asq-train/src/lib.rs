@@ -19,6 +19,7 @@
 //! Deliberately left out: GPU backends, dynamic shapes beyond what CNNs need, model
 //! definitions (the zoo is `asq-models`) and integer inference (`asq-kernels`).
 
+pub mod buffers;
 pub mod checkpoint;
 pub mod data;
 pub mod error;

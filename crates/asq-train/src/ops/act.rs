@@ -2,6 +2,7 @@
 
 use ndarray::Zip;
 
+use crate::buffers;
 use crate::graph::{Backward, Graph, Var};
 use crate::Tensor;
 
@@ -14,17 +15,23 @@ struct ClampOp {
 impl Backward for ClampOp {
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
         let (lo, hi) = (self.lo, self.hi);
-        let gx =
-            Zip::from(grad)
-                .and(inputs[0])
-                .par_map_collect(|&g, &x| if x > lo && x < hi { g } else { 0.0 });
+        let mut gx =
+            Tensor::from_shape_vec(grad.raw_dim(), buffers::take(grad.len())).expect("shape");
+        Zip::from(&mut gx)
+            .and(grad)
+            .and(inputs[0])
+            .par_for_each(|o, &g, &x| *o = if x > lo && x < hi { g } else { 0.0 });
         vec![Some(gx)]
     }
 }
 
 /// `clamp(x, lo, hi)`.
 pub fn clamp(g: &mut Graph, x: Var, lo: f32, hi: f32) -> Var {
-    let v = Zip::from(g.value(x)).par_map_collect(|&a| a.max(lo).min(hi));
+    let xv = g.value(x);
+    let mut v = Tensor::from_shape_vec(xv.raw_dim(), buffers::take(xv.len())).expect("shape");
+    Zip::from(&mut v)
+        .and(xv)
+        .par_for_each(|o, &a| *o = a.max(lo).min(hi));
     g.record(v, &[x], ClampOp { lo, hi })
 }
 

@@ -8,6 +8,7 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, IxDyn};
 use rayon::prelude::*;
 
+use crate::buffers;
 use crate::error::{shape, Result};
 use crate::graph::{Backward, Graph, Var};
 use crate::ops::scratch;
@@ -181,7 +182,7 @@ impl Backward for ConvOp {
         let gy = gy.as_slice().expect("standard layout");
         let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
         let (krows, opix, cog) = (geo.krows(), geo.opix(), geo.cog());
-        let mut dx = vec![0.0f32; geo.n * in_len];
+        let mut dx = buffers::take_zeroed(geo.n * in_len);
         let per_chunk = geo.n.div_ceil(CHUNKS.min(geo.n));
         let partials: Vec<Vec<f32>> = dx
             .par_chunks_mut(per_chunk * in_len)
@@ -316,7 +317,7 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
         geo.opix(),
         geo.cog(),
     );
-    let mut y = vec![0.0f32; n * out_len];
+    let mut y = buffers::take(n * out_len);
     let per_chunk = n.div_ceil(CHUNKS.min(n));
     y.par_chunks_mut(per_chunk * out_len)
         .enumerate()

@@ -3,6 +3,8 @@
 use ndarray::IxDyn;
 use rayon::prelude::*;
 
+use crate::buffers;
+
 use crate::error::{shape, Result};
 use crate::graph::{Backward, Graph, Var};
 use crate::Tensor;
@@ -46,7 +48,7 @@ impl Backward for BnTrainOp {
             .collect();
         let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
         let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
-        let mut dx = vec![0.0f32; x.len()];
+        let mut dx = buffers::take(x.len());
         dx.par_chunks_mut(c * hw).enumerate().for_each(|(s, dxs)| {
             for ch in 0..c {
                 let (mu, is) = (self.mean[ch] as f64, self.inv_std[ch] as f64);
@@ -114,7 +116,7 @@ pub fn batch_norm2d_train(
     let var: Vec<f32> = stats.iter().map(|s| s.1).collect();
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let (gm, bt) = (g.value(gamma), g.value(beta));
-    let mut y = vec![0.0f32; xs.len()];
+    let mut y = buffers::take(xs.len());
     y.par_chunks_mut(c * hw).enumerate().for_each(|(b, ys)| {
         for ch in 0..c {
             let o = (b * c + ch) * hw;

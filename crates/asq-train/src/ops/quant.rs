@@ -13,6 +13,7 @@ use asq_core::quant::weights::LevelQuantizer;
 use asq_core::{LevelSet, QuantRange};
 use ndarray::IxDyn;
 
+use crate::buffers;
 use crate::error::{shape, Result};
 use crate::graph::{Backward, Graph, Var};
 use crate::Tensor;
@@ -36,7 +37,7 @@ struct LsqOp {
 impl Backward for LsqOp {
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
         let (x, s, gy) = (slice(inputs[0]), slice(inputs[1]), slice(grad));
-        let mut dx = vec![0.0f32; x.len()];
+        let mut dx = buffers::take(x.len());
         let mut ds = vec![0.0f32; s.len()];
         self.lsq
             .backward(&x, &s, &gy, self.grad_scale, &mut dx, &mut ds)
@@ -59,7 +60,7 @@ pub fn lsq(g: &mut Graph, x: Var, s: Var, range: QuantRange, grad_scale: f32) ->
             format!("{} steps for {:?}", sv.len(), g.shape(x)),
         ));
     }
-    let mut out = vec![0.0f32; xv.len()];
+    let mut out = buffers::take(xv.len());
     lsq.fake_quant(&xv, &sv, &mut out)?;
     let y = tensor(g.value(x), out);
     Ok(g.record(y, &[x, s], LsqOp { lsq, grad_scale }))
@@ -78,7 +79,7 @@ impl Backward for AsqOp {
             slice(inputs[2]),
             slice(grad),
         );
-        let mut dx = vec![0.0f32; x.len()];
+        let mut dx = buffers::take(x.len());
         let mut db = vec![0.0f32; beta.len()];
         let ds = self
             .asq
@@ -119,7 +120,7 @@ pub fn asq(
         slice(g.value(s))[0],
         slice(g.value(beta)).into_owned(),
     );
-    let mut out = vec![0.0f32; xv.len()];
+    let mut out = buffers::take(xv.len());
     asq.fake_quant(&xv, sv, &bv, &mut out)?;
     let y = tensor(g.value(x), out);
     Ok(g.record(y, &[x, s, beta], AsqOp { asq, grad_scale }))
@@ -133,7 +134,7 @@ struct LevelOp {
 impl Backward for LevelOp {
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
         let (w, a, gy) = (slice(inputs[0]), slice(inputs[1]), slice(grad));
-        let mut dw = vec![0.0f32; w.len()];
+        let mut dw = buffers::take(w.len());
         let mut da = vec![0.0f32; a.len()];
         self.q
             .backward(&w, &a, &gy, self.grad_scale, &mut dw, &mut da)
@@ -162,7 +163,7 @@ pub fn level_weights(
             format!("{} alphas for {:?}", av.len(), g.shape(w)),
         ));
     }
-    let mut out = vec![0.0f32; wv.len()];
+    let mut out = buffers::take(wv.len());
     q.fake_quant(&wv, &av, &mut out)?;
     let y = tensor(g.value(w), out);
     Ok(g.record(y, &[w, alpha], LevelOp { q, grad_scale }))
@@ -175,7 +176,7 @@ struct UniformOp {
 impl Backward for UniformOp {
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
         let (x, gy) = (slice(inputs[0]), slice(grad));
-        let mut dx = vec![0.0f32; x.len()];
+        let mut dx = buffers::take(x.len());
         self.u
             .backward(&x, &gy, &mut dx)
             .expect("validated in forward");
@@ -187,7 +188,7 @@ impl Backward for UniformOp {
 pub fn uniform(g: &mut Graph, x: Var, bits: u32) -> Result<Var> {
     let xv = slice(g.value(x)).into_owned();
     let u = Uniform::affine(&xv, bits)?;
-    let mut out = vec![0.0f32; xv.len()];
+    let mut out = buffers::take(xv.len());
     u.fake_quant(&xv, &mut out)?;
     let y = tensor(g.value(x), out);
     Ok(g.record(y, &[x], UniformOp { u }))
