@@ -125,7 +125,7 @@ impl LevelSet {
         let mut mags = Vec::with_capacity(sorted.len() + 1);
         mags.push(0.0);
         mags.extend_from_slice(&sorted);
-        let thresholds = mags.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
+        let thresholds: Vec<f32> = mags.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
         let grid = (1..=127u32).find(|&g| {
             mags.iter().all(|&m| {
                 let v = m as f64 * g as f64;
@@ -206,12 +206,8 @@ impl LevelSet {
     /// The level nearest to `t`, for finite `t` already clamped into `[lower, 1]`.
     #[inline]
     pub fn project(&self, t: f32) -> f32 {
-        let m = self.mags[self.magnitude_code(t.abs())];
-        if t < 0.0 {
-            -m
-        } else {
-            m
-        }
+        // copysign instead of a branch on the sign: no mispredictions on mixed-sign data.
+        self.mags[self.magnitude_code(t.abs())].copysign(t)
     }
 
     /// Raw code of the level nearest to `t` (see the module docs for the layout).

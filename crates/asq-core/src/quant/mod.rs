@@ -343,24 +343,20 @@ fn map_rows<T: Send>(
 }
 
 /// Gradient of the step size contributed by one element, and whether the input gradient passes.
-/// Written without early returns so that it compiles to selects, not branches.
+/// Arithmetic on comparison results instead of an if-chain: the compiler emits no branches
+/// (the outcomes are data-dependent and would mispredict), and groups of elements vectorise.
 #[inline(always)]
 fn step_term<G: Grid>(grid: &G, x: f32, step: f32) -> (f32, bool) {
     let t = x / step;
     let (lo, hi) = (grid.lower(), grid.upper());
-    let nan = t.is_nan();
+    // NaN compares false everywhere: below = above = 0, and tc = lo is a grid point, so the
+    // inside term P(lo) - lo is 0.
+    let below = (t <= lo) as u32 as f32;
+    let above = (t >= hi) as u32 as f32;
     let tc = t.max(lo).min(hi);
     let inside = grid.project(tc) - tc;
-    let term = if nan {
-        0.0
-    } else if t <= lo {
-        lo
-    } else if t >= hi {
-        hi
-    } else {
-        inside
-    };
-    (term, !nan && t >= lo && t <= hi)
+    let term = below * lo + above * hi + (1.0 - below - above) * inside;
+    (term, t >= lo && t <= hi)
 }
 
 /// Independent accumulators of the reductions: element `k` of a block goes to lane `k % LANES`,
@@ -410,14 +406,45 @@ pub fn backward<G: Grid>(
             let s = steps.get(r);
             let w = weight(r);
             let mut part = [0.0f64; LANES];
-            for k in i..row_end {
+            // One element: input gradient and its step-gradient contribution (as f32).
+            let elem = |k: usize, dx: &mut f32| -> f32 {
                 let (term, pass) = step_term(grid, x[k], s);
                 let g = grad_out[k];
-                dxs[k - start] = if pass { g } else { 0.0 };
-                let gi = if term == 0.0 { 0.0 } else { (g * term) as f64 };
-                let lane = (k - start) % LANES;
-                part[lane] += gi;
-                total[lane] += gi * w;
+                *dx = if pass { g } else { 0.0 };
+                // A zero term contributes exactly 0, even against an infinite incoming gradient.
+                let p = g * term;
+                if term == 0.0 {
+                    0.0
+                } else {
+                    p
+                }
+            };
+            let mut k = i;
+            // Scalar head up to a lane boundary, whole groups of LANES (vectorisable), scalar
+            // tail; every element lands in lane (k - start) % LANES either way.
+            while k < row_end && (k - start) % LANES != 0 {
+                let gi = elem(k, &mut dxs[k - start]) as f64;
+                part[(k - start) % LANES] += gi;
+                total[(k - start) % LANES] += gi * w;
+                k += 1;
+            }
+            while k + LANES <= row_end {
+                let mut gis = [0.0f32; LANES];
+                let dxg = &mut dxs[k - start..k - start + LANES];
+                for l in 0..LANES {
+                    gis[l] = elem(k + l, &mut dxg[l]);
+                }
+                for l in 0..LANES {
+                    part[l] += gis[l] as f64;
+                    total[l] += gis[l] as f64 * w;
+                }
+                k += LANES;
+            }
+            while k < row_end {
+                let gi = elem(k, &mut dxs[k - start]) as f64;
+                part[(k - start) % LANES] += gi;
+                total[(k - start) % LANES] += gi * w;
+                k += 1;
             }
             parts.push(part.iter().sum());
             i = row_end;
