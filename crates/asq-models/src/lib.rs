@@ -8,6 +8,7 @@
 //! Not built yet: MLP, LeNet-5, ImageNet ResNet-18/34, MobileNetV2, BN folding and export to
 //! the integer engine of `asq-kernels`.
 
+pub mod export;
 pub mod policy;
 pub mod resnet;
 
