@@ -174,6 +174,12 @@ impl QuantActivations {
         self.codes[r * self.kp + c]
     }
 
+    /// Row `r` (the `k` valid bytes).
+    #[inline]
+    pub(crate) fn row(&self, r: usize) -> &[u8] {
+        &self.codes[r * self.kp..r * self.kp + self.k]
+    }
+
     /// Mutable row `r` (the `k` valid bytes) and the scale vector, for layout transforms.
     pub(crate) fn row_mut(&mut self, r: usize) -> &mut [u8] {
         let (kp, k) = (self.kp, self.k);

@@ -90,6 +90,7 @@ pub fn im2col(x: &QuantActivations, shape: &Conv2dShape) -> Result<QuantActivati
     let mut out =
         QuantActivations::zeroed(shape.batch * oh * ow, shape.kh * shape.kw * c, x.range())?;
     for n in 0..shape.batch {
+        let src_row = x.row(n);
         for oy in 0..oh {
             for ox in 0..ow {
                 let r = (n * oh + oy) * ow + ox;
@@ -100,9 +101,8 @@ pub fn im2col(x: &QuantActivations, shape: &Conv2dShape) -> Result<QuantActivati
                         if let Some((iy, ix)) = shape.input_at(oy, ox, ky, kx) {
                             let src = (iy * shape.in_w + ix) * c;
                             let dst = (ky * shape.kw + kx) * c;
-                            for ch in 0..c {
-                                row[dst + ch] = x.byte(n, src + ch);
-                            }
+                            // NHWC: a pixel's channels are contiguous on both sides.
+                            row[dst..dst + c].copy_from_slice(&src_row[src..src + c]);
                         }
                     }
                 }

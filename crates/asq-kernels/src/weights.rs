@@ -233,6 +233,28 @@ impl PackedWeights {
         &self.scales
     }
 
+    /// The same codes with new per-channel scales, for example with batch norm folded in
+    /// (`scale · gamma / sqrt(var + eps)`). Any finite nonzero scale is accepted: a negative
+    /// gamma legitimately flips a channel.
+    pub fn with_scales(mut self, scales: Vec<f32>) -> Result<Self> {
+        if scales.len() != self.n {
+            return Err(Error::Shape(format!(
+                "{} scales for {} channels",
+                scales.len(),
+                self.n
+            )));
+        }
+        if let Some(i) = scales.iter().position(|s| !s.is_finite() || *s == 0.0) {
+            return Err(Error::Core(asq_core::Error::Step {
+                what: "weight scale",
+                value: scales[i],
+                index: i,
+            }));
+        }
+        self.scales = scales;
+        Ok(self)
+    }
+
     /// Number of 4-step groups per panel (`ceil(K / 4)`).
     pub fn groups(&self) -> usize {
         self.k.div_ceil(KGROUP)
@@ -341,8 +363,12 @@ impl PackedWeights {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
             .collect();
-        asq_core::error::check_positive("weight scale", &scales)
-            .map_err(|e| Error::Format(e.to_string()))?;
+        if let Some(i) = scales.iter().position(|s| !s.is_finite() || *s == 0.0) {
+            return Err(Error::Format(format!(
+                "weight scale {} of channel {i} is not finite and nonzero",
+                scales[i]
+            )));
+        }
         let expect = n.div_ceil(NR) * k.div_ceil(KGROUP) * tile_bytes(bits);
         let len = r.u64()?;
         if len != expect as u64 {

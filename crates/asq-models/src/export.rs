@@ -136,3 +136,254 @@ pub fn quantize_input(
     };
     QuantActivations::quantize(&nhwc, n, h * w * c, exported.range, steps).map_err(to_kernel_error)
 }
+
+/// The ASQ adapter evaluated in float on the integer engine's side: pooled features -> beta.
+#[derive(Debug, Clone)]
+pub struct FloatAdapter {
+    layers: Vec<(Vec<f32>, Vec<f32>, usize, usize)>,
+}
+
+impl FloatAdapter {
+    fn from_layer(ps: &ParamStore, layer: &QConv2d) -> Option<Self> {
+        let adapter = layer.input.adapter()?;
+        let (first, second) = adapter.layers();
+        let grab = |l: &asq_train::nn::Linear| {
+            let w = &ps.get(l.weight).value;
+            let (out, inp) = (w.shape()[0], w.shape()[1]);
+            let b = l
+                .bias
+                .map(|b| ps.get(b).value.iter().copied().collect())
+                .unwrap_or_else(|| vec![0.0; out]);
+            (w.iter().copied().collect::<Vec<f32>>(), b, out, inp)
+        };
+        Some(Self {
+            layers: std::iter::once(first).chain(second).map(grab).collect(),
+        })
+    }
+
+    /// `beta` of one sample from its channel means, as the training graph computes it
+    /// (linear, ReLU, linear, ReLU, clamp at 1e-8).
+    pub fn beta(&self, pooled: &[f32]) -> f32 {
+        let mut h = pooled.to_vec();
+        for (w, b, out, inp) in &self.layers {
+            h = (0..*out)
+                .map(|o| {
+                    let dot: f32 = (0..*inp).map(|i| h[i] * w[o * inp + i]).sum();
+                    (dot + b[o]).max(0.0)
+                })
+                .collect();
+        }
+        h[0].max(1e-8)
+    }
+}
+
+/// One convolution (+ folded batch norm) of an exported model, NHWC in and out.
+pub struct IntConv {
+    conv: ExportedConv,
+    bias: Vec<f32>,
+    adapter: Option<FloatAdapter>,
+    stride: usize,
+    pad: usize,
+    in_c: usize,
+    out_c: usize,
+}
+
+impl IntConv {
+    /// Exports `layer` and folds the batch norm `bn` (running statistics) into the scales and
+    /// bias of the GEMM epilogue: the weight codes do not change.
+    pub fn new(ps: &ParamStore, layer: &QConv2d, bn: &asq_train::nn::BatchNorm2d) -> Result<Self> {
+        let conv = export_conv(ps, layer)?;
+        let (mean, var) = bn.running(ps);
+        let gamma = &ps.get(bn.gamma).value;
+        let beta = &ps.get(bn.beta).value;
+        let k: Vec<f32> = (0..mean.len())
+            .map(|c| gamma[c] / (var[c] + bn.eps).sqrt())
+            .collect();
+        let scales: Vec<f32> = conv
+            .weights
+            .scales()
+            .iter()
+            .zip(&k)
+            .map(|(s, k)| s * k)
+            .collect();
+        let bias: Vec<f32> = (0..mean.len()).map(|c| beta[c] - mean[c] * k[c]).collect();
+        let out_c = scales.len();
+        let in_c = conv.weights.cols() / (conv.kernel.0 * conv.kernel.1);
+        let weights = conv.weights.with_scales(scales).map_err(to_kernel_error)?;
+        Ok(Self {
+            conv: ExportedConv { weights, ..conv },
+            bias,
+            adapter: FloatAdapter::from_layer(ps, layer),
+            stride: layer.conv.spec.stride,
+            pad: layer.conv.spec.pad,
+            in_c,
+            out_c,
+        })
+    }
+
+    /// Output height and width for an `h x w` input.
+    pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        let (kh, kw) = self.conv.kernel;
+        (
+            (h + 2 * self.pad - kh) / self.stride + 1,
+            (w + 2 * self.pad - kw) / self.stride + 1,
+        )
+    }
+
+    /// Quantizes `x` (`[n, h, w, C_in]` float) with per-sample steps and runs the integer
+    /// convolution with the folded epilogue; `residual` (output-shaped) is added before ReLU.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        residual: Option<&[f32]>,
+        relu: bool,
+    ) -> Result<Vec<f32>> {
+        let per = h * w * self.in_c;
+        if x.len() != n * per {
+            return Err(Error::Config(format!(
+                "export: input of {} values for [{n}, {h}, {w}, {}]",
+                x.len(),
+                self.in_c
+            )));
+        }
+        let betas: Vec<f32> = match &self.adapter {
+            Some(a) => (0..n)
+                .map(|s| {
+                    let mut pooled = vec![0.0f32; self.in_c];
+                    for p in 0..h * w {
+                        for (c, v) in pooled.iter_mut().enumerate() {
+                            *v += x[s * per + p * self.in_c + c];
+                        }
+                    }
+                    pooled.iter_mut().for_each(|v| *v /= (h * w) as f32);
+                    a.beta(&pooled)
+                })
+                .collect(),
+            None => vec![1.0; n],
+        };
+        let qa = QuantActivations::quantize(
+            x,
+            n,
+            per,
+            self.conv.range,
+            Steps::Scaled {
+                step: self.conv.step,
+                betas: &betas,
+            },
+        )
+        .map_err(to_kernel_error)?;
+        let (kh, kw) = self.conv.kernel;
+        let shape = asq_kernels::conv::Conv2dShape {
+            batch: n,
+            in_h: h,
+            in_w: w,
+            in_c: self.in_c,
+            kh,
+            kw,
+            stride: self.stride,
+            pad: self.pad,
+        };
+        let (oh, ow) = self.out_hw(h, w);
+        let mut out = vec![0.0f32; n * oh * ow * self.out_c];
+        let epi = asq_kernels::Epilogue {
+            bias: Some(&self.bias),
+            residual,
+            relu,
+        };
+        asq_kernels::conv::conv2d(&qa, &self.conv.weights, &shape, &epi, &mut out)
+            .map_err(to_kernel_error)?;
+        Ok(out)
+    }
+}
+
+/// A fully connected layer of an exported model.
+pub struct IntLinear {
+    weights: PackedWeights,
+    bias: Vec<f32>,
+    range: QuantRange,
+    step: f32,
+}
+
+impl IntLinear {
+    /// Exports a quantized linear layer (LSQ input; level-set or LSQ weights).
+    pub fn new(ps: &ParamStore, layer: &asq_train::nn::QLinear) -> Result<Self> {
+        let w = &ps.get(layer.linear.weight).value;
+        let (out, inp) = (w.shape()[0], w.shape()[1]);
+        let flat: Vec<f32> = w.iter().copied().collect();
+        let scale = layer
+            .weights
+            .scale()
+            .ok_or_else(|| Error::Config("export: float weights have no integer form".into()))?;
+        let scales: Vec<f32> = ps.get(scale).value.iter().copied().collect();
+        let weights = match layer.weights.kind() {
+            WeightQuant::Levels(levels) => {
+                PackedWeights::quantize_levels(&flat, out, inp, levels, &scales)
+            }
+            WeightQuant::Lsq { bits } => {
+                let range = QuantRange::signed(*bits)?;
+                let mut codes = vec![0u8; flat.len()];
+                asq_core::quant::encode(
+                    &asq_core::quant::IntGrid::new(range),
+                    &flat,
+                    Steps::PerRow(&scales),
+                    &mut codes,
+                )?;
+                PackedWeights::from_uniform_codes(&codes, out, inp, range, &scales)
+            }
+            WeightQuant::Float => unreachable!("float weights have no scale"),
+        }
+        .map_err(to_kernel_error)?;
+        let (range, step) = match layer.input.kind() {
+            ActQuant::Lsq { bits, signed } => (
+                if signed {
+                    QuantRange::signed(bits)?
+                } else {
+                    QuantRange::unsigned(bits)?
+                },
+                ps.get(layer.input.step().expect("step")).value[0],
+            ),
+            other => {
+                return Err(Error::Config(format!(
+                    "export: linear input {other:?} not supported"
+                )))
+            }
+        };
+        let bias = layer
+            .linear
+            .bias
+            .map(|b| ps.get(b).value.iter().copied().collect())
+            .unwrap_or_else(|| vec![0.0; out]);
+        Ok(Self {
+            weights,
+            bias,
+            range,
+            step,
+        })
+    }
+
+    /// `[n, in]` float features to `[n, out]` outputs.
+    pub fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let inp = self.weights.cols();
+        let qa = QuantActivations::quantize(
+            x,
+            n,
+            inp,
+            self.range,
+            Steps::Scaled {
+                step: self.step,
+                betas: &vec![1.0; n],
+            },
+        )
+        .map_err(to_kernel_error)?;
+        let mut out = vec![0.0f32; n * self.weights.rows()];
+        let epi = asq_kernels::Epilogue {
+            bias: Some(&self.bias),
+            ..Default::default()
+        };
+        asq_kernels::gemm(&qa, &self.weights, &epi, &mut out).map_err(to_kernel_error)?;
+        Ok(out)
+    }
+}

@@ -7,7 +7,9 @@ use asq_train::ops::act::relu;
 use asq_train::ops::basic::add;
 use asq_train::ops::conv::ConvSpec;
 use asq_train::ops::pool::global_avg_pool;
-use asq_train::{Error, Graph, ParamStore, Result, Rng, Var};
+use asq_train::{Error, Graph, ParamStore, Result, Rng, Tensor, Var};
+
+use crate::export::{IntConv, IntLinear};
 
 use crate::policy::QuantPolicy;
 
@@ -155,6 +157,82 @@ impl ResNet {
     }
 }
 
+/// ResNet on the integer engine: every convolution with its batch norm folded in, residual
+/// additions and ReLUs fused into the GEMM epilogue, NHWC activations quantized per sample.
+pub struct IntResNet {
+    stem: IntConv,
+    blocks: Vec<(IntConv, IntConv, Option<IntConv>)>,
+    fc: IntLinear,
+}
+
+impl ResNet {
+    /// Exports a trained, fully quantized model (every conv and the classifier quantized).
+    pub fn export(&self, ps: &ParamStore) -> Result<IntResNet> {
+        let stem = IntConv::new(ps, &self.stem, &self.stem_bn)?;
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let shortcut = b
+                    .shortcut
+                    .as_ref()
+                    .map(|(c, bn)| IntConv::new(ps, c, bn))
+                    .transpose()?;
+                Ok((
+                    IntConv::new(ps, &b.conv1, &b.bn1)?,
+                    IntConv::new(ps, &b.conv2, &b.bn2)?,
+                    shortcut,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(IntResNet {
+            stem,
+            blocks,
+            fc: IntLinear::new(ps, &self.fc)?,
+        })
+    }
+}
+
+impl IntResNet {
+    /// Logits `[n, classes]` for normalised images `[n, c, h, w]` (NCHW, as for training).
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<f32>> {
+        let s = x.shape();
+        if s.len() != 4 {
+            return Err(Error::Config(format!(
+                "IntResNet: input must be NCHW, got {s:?}"
+            )));
+        }
+        let (n, c, mut h, mut w) = (s[0], s[1], s[2], s[3]);
+        let mut nhwc = vec![0.0f32; x.len()];
+        for (i, v) in x.iter().enumerate() {
+            let (b, ch, y, xx) = (i / (c * h * w), (i / (h * w)) % c, (i / w) % h, i % w);
+            nhwc[((b * h + y) * w + xx) * c + ch] = *v;
+        }
+        let mut act = self.stem.forward(&nhwc, n, h, w, None, true)?;
+        for (conv1, conv2, shortcut) in &self.blocks {
+            let (oh, ow) = conv1.out_hw(h, w);
+            let mid = conv1.forward(&act, n, h, w, None, true)?;
+            let skip = match shortcut {
+                Some(sc) => sc.forward(&act, n, h, w, None, false)?,
+                None => act,
+            };
+            act = conv2.forward(&mid, n, oh, ow, Some(&skip), true)?;
+            (h, w) = (oh, ow);
+        }
+        let channels = act.len() / (n * h * w);
+        let mut pooled = vec![0.0f32; n * channels];
+        for b in 0..n {
+            for p in 0..h * w {
+                for ch in 0..channels {
+                    pooled[b * channels + ch] += act[(b * h * w + p) * channels + ch];
+                }
+            }
+        }
+        pooled.iter_mut().for_each(|v| *v /= (h * w) as f32);
+        self.fc.forward(&pooled, n)
+    }
+}
+
 impl Module for ResNet {
     fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
         let h = self.stem.forward(g, ps, x)?;
@@ -172,7 +250,6 @@ impl Module for ResNet {
 mod tests {
     use super::*;
     use asq_train::ops::loss::softmax_cross_entropy;
-    use asq_train::Tensor;
 
     #[test]
     fn resnet20_shapes_parameters_and_a_training_step() {

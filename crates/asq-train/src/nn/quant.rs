@@ -141,6 +141,11 @@ impl Adapter {
         }
     }
 
+    /// The first linear layer and, when `C >= 8`, the second.
+    pub fn layers(&self) -> (&Linear, Option<&Linear>) {
+        (&self.first, self.second.as_ref())
+    }
+
     /// `beta` `[N]` for input `x` (`[N, C, H, W]` or `[N, C]`).
     pub fn beta(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
         let n = g.shape(x)[0];
