@@ -7,7 +7,7 @@
 
 /// `1.5 * 2^23`: adding and subtracting it leaves an f32 whose fraction bits are gone, rounded
 /// by the FPU's default mode (nearest, ties to even).
-const MAGIC: f32 = 12_582_912.0;
+pub(crate) const MAGIC: f32 = 12_582_912.0;
 
 /// Rounds `x` to the nearest integer, ties to even, for `|x| <= 2^22`.
 ///

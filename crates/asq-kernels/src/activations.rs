@@ -46,20 +46,17 @@ impl QuantActivations {
             )));
         }
         let mut out = Self::zeroed(m, k, range)?;
-        let mut row = vec![0u8; k];
         let grid = IntGrid::new(range);
+        let signed = matches!(range.signedness(), Signedness::Signed);
         for r in 0..m {
             let s = steps.get(r);
-            quant::encode(&grid, &x[r * k..(r + 1) * k], Steps::PerRow(&[s]), &mut row)?;
-            out.codes[r * out.kp..r * out.kp + k].copy_from_slice(&row);
             out.scales[r] = s;
-        }
-        if matches!(range.signedness(), Signedness::Signed) {
-            // Raw b-bit two's complement -> i8 bit pattern.
-            for r in 0..m {
-                for c in &mut out.codes[r * out.kp..r * out.kp + k] {
-                    *c = range.from_raw(*c) as i8 as u8;
-                }
+            let row = &mut out.codes[r * out.kp..r * out.kp + k];
+            quant::encode(&grid, &x[r * k..(r + 1) * k], Steps::PerRow(&[s]), row)?;
+            if signed {
+                // Raw b-bit two's complement -> i8 bit pattern.
+                row.iter_mut()
+                    .for_each(|c| *c = range.from_raw(*c) as i8 as u8);
             }
         }
         Ok(out)

@@ -102,7 +102,10 @@ pub fn im2col(x: &QuantActivations, shape: &Conv2dShape) -> Result<QuantActivati
                             let src = (iy * shape.in_w + ix) * c;
                             let dst = (ky * shape.kw + kx) * c;
                             // NHWC: a pixel's channels are contiguous on both sides.
-                            row[dst..dst + c].copy_from_slice(&src_row[src..src + c]);
+                            // An element loop, not copy_from_slice: short runs would call memmove.
+                            for (d, v) in row[dst..dst + c].iter_mut().zip(&src_row[src..src + c]) {
+                                *d = *v;
+                            }
                         }
                     }
                 }

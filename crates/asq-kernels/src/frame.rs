@@ -187,6 +187,19 @@ pub(crate) fn gemm_planned(
     }
 }
 
+/// Writes `vals` at `out[i..i + vals.len()]`.
+#[inline(always)]
+fn store_run(out: OutPtr, i: usize, vals: &[f32]) {
+    // SAFETY: `i + vals.len() <= M · N` (a row's columns c0..c0 + cols with c0 + cols <= N,
+    // shapes checked by `check`), and the (row, column) block belongs to this task alone.
+    unsafe {
+        let dst = out.0.add(i);
+        for (j, &v) in vals.iter().enumerate() {
+            dst.add(j).write(v);
+        }
+    }
+}
+
 /// Writes `v` at `out[i]`.
 #[inline(always)]
 fn store(out: OutPtr, i: usize, v: f32) {
@@ -230,29 +243,28 @@ fn run_panels(
                 if two {
                     plan.tile(a, m0, b2, half, &mut acc2);
                 }
+                let cols = 8.min(n - c0);
+                let ws = &w.scales()[c0..c0 + cols];
+                let bias = epi.bias.map(|b| &b[c0..c0 + cols]);
                 for (r, row) in acc.iter().enumerate() {
                     let m = m0 + r;
                     if m >= a.rows() {
                         break;
                     }
                     let sa = a.scales()[m];
-                    for (j, &v) in row.iter().enumerate() {
-                        let c = c0 + j;
-                        if c >= n {
-                            break;
-                        }
+                    let res = epi.residual.map(|v| &v[m * n + c0..m * n + c0 + cols]);
+                    let mut vals = [0.0f32; 8];
+                    for j in 0..cols {
                         let accf = if two {
-                            post_acc(v, acc2[r][j])
+                            post_acc(row[j], acc2[r][j])
                         } else {
-                            v as f32
+                            row[j] as f32
                         };
-                        let (bias, res) = epi.extra(m, c, n);
-                        store(
-                            out,
-                            m * n + c,
-                            finish(accf, sa, w.scales()[c], bias, res, epi.relu),
-                        );
+                        let b = bias.map_or(0.0, |b| b[j]);
+                        let rs = res.map_or(0.0, |v| v[j]);
+                        vals[j] = finish(accf, sa, ws[j], b, rs, epi.relu);
                     }
+                    store_run(out, m * n + c0, &vals[..cols]);
                 }
             }
         }

@@ -253,10 +253,8 @@ impl IntConv {
             Some(a) => (0..n)
                 .map(|s| {
                     let mut pooled = vec![0.0f32; self.in_c];
-                    for p in 0..h * w {
-                        for (c, v) in pooled.iter_mut().enumerate() {
-                            *v += x[s * per + p * self.in_c + c];
-                        }
+                    for px in x[s * per..(s + 1) * per].chunks_exact(self.in_c) {
+                        pooled.iter_mut().zip(px).for_each(|(p, v)| *p += v);
                     }
                     pooled.iter_mut().for_each(|v| *v /= (h * w) as f32);
                     a.beta(&pooled)

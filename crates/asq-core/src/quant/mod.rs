@@ -124,8 +124,11 @@ impl Grid for IntGrid {
     }
     #[inline]
     fn encode(&self, t: f32) -> u8 {
-        self.range
-            .to_raw(round_half_even(t) as i32 + self.zero_point)
+        // round_half_even adds 1.5 * 2^23: the low mantissa bits of that sum are the rounded
+        // integer in two's complement, so its low byte is the code without a float -> int
+        // conversion (|t| <= 255 here, far inside the trick's range).
+        let bits = (t + crate::round::MAGIC).to_bits();
+        (bits as u8).wrapping_add(self.zero_point as u8) & self.range.bits().mask()
     }
     #[inline]
     fn decode(&self, code: u8) -> Option<f32> {
