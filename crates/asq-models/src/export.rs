@@ -25,6 +25,61 @@ fn to_kernel_error(e: asq_kernels::Error) -> Error {
     Error::Config(format!("export: {e}"))
 }
 
+/// Packs `[out, inp]` float weights with the layer's weight quantizer and its learnt scales.
+fn pack_weights(
+    ps: &ParamStore,
+    wq: &asq_train::nn::quant::WeightQuantizer,
+    flat: &[f32],
+    out: usize,
+    inp: usize,
+) -> Result<PackedWeights> {
+    let scale = wq
+        .scale()
+        .ok_or_else(|| Error::Config("export: float weights have no integer form".into()))?;
+    let scales: Vec<f32> = ps.get(scale).value.iter().copied().collect();
+    match wq.kind() {
+        WeightQuant::Levels(levels) => {
+            PackedWeights::quantize_levels(flat, out, inp, levels, &scales)
+        }
+        WeightQuant::Lsq { bits } => {
+            let range = QuantRange::signed(*bits)?;
+            let mut codes = vec![0u8; flat.len()];
+            asq_core::quant::encode(
+                &asq_core::quant::IntGrid::new(range),
+                flat,
+                Steps::PerRow(&scales),
+                &mut codes,
+            )?;
+            PackedWeights::from_uniform_codes(&codes, out, inp, range, &scales)
+        }
+        WeightQuant::Float => unreachable!("float weights have no scale"),
+    }
+    .map_err(to_kernel_error)
+}
+
+/// The code range and learnt step of a layer's input quantizer.
+fn input_grid(
+    ps: &ParamStore,
+    iq: &asq_train::nn::quant::InputQuantizer,
+) -> Result<(QuantRange, f32)> {
+    match iq.kind() {
+        ActQuant::Lsq { bits, signed } | ActQuant::Asq { bits, signed } => {
+            let range = if signed {
+                QuantRange::signed(bits)?
+            } else {
+                QuantRange::unsigned(bits)?
+            };
+            Ok((
+                range,
+                ps.get(iq.step().expect("quantized input has a step")).value[0],
+            ))
+        }
+        ActQuant::Float => Err(Error::Config(
+            "export: float inputs have no integer form".into(),
+        )),
+    }
+}
+
 /// Packs the weights of `layer` (level-set weights; LSQ weights use the uniform form).
 pub fn export_conv(ps: &ParamStore, layer: &QConv2d) -> Result<ExportedConv> {
     let w = &ps.get(layer.conv.weight).value;
@@ -46,47 +101,8 @@ pub fn export_conv(ps: &ParamStore, layer: &QConv2d) -> Result<ExportedConv> {
             }
         }
     }
-    let scale = layer
-        .weights
-        .scale()
-        .ok_or_else(|| Error::Config("export: float weights have no integer form".into()))?;
-    let scales: Vec<f32> = ps.get(scale).value.iter().copied().collect();
-    let weights = match layer.weights.kind() {
-        WeightQuant::Levels(levels) => {
-            PackedWeights::quantize_levels(&perm, co, kh * kw * ci, levels, &scales)
-        }
-        WeightQuant::Lsq { bits } => {
-            let range = QuantRange::signed(*bits)?;
-            let mut codes = vec![0u8; perm.len()];
-            asq_core::quant::encode(
-                &asq_core::quant::IntGrid::new(range),
-                &perm,
-                Steps::PerRow(&scales),
-                &mut codes,
-            )?;
-            PackedWeights::from_uniform_codes(&codes, co, kh * kw * ci, range, &scales)
-        }
-        WeightQuant::Float => unreachable!("float weights have no scale"),
-    }
-    .map_err(to_kernel_error)?;
-    let (range, step) = match layer.input.kind() {
-        ActQuant::Lsq { bits, signed } | ActQuant::Asq { bits, signed } => {
-            let range = if signed {
-                QuantRange::signed(bits)?
-            } else {
-                QuantRange::unsigned(bits)?
-            };
-            let step = ps
-                .get(layer.input.step().expect("quantized input has a step"))
-                .value[0];
-            (range, step)
-        }
-        ActQuant::Float => {
-            return Err(Error::Config(
-                "export: float inputs have no integer form".into(),
-            ))
-        }
-    };
+    let weights = pack_weights(ps, &layer.weights, &perm, co, kh * kw * ci)?;
+    let (range, step) = input_grid(ps, &layer.input)?;
     Ok(ExportedConv {
         weights,
         range,
@@ -311,44 +327,14 @@ impl IntLinear {
         let w = &ps.get(layer.linear.weight).value;
         let (out, inp) = (w.shape()[0], w.shape()[1]);
         let flat: Vec<f32> = w.iter().copied().collect();
-        let scale = layer
-            .weights
-            .scale()
-            .ok_or_else(|| Error::Config("export: float weights have no integer form".into()))?;
-        let scales: Vec<f32> = ps.get(scale).value.iter().copied().collect();
-        let weights = match layer.weights.kind() {
-            WeightQuant::Levels(levels) => {
-                PackedWeights::quantize_levels(&flat, out, inp, levels, &scales)
-            }
-            WeightQuant::Lsq { bits } => {
-                let range = QuantRange::signed(*bits)?;
-                let mut codes = vec![0u8; flat.len()];
-                asq_core::quant::encode(
-                    &asq_core::quant::IntGrid::new(range),
-                    &flat,
-                    Steps::PerRow(&scales),
-                    &mut codes,
-                )?;
-                PackedWeights::from_uniform_codes(&codes, out, inp, range, &scales)
-            }
-            WeightQuant::Float => unreachable!("float weights have no scale"),
+        if !matches!(layer.input.kind(), ActQuant::Lsq { .. }) {
+            return Err(Error::Config(format!(
+                "export: linear input {:?} not supported",
+                layer.input.kind()
+            )));
         }
-        .map_err(to_kernel_error)?;
-        let (range, step) = match layer.input.kind() {
-            ActQuant::Lsq { bits, signed } => (
-                if signed {
-                    QuantRange::signed(bits)?
-                } else {
-                    QuantRange::unsigned(bits)?
-                },
-                ps.get(layer.input.step().expect("step")).value[0],
-            ),
-            other => {
-                return Err(Error::Config(format!(
-                    "export: linear input {other:?} not supported"
-                )))
-            }
-        };
+        let weights = pack_weights(ps, &layer.weights, &flat, out, inp)?;
+        let (range, step) = input_grid(ps, &layer.input)?;
         let bias = layer
             .linear
             .bias
