@@ -1,10 +1,10 @@
 //! `asq`: the command line of the asq toolkit.
 //!
-//! Today it measures the integer kernels (`asq bench kernels`) and reports what this CPU runs
-//! (`asq info`). Training, quantization, export and the `demo` job arrive with `asq-train` and
-//! `asq-models`.
+//! `asq demo` runs the main job end to end (train, quantize, export, integer inference, report);
+//! `asq bench kernels` measures the integer kernels; `asq info` reports what this CPU runs.
 
 mod bench;
+mod demo;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train ResNet-20 on Fashion-MNIST, fine-tune it as W4A4 ASQ+POST, export it to the integer
+    /// engine and report accuracy and speed of the float, fake-quant and integer models.
+    Demo(demo::DemoArgs),
     /// Measure kernels against f32 sgemm and the machine's peaks, in one process.
     Bench {
         #[command(subcommand)]
@@ -36,6 +39,7 @@ enum BenchWhat {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(&args),
         Command::Bench {
             what: BenchWhat::Kernels(args),
         } => bench::kernels(&args),
