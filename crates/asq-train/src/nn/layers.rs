@@ -20,6 +20,19 @@ pub fn kaiming(shape: &[usize], fan_in: usize, rng: &mut Rng) -> Tensor {
         .expect("shape")
 }
 
+/// Registers `{name}.bias` (zeros, `[n]`) when `wanted`.
+fn zero_bias(ps: &mut ParamStore, name: &str, n: usize, wanted: bool) -> Result<Option<ParamId>> {
+    wanted
+        .then(|| {
+            ps.add(
+                format!("{name}.bias"),
+                Tensor::zeros(IxDyn(&[n])),
+                ParamKind::Bias,
+            )
+        })
+        .transpose()
+}
+
 /// Fully connected layer `y = x wᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -44,15 +57,7 @@ impl Linear {
             kaiming(&[output, input], input, rng),
             ParamKind::Weight,
         )?;
-        let bias = if bias {
-            Some(ps.add(
-                format!("{name}.bias"),
-                Tensor::zeros(IxDyn(&[output])),
-                ParamKind::Bias,
-            )?)
-        } else {
-            None
-        };
+        let bias = zero_bias(ps, name, output, bias)?;
         Ok(Self { weight, bias })
     }
 }
@@ -96,15 +101,7 @@ impl Conv2d {
             kaiming(&[output, per_group, kernel, kernel], fan_in, rng),
             ParamKind::Weight,
         )?;
-        let bias = if bias {
-            Some(ps.add(
-                format!("{name}.bias"),
-                Tensor::zeros(IxDyn(&[output])),
-                ParamKind::Bias,
-            )?)
-        } else {
-            None
-        };
+        let bias = zero_bias(ps, name, output, bias)?;
         Ok(Self { weight, bias, spec })
     }
 }
