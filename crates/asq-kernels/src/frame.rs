@@ -180,11 +180,47 @@ pub(crate) fn gemm_planned(
             t0 * MR..(t1 * MR).min(a.rows()),
         );
     };
-    if split_n * split_m == 1 {
-        run(0);
+    for_tasks(split_n * split_m, run);
+}
+
+/// Runs `f(t)` for every task `t`, on the rayon pool when there is more than one.
+fn for_tasks(tasks: usize, f: impl Fn(usize) + Send + Sync) {
+    if tasks <= 1 {
+        f(0);
     } else {
-        (0..split_n * split_m).into_par_iter().for_each(run);
+        (0..tasks).into_par_iter().for_each(f);
     }
+}
+
+/// The epilogue of one run of outputs: row `m`, columns `c0..c0 + acc.len()` (at most 16).
+/// `odd` holds the odd-exponent sums of exact POST. The one place GEMM and GEMV form outputs.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn finish_run(
+    out: OutPtr,
+    w: &PackedWeights,
+    epi: &Epilogue<'_>,
+    a_scale: f32,
+    m: usize,
+    c0: usize,
+    acc: &[i32],
+    odd: Option<&[i32]>,
+) {
+    let (n, cols) = (w.rows(), acc.len());
+    let ws = &w.scales()[c0..c0 + cols];
+    let bias = epi.bias.map(|b| &b[c0..c0 + cols]);
+    let res = epi.residual.map(|v| &v[m * n + c0..m * n + c0 + cols]);
+    let mut vals = [0.0f32; NR];
+    for j in 0..cols {
+        let accf = match odd {
+            Some(o) => post_acc(acc[j], o[j]),
+            None => acc[j] as f32,
+        };
+        let b = bias.map_or(0.0, |b| b[j]);
+        let r = res.map_or(0.0, |v| v[j]);
+        vals[j] = finish(accf, a_scale, ws[j], b, r, epi.relu);
+    }
+    store_run(out, m * n + c0, &vals[..cols]);
 }
 
 /// Writes `vals` at `out[i..i + vals.len()]`.
@@ -198,14 +234,6 @@ fn store_run(out: OutPtr, i: usize, vals: &[f32]) {
             dst.add(j).write(v);
         }
     }
-}
-
-/// Writes `v` at `out[i]`.
-#[inline(always)]
-fn store(out: OutPtr, i: usize, v: f32) {
-    // SAFETY: callers pass `i < M · N` (checked by `check`), and each task owns the (row range,
-    // panel range) block it was given exclusively, so no two threads write the same element.
-    unsafe { out.0.add(i).write(v) }
 }
 
 fn run_panels(
@@ -244,27 +272,13 @@ fn run_panels(
                     plan.tile(a, m0, b2, half, &mut acc2);
                 }
                 let cols = 8.min(n - c0);
-                let ws = &w.scales()[c0..c0 + cols];
-                let bias = epi.bias.map(|b| &b[c0..c0 + cols]);
                 for (r, row) in acc.iter().enumerate() {
                     let m = m0 + r;
                     if m >= a.rows() {
                         break;
                     }
-                    let sa = a.scales()[m];
-                    let res = epi.residual.map(|v| &v[m * n + c0..m * n + c0 + cols]);
-                    let mut vals = [0.0f32; 8];
-                    for j in 0..cols {
-                        let accf = if two {
-                            post_acc(row[j], acc2[r][j])
-                        } else {
-                            row[j] as f32
-                        };
-                        let b = bias.map_or(0.0, |b| b[j]);
-                        let rs = res.map_or(0.0, |v| v[j]);
-                        vals[j] = finish(accf, sa, ws[j], b, rs, epi.relu);
-                    }
-                    store_run(out, m * n + c0, &vals[..cols]);
+                    let odd = two.then(|| &acc2[r][..cols]);
+                    finish_run(out, w, epi, a.scales()[m], m, c0, &row[..cols], odd);
                 }
             }
         }
@@ -289,28 +303,26 @@ pub(crate) fn gemv_planned(
     };
     let ptr = OutPtr(out.as_mut_ptr());
     let sa = a.scales()[0];
-    let run = |t: usize| {
+    let two = matches!(w.form(), WeightForm::PostExact { .. });
+    for_tasks(tasks, |t| {
         let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
         let mut acc = [0i32; NR];
         let mut acc2 = [0i32; NR];
         for p in p0..p1 {
             plan.gemv_panel(a, w, p, &mut acc, &mut acc2);
-            for j in 0..NR.min(n - p * NR) {
-                let c = p * NR + j;
-                let accf = match w.form() {
-                    WeightForm::Int8 { .. } => acc[j] as f32,
-                    WeightForm::PostExact { .. } => post_acc(acc[j], acc2[j]),
-                };
-                let (bias, res) = epi.extra(0, c, n);
-                store(ptr, c, finish(accf, sa, w.scales()[c], bias, res, epi.relu));
-            }
+            let cols = NR.min(n - p * NR);
+            finish_run(
+                ptr,
+                w,
+                epi,
+                sa,
+                0,
+                p * NR,
+                &acc[..cols],
+                two.then(|| &acc2[..cols]),
+            );
         }
-    };
-    if tasks == 1 {
-        run(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(run);
-    }
+    });
 }
 
 /// Whether `path` can run GEMV with in-register expansion for these weights.
