@@ -140,7 +140,11 @@ impl PostSplit {
         for j in 1..=m as usize {
             let i = m - j as u32; // magnitude code j holds (√2)^-i
             let v = 1i8 << (shift - i / 2);
-            let table = if i % 2 == 0 { &mut even } else { &mut odd };
+            let table = if i.is_multiple_of(2) {
+                &mut even
+            } else {
+                &mut odd
+            };
             table[j] = v;
             table[j | half] = -v;
         }

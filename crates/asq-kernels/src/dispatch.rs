@@ -16,17 +16,22 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 (`vpmaddubsw`/`vpmaddwd`, `vpshufb` table expansion).
     Avx2,
+    /// x86-64 AVX-512 with VNNI (`vpdpbusd` on 16 channels x 4 steps per instruction, 512-bit
+    /// `vpshufb` table expansion); needs AVX-512 F, BW and VNNI (Ice Lake, Sapphire Rapids,
+    /// Zen 4 and later).
+    Avx512Vnni,
 }
 
 impl Isa {
     /// Every variant this build knows, portable first.
-    pub const ALL: [Isa; 2] = [Isa::Scalar, Isa::Avx2];
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
 
     /// Short name for reports.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
         }
     }
 
@@ -36,8 +41,15 @@ impl Isa {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => false,
+            Isa::Avx2 | Isa::Avx512Vnni => false,
         }
     }
 
@@ -74,6 +86,8 @@ pub enum Path {
     },
     /// Both operands widened to i16, `vpmaddwd`: exact for any int8 values, signed activations too.
     Avx2Widen,
+    /// `vpdpbusd`: exact for any int8 weights; signed activations through the +128 offset.
+    Avx512Vnni,
 }
 
 impl Path {
@@ -83,6 +97,7 @@ impl Path {
             Path::Scalar => "scalar".into(),
             Path::Avx2Maddubs { depth } => format!("avx2-maddubs-d{depth}"),
             Path::Avx2Widen => "avx2-widen".into(),
+            Path::Avx512Vnni => "avx512-vnni".into(),
         }
     }
 }
@@ -96,6 +111,8 @@ pub struct Plan {
     pub path: Path,
     signed_a: bool,
     identity8: bool,
+    /// Test builds only: run the VNNI kernels on the portable model of the instructions.
+    emulated: bool,
 }
 
 /// The i16 depth allowed by the operand ranges, if `vpmaddubsw` is exact at all.
@@ -119,6 +136,7 @@ impl Plan {
                 Some(depth) => Path::Avx2Maddubs { depth },
                 None => Path::Avx2Widen,
             },
+            Isa::Avx512Vnni => Path::Avx512Vnni,
         };
         let identity8 = match w.form() {
             WeightForm::Int8 { table } => {
@@ -131,7 +149,29 @@ impl Plan {
             path,
             signed_a: a.is_signed(),
             identity8,
+            emulated: false,
         })
+    }
+
+    /// The VNNI plan on the portable model of its instructions, on any CPU (tests only).
+    #[cfg(all(test, target_arch = "x86_64"))]
+    pub(crate) fn emulated_vnni(a: &QuantActivations, w: &PackedWeights) -> Result<Self> {
+        let mut plan = Self::new(Isa::Scalar, a, w)?;
+        plan.isa = Isa::Avx512Vnni;
+        plan.path = Path::Avx512Vnni;
+        plan.emulated = true;
+        Ok(plan)
+    }
+
+    /// The per-channel term the micro-kernel subtracts for an expanded panel `b`: `128 · sum_k w`
+    /// on the VNNI path with signed activations (their +128 offset), else zeros.
+    pub(crate) fn correction(&self, b: &[i8], groups: usize) -> [i32; 16] {
+        #[cfg(target_arch = "x86_64")]
+        if self.path == Path::Avx512Vnni && self.signed_a {
+            return crate::x86::avx512::offset_correction(b, groups);
+        }
+        let _ = (b, groups);
+        [0; 16]
     }
 
     /// Whether the GEMV kernel with in-register expansion handles these weights.
@@ -148,44 +188,75 @@ impl Plan {
         out: &mut [i8],
     ) {
         #[cfg(target_arch = "x86_64")]
-        if self.isa == Isa::Avx2
+        if matches!(self.isa, Isa::Avx2 | Isa::Avx512Vnni)
+            && !self.emulated
             && (matches!(bits.get(), 2..=4) || (bits.get() == 8 && self.identity8))
         {
-            // SAFETY: Avx2 plans exist only when `Isa::Avx2.available()` (checked in `new`).
+            // SAFETY: Avx2 and Avx512Vnni plans exist only when the CPU has AVX2 (`new` checks
+            // `available`, which for Avx512Vnni includes AVX2); emulated plans never get here.
             unsafe { crate::x86::avx2::expand_panel(packed, bits, table, out) };
             return;
         }
         generic::expand_panel(packed, bits, table, out);
     }
 
-    /// One tile: `acc[r][j] = sum_k a[m0 + r, k] · b[half·8 + j, k]`.
+    /// One tile of a whole panel: `acc[r][j] = sum_k a[m0 + r, k] · b[j, k] - corr[j]` for its 16
+    /// channels (`corr` from [`Plan::correction`]).
     pub(crate) fn tile(
         &self,
         a: &QuantActivations,
         m0: usize,
         panel: &[i8],
-        half: usize,
-        acc: &mut [[i32; 8]; MR],
+        corr: &[i32; 16],
+        acc: &mut [[i32; 16]; MR],
     ) {
         let lda = a.stride();
         let groups = lda / 4;
         let rows = &a.codes()[m0 * lda..(m0 + MR) * lda];
         debug_assert!(panel.len() >= groups * GROUP_BYTES);
+        let flip = if self.signed_a { 0x8080_8080 } else { 0 };
         match self.path {
-            Path::Scalar => generic::tile(rows, lda, self.signed_a, panel, half, groups, acc),
+            Path::Scalar => {
+                for half in 0..2 {
+                    generic::tile(rows, lda, self.signed_a, panel, half, groups, acc);
+                }
+            }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: Avx2 paths are planned only when AVX2 was detected.
             Path::Avx2Maddubs { depth } => unsafe {
-                crate::x86::avx2::tile_maddubs(rows, lda, panel, half, groups, depth, acc)
+                for half in 0..2 {
+                    crate::x86::avx2::tile_maddubs(rows, lda, panel, half, groups, depth, acc);
+                }
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             Path::Avx2Widen => unsafe {
-                crate::x86::avx2::tile_widen(rows, lda, self.signed_a, panel, half, groups, acc)
+                for half in 0..2 {
+                    crate::x86::avx2::tile_widen(
+                        rows,
+                        lda,
+                        self.signed_a,
+                        panel,
+                        half,
+                        groups,
+                        acc,
+                    );
+                }
+            },
+            #[cfg(all(test, target_arch = "x86_64"))]
+            // SAFETY: the portable model has no CPU requirement.
+            Path::Avx512Vnni if self.emulated => unsafe {
+                crate::x86::avx512::emulated::tile(rows, lda, flip, panel, groups, corr, acc)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: VNNI paths are planned only when `Isa::Avx512Vnni.available()`.
+            Path::Avx512Vnni => unsafe {
+                crate::x86::avx512::native::tile(rows, lda, flip, panel, groups, corr, acc)
             },
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("x86 paths are never planned on other targets"),
         }
+        let _ = (flip, corr);
     }
 
     /// GEMV of panel `p`: `acc[j]` (and `acc2[j]` for exact POST) for its 16 channels.
@@ -231,6 +302,36 @@ impl Plan {
                     t2,
                     w.groups(),
                     None,
+                    acc,
+                    acc2,
+                )
+            },
+            #[cfg(all(test, target_arch = "x86_64"))]
+            // SAFETY: the portable model has no CPU requirement.
+            Path::Avx512Vnni if self.emulated => unsafe {
+                crate::x86::avx512::emulated::gemv(
+                    row,
+                    self.signed_a,
+                    w.panel(p),
+                    w.bits(),
+                    t1,
+                    t2,
+                    w.groups(),
+                    acc,
+                    acc2,
+                )
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: VNNI paths are planned only when `Isa::Avx512Vnni.available()`.
+            Path::Avx512Vnni => unsafe {
+                crate::x86::avx512::native::gemv(
+                    row,
+                    self.signed_a,
+                    w.panel(p),
+                    w.bits(),
+                    t1,
+                    t2,
+                    w.groups(),
                     acc,
                     acc2,
                 )

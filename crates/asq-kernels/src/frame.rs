@@ -7,7 +7,7 @@
 //!
 //! The driver splits the output channels into panels of [`NR`], expands each panel's packed
 //! codes into an int8 buffer once per task (the variant's `expand`), and runs the variant's
-//! micro-kernel over tiles of [`MR`] rows x 8 channels. Threads (rayon) take disjoint ranges of
+//! micro-kernel over tiles of [`MR`] rows x [`NR`] channels. Threads (rayon) take disjoint ranges of
 //! panels, so no expansion is repeated and no output element is shared.
 
 use rayon::prelude::*;
@@ -19,7 +19,7 @@ use crate::weights::{PackedWeights, WeightForm};
 
 /// Rows per micro-kernel tile.
 pub const MR: usize = 4;
-/// Output channels per panel (two 8-channel halves per micro-kernel call sequence).
+/// Output channels per panel (one micro-kernel tile; AVX2 computes it as two 8-channel halves).
 pub const NR: usize = 16;
 /// Reduction steps per group (4 bytes per channel: one dword in a vector register).
 pub const KGROUP: usize = 4;
@@ -253,33 +253,30 @@ fn run_panels(
         WeightForm::Int8 { table } => (table.as_slice(), None),
         WeightForm::PostExact { even, odd } => (even.as_slice(), Some(odd.as_slice())),
     };
-    let mut acc = [[0i32; 8]; MR];
-    let mut acc2 = [[0i32; 8]; MR];
+    let mut acc = [[0i32; NR]; MR];
+    let mut acc2 = [[0i32; NR]; MR];
     for p in panels {
         let (b1, b2) = buf.split_at_mut(groups * GROUP_BYTES);
         plan.expand(w.panel(p), w.bits(), first, b1);
+        let corr1 = plan.correction(b1, groups);
+        let mut corr2 = [0; NR];
         if let Some(t) = second {
             plan.expand(w.panel(p), w.bits(), t, b2);
+            corr2 = plan.correction(b2, groups);
         }
+        let (c0, cols) = (p * NR, NR.min(n - p * NR));
         for m0 in rows.clone().step_by(MR) {
-            for half in 0..2 {
-                let c0 = p * NR + half * 8;
-                if c0 >= n {
+            plan.tile(a, m0, b1, &corr1, &mut acc);
+            if two {
+                plan.tile(a, m0, b2, &corr2, &mut acc2);
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let m = m0 + r;
+                if m >= a.rows() {
                     break;
                 }
-                plan.tile(a, m0, b1, half, &mut acc);
-                if two {
-                    plan.tile(a, m0, b2, half, &mut acc2);
-                }
-                let cols = 8.min(n - c0);
-                for (r, row) in acc.iter().enumerate() {
-                    let m = m0 + r;
-                    if m >= a.rows() {
-                        break;
-                    }
-                    let odd = two.then(|| &acc2[r][..cols]);
-                    finish_run(out, w, epi, a.scales()[m], m, c0, &row[..cols], odd);
-                }
+                let odd = two.then(|| &acc2[r][..cols]);
+                finish_run(out, w, epi, a.scales()[m], m, c0, &row[..cols], odd);
             }
         }
     }
@@ -327,6 +324,8 @@ pub(crate) fn gemv_planned(
 
 /// Whether `path` can run GEMV with in-register expansion for these weights.
 pub(crate) fn gemv_supported(path: Path, w: &PackedWeights) -> bool {
-    matches!(path, Path::Avx2Maddubs { .. } | Path::Avx2Widen)
-        && matches!(w.bits().get(), 2 | 3 | 4 | 8)
+    matches!(
+        path,
+        Path::Avx2Maddubs { .. } | Path::Avx2Widen | Path::Avx512Vnni
+    ) && matches!(w.bits().get(), 2 | 3 | 4 | 8)
 }

@@ -20,7 +20,8 @@ pub(crate) fn expand_panel(packed: &[u8], bits: BitWidth, table: &[i8], out: &mu
     }
 }
 
-/// `acc[r][j] = sum over groups g, steps t of a[r·lda + 4g + t] · b[64g + 32·half + 4j + t]`.
+/// `acc[r][8·half + j] = sum over groups g, steps t of a[r·lda + 4g + t] · b[64g + 32·half + 4j + t]`
+/// for `j < 8`.
 pub(crate) fn tile(
     a: &[u8],
     lda: usize,
@@ -28,9 +29,10 @@ pub(crate) fn tile(
     b: &[i8],
     half: usize,
     groups: usize,
-    acc: &mut [[i32; 8]; MR],
+    acc: &mut [[i32; 16]; MR],
 ) {
     for (r, row) in acc.iter_mut().enumerate() {
+        let row = &mut row[half * 8..half * 8 + 8];
         let ar = &a[r * lda..r * lda + groups * 4];
         for (j, out) in row.iter_mut().enumerate() {
             let mut s = 0i32;

@@ -70,11 +70,37 @@ pub fn gemm_with(
     out: &mut [f32],
 ) -> Result<()> {
     let plan = frame::check(a, w, epi, out, isa)?;
+    run_plan(&plan, a, w, epi, out);
+    Ok(())
+}
+
+/// Runs a checked plan: GEMV for one row where the plan has one, else the blocked GEMM.
+fn run_plan(
+    plan: &dispatch::Plan,
+    a: &QuantActivations,
+    w: &PackedWeights,
+    epi: &Epilogue<'_>,
+    out: &mut [f32],
+) {
     if a.rows() == 1 && plan.has_gemv(w) {
-        frame::gemv_planned(&plan, a, w, epi, out);
+        frame::gemv_planned(plan, a, w, epi, out);
     } else {
-        frame::gemm_planned(&plan, a, w, epi, out);
+        frame::gemm_planned(plan, a, w, epi, out);
     }
+}
+
+/// [`gemm`] on the VNNI kernels running on the portable model of their instructions (tests of
+/// the AVX-512 code on CPUs without it).
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) fn gemm_emulated_vnni(
+    a: &QuantActivations,
+    w: &PackedWeights,
+    epi: &Epilogue<'_>,
+    out: &mut [f32],
+) -> Result<()> {
+    frame::check(a, w, epi, out, Isa::Scalar)?;
+    let plan = dispatch::Plan::emulated_vnni(a, w)?;
+    run_plan(&plan, a, w, epi, out);
     Ok(())
 }
 

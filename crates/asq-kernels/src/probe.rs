@@ -6,8 +6,8 @@ use std::time::Instant;
 /// Which peak was measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Peak {
-    /// `"peak-f32-fma"`, `"peak-int8-avx2"` (`vpmaddubsw` + `vpmaddwd` + `vpaddd`) or
-    /// `"peak-f32-scalar"` where no SIMD variant runs.
+    /// `"peak-f32-fma"`, `"peak-int8-vnni"` (AVX-512 `vpdpbusd`), `"peak-int8-avx2"`
+    /// (`vpmaddubsw` + `vpmaddwd` + `vpaddd`) or `"peak-f32-scalar"` where no SIMD variant runs.
     pub name: &'static str,
     /// Billions of operations per second (a multiply-add counts 2).
     pub gops: f64,
@@ -66,6 +66,16 @@ pub fn peak_f32(seconds: f64) -> Peak {
 /// The single-thread int8 multiply-add peak (u8 x s8 into i32) of the best path this CPU runs,
 /// or `None` without SIMD integer dot products.
 pub fn peak_int8(seconds: f64) -> Option<Peak> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::Avx512Vnni.available() {
+        // 64 rounds of 12 independent chains of 64 u8 x s8 products per iteration: 64 x 1536 ops.
+        // SAFETY: AVX-512 F/BW/VNNI were detected just above.
+        let gops = best_rate(seconds, 1536.0 * 64.0, |n| unsafe { x86::vnni_loop(n) });
+        return Some(Peak {
+            name: "peak-int8-vnni",
+            gops,
+        });
+    }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // 64 rounds of 12 independent chains of 32 u8 x s8 products per iteration: 64 x 768 ops.
@@ -127,5 +137,26 @@ mod x86 {
             s = _mm256_add_epi32(s, x);
         }
         _mm256_extract_epi32::<0>(s) as u64
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn vnni_loop(n: u64) -> u64 {
+        // As `int8_loop`: every chain feeds its accumulator back in as the unsigned operand.
+        let mut acc: [__m512i; 12] = core::array::from_fn(|i| _mm512_set1_epi32(i as i32 + 1));
+        for _ in 0..n {
+            let b = std::hint::black_box(_mm512_set1_epi8(-2));
+            for _ in 0..64 {
+                for x in acc.iter_mut() {
+                    *x = _mm512_dpbusd_epi32(*x, *x, b);
+                }
+            }
+        }
+        let mut s = _mm512_setzero_si512();
+        for x in acc {
+            s = _mm512_add_epi32(s, x);
+        }
+        _mm512_reduce_add_epi32(s) as u64
     }
 }

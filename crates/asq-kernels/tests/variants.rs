@@ -317,4 +317,16 @@ fn every_path_is_exercised_against_the_reference() {
             assert!(seen.contains(must), "{must} not exercised: {seen:?}");
         }
     }
+    if Isa::Avx512Vnni.available() {
+        for must in [
+            "avx512-vnni:avx512-vnni:w4",
+            "avx512-vnni:avx512-vnni:w8",
+            "avx512-vnni:avx512-vnni+gemv:w2",
+            "avx512-vnni:avx512-vnni+gemv:w3",
+            "avx512-vnni:avx512-vnni+gemv:w4",
+            "avx512-vnni:avx512-vnni+gemv:w8",
+        ] {
+            assert!(seen.contains(must), "{must} not exercised: {seen:?}");
+        }
+    }
 }

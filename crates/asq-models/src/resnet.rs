@@ -58,7 +58,7 @@ impl ResNet {
         policy: &QuantPolicy,
         seed: u64,
     ) -> Result<Self> {
-        if depth < 8 || (depth - 2) % 6 != 0 {
+        if depth < 8 || !(depth - 2).is_multiple_of(6) {
             return Err(Error::Config(format!(
                 "CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56...), got {depth}"
             )));

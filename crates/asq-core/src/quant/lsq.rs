@@ -81,7 +81,7 @@ impl Lsq {
 
     /// [`Lsq::init_step`] per row of a `[channels, K]` tensor.
     pub fn init_steps_per_channel(&self, w: &[f32], channels: usize) -> Result<Vec<f32>> {
-        if channels == 0 || w.len() % channels != 0 || w.is_empty() {
+        if channels == 0 || !w.len().is_multiple_of(channels) || w.is_empty() {
             return Err(Error::Length {
                 what: "weights (channels x K)",
                 expected: channels.max(1),

@@ -183,7 +183,7 @@ fn row_len(len: usize, rows: usize) -> Result<usize> {
             got: 0,
         });
     }
-    if len % rows != 0 {
+    if !len.is_multiple_of(rows) {
         return Err(Error::Length {
             what: "tensor (must be a whole number of rows)",
             expected: len.div_ceil(rows) * rows,
@@ -425,7 +425,7 @@ pub fn backward<G: Grid>(
             let mut k = i;
             // Scalar head up to a lane boundary, whole groups of LANES (vectorisable), scalar
             // tail; every element lands in lane (k - start) % LANES either way.
-            while k < row_end && (k - start) % LANES != 0 {
+            while k < row_end && !(k - start).is_multiple_of(LANES) {
                 let gi = elem(k, &mut dxs[k - start]) as f64;
                 part[(k - start) % LANES] += gi;
                 total[(k - start) % LANES] += gi * w;

@@ -86,7 +86,7 @@ impl Uniform {
     /// Symmetric quantizer with one scale per row of `[channels, K]` (`channels = 1`: per tensor).
     pub fn symmetric(x: &[f32], channels: usize, bits: u32) -> Result<Self> {
         let range = QuantRange::signed(bits)?;
-        if channels == 0 || x.is_empty() || x.len() % channels != 0 {
+        if channels == 0 || x.is_empty() || !x.len().is_multiple_of(channels) {
             return Err(Error::Length {
                 what: "tensor (channels x K)",
                 expected: channels.max(1),

@@ -63,7 +63,7 @@ impl LevelQuantizer {
     /// quantile is 0 falls back to its largest `|w|`, and an all-zero channel to 1 (any alpha
     /// quantizes it exactly). Non-finite weights are an error.
     pub fn init_alphas(&self, w: &[f32], channels: usize) -> Result<Vec<f32>> {
-        if channels == 0 || w.is_empty() || w.len() % channels != 0 {
+        if channels == 0 || w.is_empty() || !w.len().is_multiple_of(channels) {
             return Err(Error::Length {
                 what: "weights (channels x K)",
                 expected: channels.max(1),

@@ -121,7 +121,7 @@ fn check_tile(a: &[u8], lda: usize, b: &[i8], half: usize, groups: usize) {
     );
 }
 
-/// `vpmaddubsw` micro-kernel, MR rows x 8 channels, `depth` pair sums added in i16 before
+/// `vpmaddubsw` micro-kernel, MR rows x the 8 channels of `half` (into `acc[..][8·half..]`), `depth` pair sums added in i16 before
 /// widening. Exact when `depth · 2 · max|a| · max|b| <= 32767` (the planner's contract).
 ///
 /// # Safety
@@ -134,7 +134,7 @@ pub(crate) unsafe fn tile_maddubs(
     half: usize,
     groups: usize,
     depth: usize,
-    acc: &mut [[i32; 8]; MR],
+    acc: &mut [[i32; 16]; MR],
 ) {
     check_tile(a, lda, b, half, groups);
     assert!(depth >= 1);
@@ -183,8 +183,8 @@ pub(crate) unsafe fn tile_maddubs(
         }
     }
     for (row, cr) in acc.iter_mut().zip(&c) {
-        // SAFETY: a row of `acc` is 8 i32 = 32 bytes.
-        unsafe { _mm256_storeu_si256(row.as_mut_ptr() as *mut __m256i, *cr) };
+        // SAFETY: a row of `acc` is 16 i32; half < 2 (checked), so 8 i32 at 8·half fit.
+        unsafe { _mm256_storeu_si256(row.as_mut_ptr().add(half * 8) as *mut __m256i, *cr) };
     }
 }
 
@@ -231,7 +231,7 @@ pub(crate) unsafe fn tile_widen(
     b: &[i8],
     half: usize,
     groups: usize,
-    acc: &mut [[i32; 8]; MR],
+    acc: &mut [[i32; 16]; MR],
 ) {
     check_tile(a, lda, b, half, groups);
     let ap = a.as_ptr();
@@ -254,8 +254,13 @@ pub(crate) unsafe fn tile_widen(
         }
     }
     for (row, cr) in acc.iter_mut().zip(&c) {
-        // SAFETY: a row of `acc` is 32 bytes.
-        unsafe { _mm256_storeu_si256(row.as_mut_ptr() as *mut __m256i, pair_sums(cr[0], cr[1])) };
+        // SAFETY: a row of `acc` is 16 i32; half < 2 (checked), so 8 i32 at 8·half fit.
+        unsafe {
+            _mm256_storeu_si256(
+                row.as_mut_ptr().add(half * 8) as *mut __m256i,
+                pair_sums(cr[0], cr[1]),
+            )
+        };
     }
 }
 

@@ -2,3 +2,6 @@
 //! run-time detection (see [`crate::dispatch`]).
 
 pub(crate) mod avx2;
+pub(crate) mod avx512;
+#[cfg(test)]
+mod emu512;
