@@ -6,16 +6,21 @@
 //!
 //! - [`conv2d`] (groups = 1): im2col into `[batch·OH·OW, KH·KW·C]` rows that keep their sample's
 //!   scale, then [`crate::gemm`]; weights are `[C_out, KH·KW·C_in]` in (ky, kx, c) order.
-//! - [`depthwise_conv2d`] (groups = C, MobileNetV2): a direct integer kernel, weights
-//!   `[C, KH·KW]`; the same epilogue, so results are exact in the same sense.
+//! - [`depthwise_conv2d`] (groups = C, MobileNetV2): a direct integer kernel over blocks of 16
+//!   channels (AVX2: activations and weights as i16, `vpmaddwd` over pairs of taps; portable
+//!   loops elsewhere), weights `[C, KH·KW]`; the same epilogue, so every variant gives the same
+//!   bits.
 //! - [`max_pool2d`]: on codes (max commutes with a positive per-sample scale: exact).
 //! - [`global_avg_pool`]: integer sums, one rescale per output.
 //!
 //! Residual additions are fused into the epilogue ([`Epilogue::residual`]).
 
+use rayon::prelude::*;
+
 use crate::activations::QuantActivations;
+use crate::dispatch::Isa;
 use crate::error::{Error, Result};
-use crate::frame::{finish, post_acc, Epilogue};
+use crate::frame::{finish, post_acc, Epilogue, PARALLEL_MIN_MACS};
 use crate::weights::{PackedWeights, WeightForm};
 
 /// Geometry of a 2-D convolution or pooling window on NHWC data.
@@ -138,7 +143,9 @@ pub fn conv2d(
 }
 
 /// Depthwise convolution (one filter per channel): weights `[C, KH·KW]`, `out` is
-/// `[batch, OH, OW, C]` f32. Integer sums per output, then the shared epilogue.
+/// `[batch, OH, OW, C]` f32. Integer sums per output, then the shared epilogue; runs on the
+/// fastest variant of this CPU. Prepares the weights on every call: models keep a
+/// [`DepthwiseWeights`] and call [`depthwise_conv2d_with`].
 pub fn depthwise_conv2d(
     x: &QuantActivations,
     w: &PackedWeights,
@@ -146,14 +153,104 @@ pub fn depthwise_conv2d(
     epi: &Epilogue<'_>,
     out: &mut [f32],
 ) -> Result<()> {
+    let dw = DepthwiseWeights::new(w, shape.kh, shape.kw)?;
+    depthwise_conv2d_with(Isa::best(), x, &dw, shape, epi, out)
+}
+
+/// Channels per block of the depthwise kernels (16 i16 lanes of an AVX2 register).
+const DW_BLOCK: usize = 16;
+
+/// Depthwise weights in the kernels' layout: integer values tap-major with the channels padded
+/// to a multiple of 16 (i16, zeros in the padding), one table or the even/odd pair of exact
+/// POST, and the per-channel scales.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DepthwiseWeights {
+    channels: usize,
+    kh: usize,
+    kw: usize,
+    cp: usize,
+    max_abs: u32,
+    tables: Vec<Vec<i16>>,
+    scales: Vec<f32>,
+}
+
+impl DepthwiseWeights {
+    /// From packed `[C, KH·KW]` weights.
+    pub fn new(w: &PackedWeights, kh: usize, kw: usize) -> Result<Self> {
+        let (c, taps) = (w.rows(), kh * kw);
+        if w.cols() != taps || taps == 0 {
+            return Err(Error::Shape(format!(
+                "depthwise weights are [{}, {}], a {kh}x{kw} window needs [C, {taps}]",
+                w.rows(),
+                w.cols()
+            )));
+        }
+        let values: Vec<&[i8]> = match w.form() {
+            WeightForm::Int8 { table } => vec![table],
+            WeightForm::PostExact { even, odd } => vec![even, odd],
+        };
+        let cp = c.div_ceil(DW_BLOCK) * DW_BLOCK;
+        let codes = w.codes();
+        let tables = values
+            .iter()
+            .map(|table| {
+                let mut v = vec![0i16; taps * cp];
+                for (ch, row) in codes.chunks_exact(taps).enumerate() {
+                    for (t, &code) in row.iter().enumerate() {
+                        v[t * cp + ch] = table[code as usize] as i16;
+                    }
+                }
+                v
+            })
+            .collect();
+        Ok(Self {
+            channels: c,
+            kh,
+            kw,
+            cp,
+            max_abs: w.form().max_abs(),
+            tables,
+            scales: w.scales().to_vec(),
+        })
+    }
+
+    /// Channels.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Window `(KH, KW)`.
+    pub fn window(&self) -> (usize, usize) {
+        (self.kh, self.kw)
+    }
+
+    /// Per-channel scales.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+}
+
+/// [`depthwise_conv2d`] with prepared weights on a chosen variant ([`Error::UnsupportedIsa`]
+/// if this CPU lacks it). Every variant gives the same bits: the sums are exact integers (AVX2:
+/// activations and weights as i16, `vpmaddwd` adds the products of two taps in i32).
+pub fn depthwise_conv2d_with(
+    isa: Isa,
+    x: &QuantActivations,
+    w: &DepthwiseWeights,
+    shape: &Conv2dShape,
+    epi: &Epilogue<'_>,
+    out: &mut [f32],
+) -> Result<()> {
+    if !isa.available() {
+        return Err(Error::UnsupportedIsa(isa.name()));
+    }
     shape.validate(x)?;
     let c = shape.in_c;
     let taps = shape.kh * shape.kw;
-    if w.rows() != c || w.cols() != taps {
+    if w.channels != c || w.window() != (shape.kh, shape.kw) {
         return Err(Error::Shape(format!(
-            "depthwise weights are [{}, {}], expected [{c}, {taps}]",
-            w.rows(),
-            w.cols()
+            "depthwise weights are {} channels of {}x{}, the input {c} channels of {}x{}",
+            w.channels, w.kh, w.kw, shape.kh, shape.kw
         )));
     }
     let (oh, ow) = (shape.out_h(), shape.out_w());
@@ -165,70 +262,122 @@ pub fn depthwise_conv2d(
         )));
     }
     epi.validate(c, out.len())?;
-    // Integer weight values per (channel, tap): one table, or the even/odd pair of exact POST.
-    let (t1, t2) = match w.form() {
-        WeightForm::Int8 { table } => (table.as_slice(), None),
-        WeightForm::PostExact { even, odd } => (even.as_slice(), Some(odd.as_slice())),
-    };
-    let mut v1 = vec![0i32; c * taps];
-    let mut v2 = vec![0i32; c * taps];
-    for ch in 0..c {
-        for t in 0..taps {
-            let code = w.code(ch, t) as usize;
-            v1[ch * taps + t] = t1[code] as i32;
-            v2[ch * taps + t] = t2.map_or(0, |t2| t2[code] as i32);
-        }
+    if taps as u64 * x.max_abs() as u64 * w.max_abs as u64 > i32::MAX as u64 {
+        return Err(Error::Overflow(format!(
+            "a {}x{} window can exceed i32",
+            shape.kh, shape.kw
+        )));
     }
-    let signed = x.is_signed();
-    let value = |n: usize, i: usize| {
-        let b = x.byte(n, i);
-        if signed {
-            b as i8 as i32
-        } else {
-            b as i32
-        }
+    let (cp, two) = (w.cp, w.tables.len() == 2);
+    let kernel = DwKernel {
+        signed: x.is_signed(),
+        simd: matches!(isa, Isa::Avx2 | Isa::Avx512Vnni),
     };
-    let mut s1 = vec![0i32; c];
-    let mut s2 = vec![0i32; c];
-    for n in 0..shape.batch {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                s1.iter_mut().for_each(|s| *s = 0);
-                s2.iter_mut().for_each(|s| *s = 0);
-                for ky in 0..shape.kh {
-                    for kx in 0..shape.kw {
-                        let Some((iy, ix)) = shape.input_at(oy, ox, ky, kx) else {
-                            continue;
-                        };
-                        let t = ky * shape.kw + kx;
-                        let base = (iy * shape.in_w + ix) * c;
-                        for ch in 0..c {
-                            let a = value(n, base + ch);
-                            s1[ch] += a * v1[ch * taps + t];
-                            s2[ch] += a * v2[ch * taps + t];
-                        }
+    let tables = &w.tables;
+    let zeros = vec![0.0f32; c];
+    let bias = epi.bias.unwrap_or(&zeros);
+    // One task per output row (n, oy): disjoint output, sums independent of the split.
+    let row_len = ow * c;
+    let run_row = |r: usize, orow: &mut [f32]| {
+        let (n, oy) = (r / oh, r % oh);
+        let base = n * x.stride();
+        // Sums per table, [ow][cp] (channel-padded so the SIMD kernel stores whole blocks).
+        let mut sums = vec![0i32; tables.len() * ow * cp];
+        let mut offs = Vec::with_capacity(taps);
+        for ox in 0..ow {
+            // (weight index, activation index) of every tap inside the input.
+            offs.clear();
+            for ky in 0..shape.kh {
+                for kx in 0..shape.kw {
+                    if let Some((iy, ix)) = shape.input_at(oy, ox, ky, kx) {
+                        offs.push(((ky * shape.kw + kx) * cp, base + (iy * shape.in_w + ix) * c));
                     }
                 }
-                let o = ((n * oh + oy) * ow + ox) * c;
+            }
+            for (ti, v) in tables.iter().enumerate() {
+                let at = (ti * ow + ox) * cp;
+                kernel.sums(x.codes(), &offs, c, v, &mut sums[at..at + cp]);
+            }
+        }
+        // The shared epilogue, on slices without options so the loop vectorizes; adding the
+        // 0.0 of an absent bias or residual is what `finish` does too (same bits).
+        let sa = x.scales()[n];
+        let (e, o) = sums.split_at(ow * cp);
+        for (ox, orow) in orow.chunks_exact_mut(c).enumerate() {
+            let res = match epi.residual {
+                Some(v) => &v[(r * ow + ox) * c..(r * ow + ox + 1) * c],
+                None => &zeros[..],
+            };
+            let (e, o) = (
+                &e[ox * cp..ox * cp + c],
+                &o[if two { ox * cp } else { 0 }..],
+            );
+            let ws = w.scales();
+            if two {
                 for ch in 0..c {
-                    let acc = if t2.is_some() {
-                        post_acc(s1[ch], s2[ch])
-                    } else {
-                        s1[ch] as f32
-                    };
-                    out[o + ch] = epilogue_at(epi, acc, x.scales()[n], w.scales()[ch], ch, o + ch);
+                    let acc = post_acc(e[ch], o[ch]);
+                    orow[ch] = finish(acc, sa, ws[ch], bias[ch], res[ch], epi.relu);
+                }
+            } else {
+                for ch in 0..c {
+                    orow[ch] = finish(e[ch] as f32, sa, ws[ch], bias[ch], res[ch], epi.relu);
                 }
             }
+        }
+    };
+    let work = out.len() * taps;
+    if work >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
+        out.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(r, orow)| run_row(r, orow));
+    } else {
+        for (r, orow) in out.chunks_mut(row_len).enumerate() {
+            run_row(r, orow);
         }
     }
     Ok(())
 }
 
-#[inline]
-fn epilogue_at(epi: &Epilogue<'_>, acc: f32, sa: f32, sw: f32, ch: usize, i: usize) -> f32 {
-    let bias = epi.bias.map_or(0.0, |b| b[ch]);
-    let residual = epi.residual.map_or(0.0, |r| r[i]);
-    finish(acc, sa, sw, bias, residual, epi.relu)
+/// The depthwise sums of one output pixel.
+struct DwKernel {
+    signed: bool,
+    simd: bool,
+}
+
+impl DwKernel {
+    /// `s[ch] = sum over (wi, ai) in offs of a[ai + ch] · v[wi + ch]` for the `c` channels
+    /// (`s` is `c` rounded up to 16 long). The SIMD kernel reads whole blocks of 16 channels:
+    /// it takes the blocks that stay inside `a` (lanes past `c` meet zero weights; they are
+    /// never read back), portable loops the rest.
+    #[inline]
+    fn sums(&self, a: &[u8], offs: &[(usize, usize)], c: usize, v: &[i16], s: &mut [i32]) {
+        let blocks = c.div_ceil(DW_BLOCK);
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if self.simd {
+            let last = offs.iter().map(|&(_, o)| o).max().unwrap_or(0);
+            done = blocks.min(a.len().saturating_sub(last) / DW_BLOCK);
+            // SAFETY: `simd` is set only for variants that include AVX2, after their
+            // availability was checked; the kernel bounds-checks every index.
+            unsafe { crate::x86::avx2::depthwise_blocks(a, offs, done, v, self.signed, s) };
+        }
+        for c0 in (done * DW_BLOCK..c).step_by(DW_BLOCK) {
+            let cols = DW_BLOCK.min(c - c0);
+            let out = &mut s[c0..c0 + cols];
+            out.fill(0);
+            for &(wi, ai) in offs {
+                let (ar, wr) = (&a[ai + c0..ai + c0 + cols], &v[wi + c0..wi + c0 + cols]);
+                for ((o, &av), &wv) in out.iter_mut().zip(ar).zip(wr) {
+                    let av = if self.signed {
+                        av as i8 as i32
+                    } else {
+                        av as i32
+                    };
+                    *o += av * wv as i32;
+                }
+            }
+        }
+    }
 }
 
 /// Max pooling on codes: same per-sample scales, `[batch, OH·OW·C]` codes.

@@ -286,6 +286,27 @@ impl PackedWeights {
         tile[(c % NR) * KGROUP + kk % KGROUP]
     }
 
+    /// All raw codes, `[n, k]` row-major (the inverse of packing; one pass over the tiles).
+    pub fn codes(&self) -> Vec<u8> {
+        let (n, k, groups) = (self.n, self.k, self.groups());
+        let tb = tile_bytes(self.bits);
+        let mut out = vec![0u8; n * k];
+        let mut tile = [0u8; TILE_CODES];
+        for p in 0..self.panels() {
+            for g in 0..groups {
+                let off = (p * groups + g) * tb;
+                unpack_tile(&self.data[off..off + tb], self.bits, &mut tile);
+                for (j, &code) in tile.iter().enumerate() {
+                    let (c, kk) = (p * NR + j / KGROUP, g * KGROUP + j % KGROUP);
+                    if c < n && kk < k {
+                        out[c * k + kk] = code;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Serializes: magic `ASQW`, version, form, bits, N, K, tables, scales, packed codes; all
     /// integers little-endian.
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -495,6 +516,7 @@ mod tests {
                 assert_eq!(p.code(c, kk), codes[c * k + kk]);
             }
         }
+        assert_eq!(p.codes(), codes);
         assert!(matches!(p.form(), WeightForm::Int8 { .. }));
         assert_eq!(p.scales()[0], 1.0 / 64.0);
     }

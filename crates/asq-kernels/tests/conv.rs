@@ -5,10 +5,11 @@
 use asq_core::quant::Steps;
 use asq_core::{BitWidth, LevelSet, QuantRange};
 use asq_kernels::conv::{
-    conv2d, depthwise_conv2d, global_avg_pool, im2col, max_pool2d, Conv2dShape,
+    conv2d, depthwise_conv2d, depthwise_conv2d_with, global_avg_pool, im2col, max_pool2d,
+    Conv2dShape, DepthwiseWeights,
 };
 use asq_kernels::suite::pseudo;
-use asq_kernels::{Epilogue, PackedWeights, QuantActivations, WeightForm};
+use asq_kernels::{Epilogue, Isa, PackedWeights, QuantActivations, WeightForm};
 use proptest::prelude::*;
 
 fn input(shape: &Conv2dShape, seed: u64, signed: bool) -> QuantActivations {
@@ -167,6 +168,56 @@ proptest! {
             let e = finish(&w, s1, s2, x.scales()[n], c, 0.0, 0.0, true);
             prop_assert_eq!(out[i].to_bits(), e.to_bits());
         }}}}
+    }
+
+    /// Every variant on MobileNet-like shapes: channel counts around and above the 16-channel
+    /// block (odd ones too), full-range int8 weights (-128 included), both activation kinds,
+    /// bias, residual and ReLU.
+    #[test]
+    fn depthwise_variants_match_naive(
+        batch in 1usize..3, hw in 1usize..8, in_c in prop_oneof![1usize..20, 20usize..70],
+        k in prop_oneof![Just(1usize), Just(3), Just(5)], stride in 1usize..3, pad in 0usize..3,
+        form in 0u8..3, seed in any::<u64>(), signed in any::<bool>(), relu in any::<bool>(),
+    ) {
+        let s = Conv2dShape { batch, in_h: hw, in_w: hw + 1, in_c, kh: k, kw: k, stride, pad };
+        prop_assume!(hw + 2 * pad >= k);
+        let x = input(&s, seed, signed);
+        let taps = k * k;
+        let w = match form {
+            0 | 1 => weights(in_c, taps, seed, form == 0),
+            _ => {
+                let r = QuantRange::signed(8).unwrap();
+                let codes: Vec<u8> = (0..in_c * taps).map(|i| (pseudo(seed ^ 7, i) * 128.0) as i8 as u8).collect();
+                PackedWeights::from_uniform_codes(&codes, in_c, taps, r, &vec![0.01; in_c]).unwrap()
+            }
+        };
+        let (oh, ow) = (s.out_h(), s.out_w());
+        let len = batch * oh * ow * in_c;
+        let bias: Vec<f32> = (0..in_c).map(|c| pseudo(seed ^ 4, c)).collect();
+        let res: Vec<f32> = (0..len).map(|i| pseudo(seed ^ 5, i)).collect();
+        let epi = Epilogue { bias: Some(&bias), residual: Some(&res), relu };
+        let mut expect = vec![0.0f32; len];
+        for n in 0..batch { for oy in 0..oh { for ox in 0..ow { for c in 0..in_c {
+            let (mut s1, mut s2) = (0, 0);
+            for ky in 0..k { for kx in 0..k {
+                let y = (oy * stride + ky) as isize - pad as isize;
+                let xx = (ox * stride + kx) as isize - pad as isize;
+                let a = code(&x, &s, n, y, xx, c);
+                let (v1, v2) = wval(&w, c, ky * k + kx);
+                s1 += a * v1;
+                s2 += a * v2;
+            }}
+            let i = ((n * oh + oy) * ow + ox) * in_c + c;
+            expect[i] = finish(&w, s1, s2, x.scales()[n], c, bias[c], res[i], relu);
+        }}}}
+        for isa in Isa::available_all() {
+            let mut out = vec![f32::NAN; len];
+            let dw = DepthwiseWeights::new(&w, k, k).unwrap();
+            depthwise_conv2d_with(isa, &x, &dw, &s, &epi, &mut out).unwrap();
+            for (i, (o, e)) in out.iter().zip(&expect).enumerate() {
+                prop_assert_eq!(o.to_bits(), e.to_bits(), "{} at {}: {} vs {}", isa.name(), i, o, e);
+            }
+        }
     }
 
     #[test]

@@ -443,3 +443,77 @@ unsafe fn gemv_widen<const BITS: u32, const TWO: bool>(
         }
     }
 }
+
+/// Depthwise sums of the first `blocks` blocks of 16 channels: `s[c] = sum over (wi, ai) in
+/// offs of a[ai + c] · v[wi + c]` for `c < 16 · blocks`. Activations (u8, or i8 when `signed`)
+/// and weights are taken as i16; taps go in pairs, interleaved so that one `vpmaddwd` adds two
+/// taps' products (each at most 255 · 128 in magnitude) into i32: exact.
+///
+/// # Safety
+/// The CPU must support AVX2. (Bounds are checked here.)
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn depthwise_blocks(
+    a: &[u8],
+    offs: &[(usize, usize)],
+    blocks: usize,
+    v: &[i16],
+    signed: bool,
+    s: &mut [i32],
+) {
+    let span = blocks * 16;
+    assert!(s.len() >= span);
+    for &(wi, ai) in offs {
+        assert!(wi + span <= v.len() && ai + span <= a.len());
+    }
+    let load = |(wi, ai): (usize, usize), c0: usize| {
+        // SAFETY: c0 + 16 <= span: 16 bytes at `ai + c0` and 16 i16 at `wi + c0` are in
+        // bounds (asserted above).
+        unsafe {
+            let x = _mm_loadu_si128(a.as_ptr().add(ai + c0) as *const __m128i);
+            let av = if signed {
+                _mm256_cvtepi8_epi16(x)
+            } else {
+                _mm256_cvtepu8_epi16(x)
+            };
+            (
+                av,
+                _mm256_loadu_si256(v.as_ptr().add(wi + c0) as *const __m256i),
+            )
+        }
+    };
+    for c0 in (0..span).step_by(16) {
+        // lo: channels 0-3 and 8-11, hi: 4-7 and 12-15 (the in-lane order of unpack).
+        let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let mut pairs = offs.chunks_exact(2);
+        for p in &mut pairs {
+            let (a0, w0) = load(p[0], c0);
+            let (a1, w1) = load(p[1], c0);
+            lo = _mm256_add_epi32(
+                lo,
+                _mm256_madd_epi16(_mm256_unpacklo_epi16(a0, a1), _mm256_unpacklo_epi16(w0, w1)),
+            );
+            hi = _mm256_add_epi32(
+                hi,
+                _mm256_madd_epi16(_mm256_unpackhi_epi16(a0, a1), _mm256_unpackhi_epi16(w0, w1)),
+            );
+        }
+        if let [p] = pairs.remainder() {
+            let (a0, w0) = load(*p, c0);
+            let z = _mm256_setzero_si256();
+            lo = _mm256_add_epi32(
+                lo,
+                _mm256_madd_epi16(_mm256_unpacklo_epi16(a0, z), _mm256_unpacklo_epi16(w0, z)),
+            );
+            hi = _mm256_add_epi32(
+                hi,
+                _mm256_madd_epi16(_mm256_unpackhi_epi16(a0, z), _mm256_unpackhi_epi16(w0, z)),
+            );
+        }
+        // SAFETY: c0 + 16 <= span <= s.len() (asserted above).
+        unsafe {
+            let o = s.as_mut_ptr().add(c0) as *mut __m256i;
+            _mm256_storeu_si256(o, _mm256_permute2x128_si256::<0x20>(lo, hi));
+            _mm256_storeu_si256(o.add(1), _mm256_permute2x128_si256::<0x31>(lo, hi));
+        }
+    }
+}
