@@ -44,9 +44,17 @@ fn resnet20_inference(c: &mut Criterion) {
         let x = gr.input(images.clone());
         quant.forward(&mut gr, &mut qps, x).unwrap();
         drop(gr);
-        let int = quant.export(&qps).unwrap();
+        let input = asq_models::engine::InputSpec {
+            channels: 1,
+            height: 28,
+            width: 28,
+            mean: vec![0.0],
+            std: vec![1.0],
+        };
+        let int = quant.export(&qps, input).unwrap();
+        let flat = images.as_slice().unwrap();
         g.bench_function(BenchmarkId::new("int-w4a4-asq-post", batch), |b| {
-            pool.install(|| b.iter(|| black_box(int.forward(&images).unwrap())))
+            pool.install(|| b.iter(|| black_box(int.forward(flat, batch).unwrap())))
         });
         g.finish();
     }

@@ -271,7 +271,14 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     )?;
 
     // 3. Export and integer inference; compare with the float passes.
-    let int = q_net.export(&q_ps)?;
+    let input = asq_models::engine::InputSpec {
+        channels: 1,
+        height: 28,
+        width: 28,
+        mean: normalize.mean.clone(),
+        std: normalize.std.clone(),
+    };
+    let int = q_net.export(&q_ps, input)?;
     let bs = 64.min(test.len());
     let (fp_acc, fp_speed) = measure(&test, &normalize, bs, |x| {
         let mut g = Graph::new(false);
@@ -285,10 +292,12 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         let y = q_net.forward(&mut g, &mut q_ps, v)?;
         Ok(g.value(y).iter().copied().collect())
     })?;
-    let (int_acc, int_speed) = measure(&test, &normalize, bs, |x| Ok(int.forward(x)?))?;
-    let (_, int_b1) = measure(&test.take(200.min(test.len())), &normalize, 1, |x| {
-        Ok(int.forward(x)?)
-    })?;
+    let int_logits = |x: &asq_train::Tensor| -> Result<Vec<f32>, Error> {
+        let flat = x.as_slice().ok_or("non-contiguous batch")?;
+        Ok(int.forward(flat, x.shape()[0])?)
+    };
+    let (int_acc, int_speed) = measure(&test, &normalize, bs, int_logits)?;
+    let (_, int_b1) = measure(&test.take(200.min(test.len())), &normalize, 1, int_logits)?;
     let (_, fp_b1) = measure(&test.take(200.min(test.len())), &normalize, 1, |x| {
         let mut g = Graph::new(false);
         let v = g.input(x.clone());

@@ -1,13 +1,15 @@
-//! Building blocks of export to the integer engine (`asq-kernels`): a trained [`QConv2d`]
-//! becomes packed integer weights plus the rule that turns its float input into per-sample
-//! quantized activations. BN folding and whole-model export build on these.
+//! Export of trained layers to the integer engine: a [`QConv2d`] (with its batch norm folded
+//! into the per-channel scales and bias) or a [`QLinear`] becomes a node of an
+//! [`crate::engine::IntModel`]; [`export_conv`] and [`quantize_input`] are the building blocks.
 
 use asq_core::quant::Steps;
 use asq_core::QuantRange;
 use asq_kernels::{PackedWeights, QuantActivations};
-use asq_train::nn::{ActQuant, QConv2d, WeightQuant};
+use asq_train::nn::{ActQuant, BatchNorm2d, QConv2d, QLinear, WeightQuant};
 use asq_train::ops::basic::reshape;
 use asq_train::{Error, Graph, ParamStore, Result, Tensor};
+
+use crate::engine::{Act, FloatAdapter, InputQuant, Op};
 
 /// A convolution ready for the integer engine.
 pub struct ExportedConv {
@@ -19,6 +21,8 @@ pub struct ExportedConv {
     pub step: f32,
     /// Kernel height and width.
     pub kernel: (usize, usize),
+    /// One filter per channel (weights `[C, KH·KW]`).
+    pub depthwise: bool,
 }
 
 fn to_kernel_error(e: asq_kernels::Error) -> Error {
@@ -81,15 +85,19 @@ fn input_grid(
 }
 
 /// Packs the weights of `layer` (level-set weights; LSQ weights use the uniform form).
+/// Convolutions with `groups = 1` give `[C_out, KH·KW·C_in]` in (ky, kx, c) order; depthwise
+/// ones (`groups = C_in = C_out`) give `[C, KH·KW]`. Other groupings are not supported.
 pub fn export_conv(ps: &ParamStore, layer: &QConv2d) -> Result<ExportedConv> {
     let w = &ps.get(layer.conv.weight).value;
     let s = w.shape();
-    if layer.conv.spec.groups != 1 {
-        return Err(Error::Config(
-            "export: grouped convolutions go through the depthwise path (not yet)".into(),
-        ));
-    }
     let (co, ci, kh, kw) = (s[0], s[1], s[2], s[3]);
+    let groups = layer.conv.spec.groups;
+    let depthwise = groups > 1 && ci == 1 && groups == co;
+    if groups != 1 && !depthwise {
+        return Err(Error::Config(format!(
+            "export: grouped convolution ({groups} groups of {ci} channels) has no integer kernel"
+        )));
+    }
     // OIHW -> O, (ky, kx, c).
     let mut perm = vec![0.0f32; w.len()];
     for o in 0..co {
@@ -108,6 +116,7 @@ pub fn export_conv(ps: &ParamStore, layer: &QConv2d) -> Result<ExportedConv> {
         range,
         step,
         kernel: (kh, kw),
+        depthwise,
     })
 }
 
@@ -153,221 +162,138 @@ pub fn quantize_input(
     QuantActivations::quantize(&nhwc, n, h * w * c, exported.range, steps).map_err(to_kernel_error)
 }
 
-/// The ASQ adapter evaluated in float on the integer engine's side: pooled features -> beta.
-#[derive(Debug, Clone)]
-pub struct FloatAdapter {
-    layers: Vec<(Vec<f32>, Vec<f32>, usize, usize)>,
-}
-
-impl FloatAdapter {
-    fn from_layer(ps: &ParamStore, layer: &QConv2d) -> Option<Self> {
-        let adapter = layer.input.adapter()?;
-        let (first, second) = adapter.layers();
-        let grab = |l: &asq_train::nn::Linear| {
-            let w = &ps.get(l.weight).value;
-            let (out, inp) = (w.shape()[0], w.shape()[1]);
-            let b = l
-                .bias
-                .map(|b| ps.get(b).value.iter().copied().collect())
-                .unwrap_or_else(|| vec![0.0; out]);
-            (w.iter().copied().collect::<Vec<f32>>(), b, out, inp)
-        };
-        Some(Self {
-            layers: std::iter::once(first).chain(second).map(grab).collect(),
-        })
-    }
-
-    /// `beta` of one sample from its channel means, as the training graph computes it
-    /// (linear, ReLU, linear, ReLU, clamp at 1e-8).
-    pub fn beta(&self, pooled: &[f32]) -> f32 {
-        let mut h = pooled.to_vec();
-        for (w, b, out, inp) in &self.layers {
-            h = (0..*out)
-                .map(|o| {
-                    let dot: f32 = (0..*inp).map(|i| h[i] * w[o * inp + i]).sum();
-                    (dot + b[o]).max(0.0)
-                })
-                .collect();
-        }
-        h[0].max(1e-8)
-    }
-}
-
-/// One convolution (+ folded batch norm) of an exported model, NHWC in and out.
-pub struct IntConv {
-    conv: ExportedConv,
-    bias: Vec<f32>,
-    adapter: Option<FloatAdapter>,
-    stride: usize,
-    pad: usize,
-    in_c: usize,
-    out_c: usize,
-}
-
-impl IntConv {
-    /// Exports `layer` and folds the batch norm `bn` (running statistics) into the scales and
-    /// bias of the GEMM epilogue: the weight codes do not change.
-    pub fn new(ps: &ParamStore, layer: &QConv2d, bn: &asq_train::nn::BatchNorm2d) -> Result<Self> {
-        let conv = export_conv(ps, layer)?;
-        let (mean, var) = bn.running(ps);
-        let gamma = &ps.get(bn.gamma).value;
-        let beta = &ps.get(bn.beta).value;
-        let k: Vec<f32> = (0..mean.len())
-            .map(|c| gamma[c] / (var[c] + bn.eps).sqrt())
-            .collect();
-        let scales: Vec<f32> = conv
-            .weights
-            .scales()
-            .iter()
-            .zip(&k)
-            .map(|(s, k)| s * k)
-            .collect();
-        let bias: Vec<f32> = (0..mean.len()).map(|c| beta[c] - mean[c] * k[c]).collect();
-        let out_c = scales.len();
-        let in_c = conv.weights.cols() / (conv.kernel.0 * conv.kernel.1);
-        let weights = conv.weights.with_scales(scales).map_err(to_kernel_error)?;
-        Ok(Self {
-            conv: ExportedConv { weights, ..conv },
-            bias,
-            adapter: FloatAdapter::from_layer(ps, layer),
-            stride: layer.conv.spec.stride,
-            pad: layer.conv.spec.pad,
-            in_c,
-            out_c,
-        })
-    }
-
-    /// Output height and width for an `h x w` input.
-    pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
-        let (kh, kw) = self.conv.kernel;
-        (
-            (h + 2 * self.pad - kh) / self.stride + 1,
-            (w + 2 * self.pad - kw) / self.stride + 1,
-        )
-    }
-
-    /// Quantizes `x` (`[n, h, w, C_in]` float) with per-sample steps and runs the integer
-    /// convolution with the folded epilogue; `residual` (output-shaped) is added before ReLU.
-    pub fn forward(
-        &self,
-        x: &[f32],
-        n: usize,
-        h: usize,
-        w: usize,
-        residual: Option<&[f32]>,
-        relu: bool,
-    ) -> Result<Vec<f32>> {
-        let per = h * w * self.in_c;
-        if x.len() != n * per {
-            return Err(Error::Config(format!(
-                "export: input of {} values for [{n}, {h}, {w}, {}]",
-                x.len(),
-                self.in_c
-            )));
-        }
-        let betas: Vec<f32> = match &self.adapter {
-            Some(a) => (0..n)
-                .map(|s| {
-                    let mut pooled = vec![0.0f32; self.in_c];
-                    for px in x[s * per..(s + 1) * per].chunks_exact(self.in_c) {
-                        pooled.iter_mut().zip(px).for_each(|(p, v)| *p += v);
-                    }
-                    pooled.iter_mut().for_each(|v| *v /= (h * w) as f32);
-                    a.beta(&pooled)
-                })
-                .collect(),
-            None => vec![1.0; n],
-        };
-        let qa = QuantActivations::quantize(
-            x,
-            n,
-            per,
-            self.conv.range,
-            Steps::Scaled {
-                step: self.conv.step,
-                betas: &betas,
-            },
-        )
-        .map_err(to_kernel_error)?;
-        let (kh, kw) = self.conv.kernel;
-        let shape = asq_kernels::conv::Conv2dShape {
-            batch: n,
-            in_h: h,
-            in_w: w,
-            in_c: self.in_c,
-            kh,
-            kw,
-            stride: self.stride,
-            pad: self.pad,
-        };
-        let (oh, ow) = self.out_hw(h, w);
-        let mut out = vec![0.0f32; n * oh * ow * self.out_c];
-        let epi = asq_kernels::Epilogue {
-            bias: Some(&self.bias),
-            residual,
-            relu,
-        };
-        asq_kernels::conv::conv2d(&qa, &self.conv.weights, &shape, &epi, &mut out)
-            .map_err(to_kernel_error)?;
-        Ok(out)
-    }
-}
-
-/// A fully connected layer of an exported model.
-pub struct IntLinear {
-    weights: PackedWeights,
-    bias: Vec<f32>,
-    range: QuantRange,
-    step: f32,
-}
-
-impl IntLinear {
-    /// Exports a quantized linear layer (LSQ input; level-set or LSQ weights).
-    pub fn new(ps: &ParamStore, layer: &asq_train::nn::QLinear) -> Result<Self> {
-        let w = &ps.get(layer.linear.weight).value;
+/// The ASQ adapter of a layer input, for evaluation in float by the engine.
+fn float_adapter(
+    ps: &ParamStore,
+    iq: &asq_train::nn::quant::InputQuantizer,
+) -> Option<FloatAdapter> {
+    let adapter = iq.adapter()?;
+    let (first, second) = adapter.layers();
+    let grab = |l: &asq_train::nn::Linear| {
+        let w = &ps.get(l.weight).value;
         let (out, inp) = (w.shape()[0], w.shape()[1]);
-        let flat: Vec<f32> = w.iter().copied().collect();
-        if !matches!(layer.input.kind(), ActQuant::Lsq { .. }) {
-            return Err(Error::Config(format!(
-                "export: linear input {:?} not supported",
-                layer.input.kind()
-            )));
-        }
-        let weights = pack_weights(ps, &layer.weights, &flat, out, inp)?;
-        let (range, step) = input_grid(ps, &layer.input)?;
-        let bias = layer
-            .linear
+        let b = l
             .bias
             .map(|b| ps.get(b).value.iter().copied().collect())
             .unwrap_or_else(|| vec![0.0; out]);
-        Ok(Self {
-            weights,
-            bias,
-            range,
-            step,
-        })
-    }
+        (w.iter().copied().collect::<Vec<f32>>(), b, out, inp)
+    };
+    Some(FloatAdapter {
+        layers: std::iter::once(first).chain(second).map(grab).collect(),
+    })
+}
 
-    /// `[n, in]` float features to `[n, out]` outputs.
-    pub fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        let inp = self.weights.cols();
-        let qa = QuantActivations::quantize(
-            x,
-            n,
-            inp,
-            self.range,
-            Steps::Scaled {
-                step: self.step,
-                betas: &vec![1.0; n],
-            },
-        )
-        .map_err(to_kernel_error)?;
-        let mut out = vec![0.0f32; n * self.weights.rows()];
-        let epi = asq_kernels::Epilogue {
-            bias: Some(&self.bias),
-            ..Default::default()
-        };
-        asq_kernels::gemm(&qa, &self.weights, &epi, &mut out).map_err(to_kernel_error)?;
-        Ok(out)
+/// The engine's description of a layer's input quantizer.
+fn input_quant(ps: &ParamStore, iq: &asq_train::nn::quant::InputQuantizer) -> Result<InputQuant> {
+    let (range, step) = input_grid(ps, iq)?;
+    Ok(InputQuant {
+        bits: range.bits().get(),
+        signed: range.signedness() == asq_core::Signedness::Signed,
+        step,
+        adapter: float_adapter(ps, iq),
+    })
+}
+
+/// A convolution node: `layer` exported, the batch norm `bn` (running statistics) folded into
+/// the epilogue's per-channel scales and bias (the weight codes do not change), then `residual`
+/// (a value id of the engine graph) added and `act` applied.
+pub fn conv_node(
+    ps: &ParamStore,
+    layer: &QConv2d,
+    bn: Option<&BatchNorm2d>,
+    residual: Option<usize>,
+    act: Act,
+) -> Result<Op> {
+    let conv = export_conv(ps, layer)?;
+    let out_c = conv.weights.rows();
+    let (k, shift): (Vec<f32>, Vec<f32>) = match bn {
+        Some(bn) => {
+            let (mean, var) = bn.running(ps);
+            let gamma = &ps.get(bn.gamma).value;
+            let beta = &ps.get(bn.beta).value;
+            (0..out_c)
+                .map(|c| {
+                    let k = gamma[c] / (var[c] + bn.eps).sqrt();
+                    (k, beta[c] - mean[c] * k)
+                })
+                .unzip()
+        }
+        None => (vec![1.0; out_c], vec![0.0; out_c]),
+    };
+    let mut bias = shift;
+    if let Some(b) = layer.conv.bias {
+        let b = &ps.get(b).value;
+        bias.iter_mut()
+            .zip(&k)
+            .enumerate()
+            .for_each(|(c, (o, k))| *o += b[c] * k);
     }
+    let scales: Vec<f32> = conv
+        .weights
+        .scales()
+        .iter()
+        .zip(&k)
+        .map(|(s, k)| s * k)
+        .collect();
+    let weights = conv.weights.with_scales(scales).map_err(to_kernel_error)?;
+    Ok(Op::Conv {
+        weights: weights.to_bytes(),
+        kernel: conv.kernel,
+        stride: layer.conv.spec.stride,
+        pad: layer.conv.spec.pad,
+        depthwise: conv.depthwise,
+        bias,
+        quant: input_quant(ps, &layer.input)?,
+        residual,
+        act,
+    })
+}
+
+/// A linear node. `chw`: the `(C, H, W)` of a flattened feature map feeding it (training
+/// flattens NCHW, the engine NHWC: the weight columns are permuted to match).
+pub fn linear_node(
+    ps: &ParamStore,
+    layer: &QLinear,
+    chw: Option<(usize, usize, usize)>,
+    act: Act,
+) -> Result<Op> {
+    let w = &ps.get(layer.linear.weight).value;
+    let (out, inp) = (w.shape()[0], w.shape()[1]);
+    let mut flat: Vec<f32> = w.iter().copied().collect();
+    let mut quant = input_quant(ps, &layer.input)?;
+    if let Some((c, h, wd)) = chw {
+        if c * h * wd != inp {
+            return Err(Error::Config(format!(
+                "export: {inp} features are not {c}x{h}x{wd}"
+            )));
+        }
+        // Columns in CHW order (training's flatten) -> HWC (the engine's).
+        let to_hwc = |m: &mut Vec<f32>, rows: usize| {
+            let src = m.clone();
+            for o in 0..rows {
+                for ch in 0..c {
+                    for p in 0..h * wd {
+                        m[o * inp + p * c + ch] = src[o * inp + ch * h * wd + p];
+                    }
+                }
+            }
+        };
+        to_hwc(&mut flat, out);
+        if let Some(first) = quant.adapter.as_mut().and_then(|a| a.layers.first_mut()) {
+            let rows = first.2;
+            to_hwc(&mut first.0, rows);
+        }
+    }
+    let weights = pack_weights(ps, &layer.weights, &flat, out, inp)?;
+    let bias = layer
+        .linear
+        .bias
+        .map(|b| ps.get(b).value.iter().copied().collect())
+        .unwrap_or_else(|| vec![0.0; out]);
+    Ok(Op::Linear {
+        weights: weights.to_bytes(),
+        bias,
+        quant,
+        act,
+    })
 }

@@ -2,7 +2,11 @@
 
 use asq_core::{BitWidth, LevelSet};
 use asq_train::nn::{ActQuant, QuantConfig, WeightQuant};
-use asq_train::Result;
+use asq_train::{Error, Result};
+
+/// The quantization methods [`QuantPolicy::named`] knows, for help texts.
+pub const POLICY_NAMES: &str =
+    "fp32, lsq, asq, lsq-pot, lsq-apot, lsq-post, asq-pot, asq-apot, asq-post";
 
 /// Quantization of a model: the first layer, the last layer and everything in between.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,5 +71,69 @@ impl QuantPolicy {
                 signed: false,
             },
         }))
+    }
+
+    /// A policy by name: `fp32`, or `<acts>[-<weights>]` with activations `lsq` or `asq` and
+    /// weights `lsq` (uniform, the default), `pot`, `apot` or `post`, all at `bits` in the
+    /// body (first and last layers at 8-bit LSQ). `asq-post` is the paper's method.
+    pub fn named(name: &str, bits: u32) -> Result<Self> {
+        if name == "fp32" {
+            return Ok(Self::float());
+        }
+        let (acts, weights) = name.split_once('-').unwrap_or((name, "lsq"));
+        let b = BitWidth::new(bits)?;
+        let acts = match acts {
+            "lsq" => ActQuant::Lsq {
+                bits,
+                signed: false,
+            },
+            "asq" => ActQuant::Asq {
+                bits,
+                signed: false,
+            },
+            _ => {
+                return Err(Error::Config(format!(
+                    "unknown quantization {name:?}; known: {POLICY_NAMES}"
+                )))
+            }
+        };
+        let weights = match weights {
+            "lsq" => WeightQuant::Lsq { bits },
+            "pot" => WeightQuant::Levels(LevelSet::pot(b)?),
+            "apot" => WeightQuant::Levels(LevelSet::apot(b)?),
+            "post" => WeightQuant::Levels(LevelSet::post(b)?),
+            _ => {
+                return Err(Error::Config(format!(
+                    "unknown weight quantizer in {name:?}; known: {POLICY_NAMES}"
+                )))
+            }
+        };
+        Ok(Self::with_body(QuantConfig { weights, acts }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_quantizers() {
+        assert_eq!(QuantPolicy::named("fp32", 4).unwrap(), QuantPolicy::float());
+        assert_eq!(QuantPolicy::named("lsq", 4).unwrap(), QuantPolicy::lsq(4));
+        assert_eq!(
+            QuantPolicy::named("asq-post", 3).unwrap(),
+            QuantPolicy::asq_post(3).unwrap()
+        );
+        let p = QuantPolicy::named("asq-apot", 4).unwrap();
+        assert!(matches!(p.body.acts, ActQuant::Asq { bits: 4, .. }));
+        assert!(matches!(&p.body.weights, WeightQuant::Levels(l) if l.bits().get() == 4));
+        for bad in ["asq-foo", "xyz", "lsq-post-2"] {
+            assert!(QuantPolicy::named(bad, 4).is_err(), "{bad}");
+        }
+        assert!(QuantPolicy::named("lsq", 9).is_err());
+        assert!(
+            QuantPolicy::named("asq-apot", 8).is_err(),
+            "APoT stops at 7 bits"
+        );
     }
 }

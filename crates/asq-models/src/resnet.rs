@@ -7,9 +7,10 @@ use asq_train::ops::act::relu;
 use asq_train::ops::basic::add;
 use asq_train::ops::conv::ConvSpec;
 use asq_train::ops::pool::global_avg_pool;
-use asq_train::{Error, Graph, ParamStore, Result, Rng, Tensor, Var};
+use asq_train::{Error, Graph, ParamStore, Result, Rng, Var};
 
-use crate::export::{IntConv, IntLinear};
+use crate::engine::{Act, InputSpec, IntModel, ModelSpec, Node, Op};
+use crate::export::{conv_node, linear_node};
 
 use crate::policy::QuantPolicy;
 
@@ -46,10 +47,12 @@ pub struct ResNet {
     stem_bn: BatchNorm2d,
     blocks: Vec<Block>,
     fc: QLinear,
+    classes: usize,
 }
 
 impl ResNet {
-    /// ResNet of depth `6n + 2` for `in_channels`-channel images and `classes` classes.
+    /// CIFAR ResNet of depth `6n + 2` (16, 32, 64 channels; ResNet-20 is `n = 3`) for
+    /// `in_channels`-channel images and `classes` classes.
     pub fn cifar(
         ps: &mut ParamStore,
         depth: usize,
@@ -64,6 +67,53 @@ impl ResNet {
             )));
         }
         let n = (depth - 2) / 6;
+        Self::new(
+            ps,
+            &[(16, n), (32, n), (64, n)],
+            in_channels,
+            classes,
+            policy,
+            seed,
+        )
+    }
+
+    /// ResNet-18 or -34 with basic blocks (64, 128, 256, 512 channels; 2-2-2-2 or 3-4-6-3
+    /// blocks) and the 3x3 stride-1 stem used for small images (CIFAR, Fashion-MNIST).
+    pub fn basic(
+        ps: &mut ParamStore,
+        depth: usize,
+        in_channels: usize,
+        classes: usize,
+        policy: &QuantPolicy,
+        seed: u64,
+    ) -> Result<Self> {
+        let blocks = match depth {
+            18 => [2, 2, 2, 2],
+            34 => [3, 4, 6, 3],
+            _ => {
+                return Err(Error::Config(format!(
+                    "basic-block ResNets are 18 or 34 deep, got {depth}"
+                )))
+            }
+        };
+        let stages: Vec<(usize, usize)> = [64, 128, 256, 512].into_iter().zip(blocks).collect();
+        Self::new(ps, &stages, in_channels, classes, policy, seed)
+    }
+
+    /// A ResNet of basic blocks: a 3x3 stem with the first stage's width, then `(width,
+    /// blocks)` per stage (stride 2 at the start of every stage but the first, 1x1 projection
+    /// shortcuts where the shape changes), global average pooling and a linear classifier.
+    pub fn new(
+        ps: &mut ParamStore,
+        stages: &[(usize, usize)],
+        in_channels: usize,
+        classes: usize,
+        policy: &QuantPolicy,
+        seed: u64,
+    ) -> Result<Self> {
+        let Some(&(stem_width, _)) = stages.first() else {
+            return Err(Error::Config("a ResNet needs at least one stage".into()));
+        };
         let mut rng = Rng::new(seed);
         let same = ConvSpec {
             stride: 1,
@@ -74,16 +124,16 @@ impl ResNet {
             ps,
             "stem.conv",
             in_channels,
-            16,
+            stem_width,
             3,
             same,
             &policy.first,
             &mut rng,
         )?;
-        let stem_bn = BatchNorm2d::new(ps, "stem.bn", 16)?;
+        let stem_bn = BatchNorm2d::new(ps, "stem.bn", stem_width)?;
         let mut blocks = Vec::new();
-        let mut cin = 16;
-        for (stage, cout) in [16, 32, 64].into_iter().enumerate() {
+        let mut cin = stem_width;
+        for (stage, &(cout, n)) in stages.iter().enumerate() {
             for i in 0..n {
                 let stride = if stage > 0 && i == 0 { 2 } else { 1 };
                 let name = format!("layer{}.{i}", stage + 1);
@@ -147,89 +197,55 @@ impl ResNet {
                 cin = cout;
             }
         }
-        let fc = QLinear::new(ps, "fc", 64, classes, &policy.last, &mut rng)?;
+        let fc = QLinear::new(ps, "fc", cin, classes, &policy.last, &mut rng)?;
         Ok(Self {
             stem,
             stem_bn,
             blocks,
             fc,
+            classes,
         })
     }
-}
-
-/// ResNet on the integer engine: every convolution with its batch norm folded in, residual
-/// additions and ReLUs fused into the GEMM epilogue, NHWC activations quantized per sample.
-pub struct IntResNet {
-    stem: IntConv,
-    blocks: Vec<(IntConv, IntConv, Option<IntConv>)>,
-    fc: IntLinear,
 }
 
 impl ResNet {
-    /// Exports a trained, fully quantized model (every conv and the classifier quantized).
-    pub fn export(&self, ps: &ParamStore) -> Result<IntResNet> {
-        let stem = IntConv::new(ps, &self.stem, &self.stem_bn)?;
-        let blocks = self
-            .blocks
-            .iter()
-            .map(|b| {
-                let shortcut = b
-                    .shortcut
-                    .as_ref()
-                    .map(|(c, bn)| IntConv::new(ps, c, bn))
-                    .transpose()?;
-                Ok((
-                    IntConv::new(ps, &b.conv1, &b.bn1)?,
-                    IntConv::new(ps, &b.conv2, &b.bn2)?,
-                    shortcut,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(IntResNet {
-            stem,
-            blocks,
-            fc: IntLinear::new(ps, &self.fc)?,
+    /// Exports a trained, fully quantized model (every conv and the classifier quantized) to
+    /// the integer engine: batch norms folded into the epilogues, residual additions and ReLUs
+    /// fused. `input` gives the image size and the training normalisation.
+    pub fn export(&self, ps: &ParamStore, input: InputSpec) -> Result<IntModel> {
+        IntModel::new(ModelSpec {
+            name: format!("resnet{}", self.blocks.len() * 2 + 2),
+            input,
+            classes: self.classes,
+            nodes: self.export_nodes(ps)?,
+            meta: Default::default(),
         })
     }
-}
 
-impl IntResNet {
-    /// Logits `[n, classes]` for normalised images `[n, c, h, w]` (NCHW, as for training).
-    pub fn forward(&self, x: &Tensor) -> Result<Vec<f32>> {
-        let s = x.shape();
-        if s.len() != 4 {
-            return Err(Error::Config(format!(
-                "IntResNet: input must be NCHW, got {s:?}"
-            )));
-        }
-        let (n, c, mut h, mut w) = (s[0], s[1], s[2], s[3]);
-        let mut nhwc = vec![0.0f32; x.len()];
-        for (i, v) in x.iter().enumerate() {
-            let (b, ch, y, xx) = (i / (c * h * w), (i / (h * w)) % c, (i / w) % h, i % w);
-            nhwc[((b * h + y) * w + xx) * c + ch] = *v;
-        }
-        let mut act = self.stem.forward(&nhwc, n, h, w, None, true)?;
-        for (conv1, conv2, shortcut) in &self.blocks {
-            let (oh, ow) = conv1.out_hw(h, w);
-            let mid = conv1.forward(&act, n, h, w, None, true)?;
-            let skip = match shortcut {
-                Some(sc) => sc.forward(&act, n, h, w, None, false)?,
-                None => act,
+    pub(crate) fn export_nodes(&self, ps: &ParamStore) -> Result<Vec<Node>> {
+        let mut nodes = Vec::new();
+        let mut push = |op: Op, input: usize| {
+            nodes.push(Node { input, op });
+            nodes.len()
+        };
+        let mut cur = push(
+            conv_node(ps, &self.stem, Some(&self.stem_bn), None, Act::Relu)?,
+            0,
+        );
+        for b in &self.blocks {
+            let mid = push(conv_node(ps, &b.conv1, Some(&b.bn1), None, Act::Relu)?, cur);
+            let skip = match &b.shortcut {
+                Some((c, bn)) => push(conv_node(ps, c, Some(bn), None, Act::None)?, cur),
+                None => cur,
             };
-            act = conv2.forward(&mid, n, oh, ow, Some(&skip), true)?;
-            (h, w) = (oh, ow);
+            cur = push(
+                conv_node(ps, &b.conv2, Some(&b.bn2), Some(skip), Act::Relu)?,
+                mid,
+            );
         }
-        let channels = act.len() / (n * h * w);
-        let mut pooled = vec![0.0f32; n * channels];
-        for b in 0..n {
-            for p in 0..h * w {
-                for ch in 0..channels {
-                    pooled[b * channels + ch] += act[(b * h * w + p) * channels + ch];
-                }
-            }
-        }
-        pooled.iter_mut().for_each(|v| *v /= (h * w) as f32);
-        self.fc.forward(&pooled, n)
+        let pooled = push(Op::GlobalAvgPool, cur);
+        push(linear_node(ps, &self.fc, None, Act::None)?, pooled);
+        Ok(nodes)
     }
 }
 
@@ -250,6 +266,7 @@ impl Module for ResNet {
 mod tests {
     use super::*;
     use asq_train::ops::loss::softmax_cross_entropy;
+    use asq_train::Tensor;
 
     #[test]
     fn resnet20_shapes_parameters_and_a_training_step() {

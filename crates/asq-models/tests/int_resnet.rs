@@ -7,7 +7,8 @@
 
 use std::path::Path;
 
-use asq_models::{QuantPolicy, ResNet};
+use asq_models::engine::InputSpec;
+use asq_models::{IntModel, QuantPolicy, ResNet};
 use asq_train::data::idx::{load_mnist_dir, FASHION_MNIST_DIR};
 use asq_train::data::loader::make_batch;
 use asq_train::data::Augment;
@@ -69,8 +70,59 @@ fn integer_resnet20_follows_the_fake_quant_model() {
     let x = g.input(batch.images.clone());
     let y = net.forward(&mut g, &mut ps, x).unwrap();
     let fq: Vec<f32> = g.value(y).iter().copied().collect();
-    let int = net.export(&ps).unwrap().forward(&batch.images).unwrap();
+    let input = InputSpec {
+        channels: 1,
+        height: 28,
+        width: 28,
+        mean: cfg.normalize.mean.clone(),
+        std: cfg.normalize.std.clone(),
+    };
+    let model = net.export(&ps, input).unwrap();
+    let images = batch.images.as_slice().unwrap();
+    let int = model.forward(images, 64).unwrap();
     assert_eq!(fq.len(), int.len());
+
+    // Raw pixels through the stored normalisation give the same logits, bit for bit.
+    let raw: Vec<u8> = idx.iter().flat_map(|&i| test.image(i).to_vec()).collect();
+    assert_eq!(model.forward_u8(&raw, 64).unwrap(), int);
+
+    // The file round trip keeps every bit; a saved file loads back the same.
+    let bytes = model.to_bytes().unwrap();
+    let back = IntModel::from_bytes(&bytes, Path::new("mem")).unwrap();
+    assert_eq!(back.forward(images, 64).unwrap(), int);
+    let dir = std::env::temp_dir().join(format!("asq-int-resnet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("resnet20.asqm");
+    model.save(&path).unwrap();
+    assert_eq!(
+        IntModel::load(&path).unwrap().forward(images, 64).unwrap(),
+        int
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    println!(
+        "ResNet-20 W4A4 model file: {} bytes ({} bytes of packed weights)",
+        bytes.len(),
+        model.weight_bytes()
+    );
+
+    // Corrupt and hostile files are errors, never panics.
+    let p = Path::new("bad.asqm");
+    assert!(IntModel::from_bytes(&bytes[..bytes.len() - 1], p).is_err());
+    assert!(IntModel::from_bytes(&bytes[..10], p).is_err());
+    let mut flipped = bytes.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x10;
+    let err = IntModel::from_bytes(&flipped, p).unwrap_err().to_string();
+    assert!(err.contains("checksum"), "{err}");
+    let mut magic = bytes.clone();
+    magic[0] = b'X';
+    assert!(IntModel::from_bytes(&magic, p).is_err());
+
+    // Wrong input shapes and non-finite pixels are errors.
+    assert!(model.forward(&images[..100], 1).is_err());
+    let mut nan = images.to_vec();
+    nan[5] = f32::NAN;
+    assert!(model.forward(&nan, 64).is_err());
 
     let argmax = |v: &[f32]| {
         v.iter()

@@ -72,7 +72,8 @@ fn named(name: &str, t: &Tensor) -> NamedTensor {
     }
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// FNV-1a 64 of `bytes`: the checksum of asq's file formats (detects corruption, not tampering).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })

@@ -1,0 +1,963 @@
+//! Exported models: a small graph of integer layers ([`IntModel`]) that runs on `asq-kernels`,
+//! and its file format (`.asqm`).
+//!
+//! A model is a list of nodes run in order. Value 0 is the (normalised) input image, node `i`
+//! produces value `i + 1`; values are NHWC f32 tensors per sample. Every convolution and linear
+//! layer quantizes its input per sample (step `s · beta`, the ASQ adapter evaluated in float on
+//! the pooled input), runs the integer kernel, and applies the fused epilogue (batch norm
+//! folded into the per-channel scales and bias, residual addition, ReLU; ReLU6 clamps after).
+//! Pooling works on the f32 values.
+//!
+//! File layout: magic `ASQMODL1` (8 bytes), format version (u32 LE), payload length (u64 LE),
+//! FNV-1a 64 checksum of the payload (u64 LE), payload = bincode 2 (standard config, bounded by
+//! [`MAX_MODEL_BYTES`]) of [`ModelSpec`]. Packed weights inside are the `ASQW` buffers of
+//! `asq-kernels`. Loading validates everything before any kernel runs: header, checksum,
+//! every weight buffer, every shape along the graph (so inference cannot fail on a shape),
+//! finiteness of every float, node references. Writes are atomic (temporary file + rename).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use asq_core::quant::Steps;
+use asq_core::QuantRange;
+use asq_kernels::conv::{Conv2dShape, DepthwiseWeights};
+use asq_kernels::{Epilogue, PackedWeights, QuantActivations};
+use asq_train::checkpoint::{atomic_write, fnv1a};
+use asq_train::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+const MAGIC: &[u8; 8] = b"ASQMODL1";
+const VERSION: u32 = 1;
+const HEADER: usize = 8 + 4 + 8 + 8;
+/// Largest model file accepted (256 MiB: ResNet-34 at 8 bits fits).
+pub const MAX_MODEL_BYTES: usize = 1 << 28;
+/// Largest input height, width or channel count accepted from a file.
+pub const MAX_INPUT_DIM: usize = 1 << 12;
+
+fn kernel_error(e: asq_kernels::Error) -> Error {
+    Error::Config(format!("integer engine: {e}"))
+}
+
+/// The activation applied after a layer's epilogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Act {
+    /// Identity.
+    None,
+    /// `max(x, 0)` (fused into the kernel epilogue).
+    Relu,
+    /// `min(max(x, 0), 6)` (MobileNetV2).
+    Relu6,
+}
+
+/// The ASQ adapter evaluated in float: pooled channel means -> `beta` (linear, ReLU, ...,
+/// clamp at 1e-8), as the training graph computes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FloatAdapter {
+    /// Layers as (weights `[out, in]` row-major, bias `[out]`, out, in).
+    pub layers: Vec<(Vec<f32>, Vec<f32>, usize, usize)>,
+}
+
+impl FloatAdapter {
+    /// `beta` of one sample from its channel means.
+    pub fn beta(&self, pooled: &[f32]) -> f32 {
+        let mut h = pooled.to_vec();
+        for (w, b, out, inp) in &self.layers {
+            h = (0..*out)
+                .map(|o| {
+                    let dot: f32 = (0..*inp).map(|i| h[i] * w[o * inp + i]).sum();
+                    (dot + b[o]).max(0.0)
+                })
+                .collect();
+        }
+        h[0].max(1e-8)
+    }
+
+    fn validate(&self, channels: usize) -> std::result::Result<(), String> {
+        let mut width = channels;
+        if self.layers.is_empty() {
+            return Err("adapter without layers".into());
+        }
+        for (i, (w, b, out, inp)) in self.layers.iter().enumerate() {
+            if *inp != width || w.len() != out * inp || b.len() != *out || *out == 0 {
+                return Err(format!(
+                    "adapter layer {i}: [{out}, {inp}] with {} weights and {} biases after {width} features",
+                    w.len(),
+                    b.len()
+                ));
+            }
+            if w.iter().chain(b).any(|v| !v.is_finite()) {
+                return Err(format!("adapter layer {i} has a non-finite value"));
+            }
+            width = *out;
+        }
+        if width != 1 {
+            return Err(format!("adapter ends with {width} outputs, not 1"));
+        }
+        Ok(())
+    }
+}
+
+/// How a layer quantizes its input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputQuant {
+    /// Code width (2..=8).
+    pub bits: u32,
+    /// Signed codes (inputs that can be negative, like the normalised image).
+    pub signed: bool,
+    /// The learnt step `s`.
+    pub step: f32,
+    /// ASQ: the adapter giving each sample its `beta` (LSQ: none, `beta = 1`).
+    pub adapter: Option<FloatAdapter>,
+}
+
+impl InputQuant {
+    fn range(&self) -> Result<QuantRange> {
+        Ok(if self.signed {
+            QuantRange::signed(self.bits)?
+        } else {
+            QuantRange::unsigned(self.bits)?
+        })
+    }
+}
+
+/// One operation of an exported model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Convolution (or depthwise convolution) with folded batch norm.
+    Conv {
+        /// `ASQW` buffer: `[C_out, KH·KW·C_in]` in (ky, kx, c) order, or `[C, KH·KW]` depthwise.
+        weights: Vec<u8>,
+        /// Window (KH, KW).
+        kernel: (usize, usize),
+        /// Stride.
+        stride: usize,
+        /// Zero padding.
+        pad: usize,
+        /// One filter per channel.
+        depthwise: bool,
+        /// Per-channel bias (batch norm folded).
+        bias: Vec<f32>,
+        /// Input quantization.
+        quant: InputQuant,
+        /// Value added before the activation (a residual connection), same shape as the output.
+        residual: Option<usize>,
+        /// Activation.
+        act: Act,
+    },
+    /// Fully connected layer on the flattened input (NHWC order).
+    Linear {
+        /// `ASQW` buffer `[out, in]`.
+        weights: Vec<u8>,
+        /// Bias `[out]`.
+        bias: Vec<f32>,
+        /// Input quantization (an ASQ adapter sees the flattened features).
+        quant: InputQuant,
+        /// Activation.
+        act: Act,
+    },
+    /// Max pooling without padding.
+    MaxPool {
+        /// Window size (square).
+        size: usize,
+        /// Stride.
+        stride: usize,
+    },
+    /// Mean over the spatial positions.
+    GlobalAvgPool,
+}
+
+/// A node: an operation on one earlier value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// The value it reads (0 = model input, `i + 1` = output of node `i`).
+    pub input: usize,
+    /// What it computes.
+    pub op: Op,
+}
+
+/// The model input: image size and the normalisation used in training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    /// Channels.
+    pub channels: usize,
+    /// Height.
+    pub height: usize,
+    /// Width.
+    pub width: usize,
+    /// Per-channel mean of pixels scaled to [0, 1].
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation.
+    pub std: Vec<f32>,
+}
+
+/// Everything stored in a model file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// Architecture name (for reports).
+    pub name: String,
+    /// Input description.
+    pub input: InputSpec,
+    /// Number of output classes (the last node's width).
+    pub classes: usize,
+    /// Nodes in execution order.
+    pub nodes: Vec<Node>,
+    /// Free-form metadata (quantization, training data, accuracy...).
+    pub meta: BTreeMap<String, String>,
+}
+
+/// Decoded weights of a node.
+enum Kernel {
+    Gemm(PackedWeights),
+    Depthwise(DepthwiseWeights),
+    None,
+}
+
+/// A validated model ready to run.
+pub struct IntModel {
+    spec: ModelSpec,
+    kernels: Vec<Kernel>,
+    /// `[h, w, c]` of every value.
+    shapes: Vec<[usize; 3]>,
+    /// The last node reading each value (values are freed after it).
+    last_use: Vec<usize>,
+}
+
+impl std::fmt::Debug for IntModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntModel")
+            .field("name", &self.spec.name)
+            .field("nodes", &self.spec.nodes.len())
+            .field("classes", &self.spec.classes)
+            .finish()
+    }
+}
+
+fn finite(what: &str, v: &[f32]) -> std::result::Result<(), String> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(format!("{what}[{i}] = {} is not finite", v[i])),
+        None => Ok(()),
+    }
+}
+
+impl IntModel {
+    /// Validates `spec` (weights, shapes along the graph, references, finiteness) and decodes
+    /// its weights.
+    pub fn new(spec: ModelSpec) -> Result<Self> {
+        Self::build(spec).map_err(|e| Error::Config(format!("model: {e}")))
+    }
+
+    fn build(spec: ModelSpec) -> std::result::Result<Self, String> {
+        let inp = &spec.input;
+        for (what, v) in [
+            ("channels", inp.channels),
+            ("height", inp.height),
+            ("width", inp.width),
+        ] {
+            if v == 0 || v > MAX_INPUT_DIM {
+                return Err(format!("input {what} {v} outside 1..={MAX_INPUT_DIM}"));
+            }
+        }
+        if inp.mean.len() != inp.channels || inp.std.len() != inp.channels {
+            return Err(format!(
+                "normalisation has {} means and {} deviations for {} channels",
+                inp.mean.len(),
+                inp.std.len(),
+                inp.channels
+            ));
+        }
+        finite("input mean", &inp.mean)?;
+        finite("input std", &inp.std)?;
+        if inp.std.iter().any(|s| *s <= 0.0) {
+            return Err("input std must be positive".into());
+        }
+        if spec.nodes.is_empty() || spec.classes == 0 {
+            return Err("a model needs nodes and at least one class".into());
+        }
+        let mut shapes = vec![[inp.height, inp.width, inp.channels]];
+        let mut kernels = Vec::with_capacity(spec.nodes.len());
+        let mut last_use = vec![0usize; spec.nodes.len() + 1];
+        for (i, node) in spec.nodes.iter().enumerate() {
+            let at = |what: &str| format!("node {i} ({what})");
+            if node.input > i {
+                return Err(format!(
+                    "{}: reads value {} not computed yet",
+                    at("input"),
+                    node.input
+                ));
+            }
+            last_use[node.input] = i;
+            let [h, w, c] = shapes[node.input];
+            let (kernel, shape) = match &node.op {
+                Op::Conv {
+                    weights,
+                    kernel: (kh, kw),
+                    stride,
+                    pad,
+                    depthwise,
+                    bias,
+                    quant,
+                    residual,
+                    ..
+                } => {
+                    let pw = PackedWeights::from_bytes(weights)
+                        .map_err(|e| format!("{}: {e}", at("conv weights")))?;
+                    check_quant(quant, c).map_err(|e| format!("{}: {e}", at("conv input")))?;
+                    if *kh == 0 || *kw == 0 || *stride == 0 || *pad > 64 || *stride > 64 {
+                        return Err(format!(
+                            "{}: window {kh}x{kw}, stride {stride}, pad {pad}",
+                            at("conv")
+                        ));
+                    }
+                    if h + 2 * pad < *kh || w + 2 * pad < *kw {
+                        return Err(format!(
+                            "{}: {kh}x{kw} window over a {h}x{w} input padded by {pad}",
+                            at("conv")
+                        ));
+                    }
+                    let out_c = pw.rows();
+                    let kernel = if *depthwise {
+                        if pw.rows() != c || pw.cols() != kh * kw {
+                            return Err(format!(
+                                "{}: weights [{}, {}] for {c} channels of {kh}x{kw}",
+                                at("depthwise"),
+                                pw.rows(),
+                                pw.cols()
+                            ));
+                        }
+                        let dw = DepthwiseWeights::new(&pw, *kh, *kw)
+                            .map_err(|e| format!("{}: {e}", at("depthwise")))?;
+                        Kernel::Depthwise(dw)
+                    } else {
+                        if pw.cols() != kh * kw * c {
+                            return Err(format!(
+                                "{}: weights have K = {}, a {kh}x{kw} window over {c} channels needs {}",
+                                at("conv"),
+                                pw.cols(),
+                                kh * kw * c
+                            ));
+                        }
+                        Kernel::Gemm(pw)
+                    };
+                    if bias.len() != out_c {
+                        return Err(format!(
+                            "{}: {} biases for {out_c} channels",
+                            at("conv"),
+                            bias.len()
+                        ));
+                    }
+                    finite("bias", bias).map_err(|e| format!("{}: {e}", at("conv")))?;
+                    let shape = [
+                        (h + 2 * pad - kh) / stride + 1,
+                        (w + 2 * pad - kw) / stride + 1,
+                        out_c,
+                    ];
+                    if let Some(r) = residual {
+                        if *r > i || shapes[*r] != shape {
+                            return Err(format!(
+                                "{}: residual value {r} {:?} does not match the output {shape:?}",
+                                at("conv"),
+                                shapes.get(*r)
+                            ));
+                        }
+                        last_use[*r] = i;
+                    }
+                    (kernel, shape)
+                }
+                Op::Linear {
+                    weights,
+                    bias,
+                    quant,
+                    ..
+                } => {
+                    let pw = PackedWeights::from_bytes(weights)
+                        .map_err(|e| format!("{}: {e}", at("linear weights")))?;
+                    check_quant(quant, h * w * c)
+                        .map_err(|e| format!("{}: {e}", at("linear input")))?;
+                    if pw.cols() != h * w * c {
+                        return Err(format!(
+                            "{}: weights take {} features, the input has {}",
+                            at("linear"),
+                            pw.cols(),
+                            h * w * c
+                        ));
+                    }
+                    if bias.len() != pw.rows() {
+                        return Err(format!(
+                            "{}: {} biases for {} outputs",
+                            at("linear"),
+                            bias.len(),
+                            pw.rows()
+                        ));
+                    }
+                    finite("bias", bias).map_err(|e| format!("{}: {e}", at("linear")))?;
+                    let shape = [1, 1, pw.rows()];
+                    (Kernel::Gemm(pw), shape)
+                }
+                Op::MaxPool { size, stride } => {
+                    if *size == 0 || *stride == 0 || h < *size || w < *size {
+                        return Err(format!(
+                            "{}: window {size}, stride {stride} over {h}x{w}",
+                            at("max pool")
+                        ));
+                    }
+                    (
+                        Kernel::None,
+                        [(h - size) / stride + 1, (w - size) / stride + 1, c],
+                    )
+                }
+                Op::GlobalAvgPool => (Kernel::None, [1, 1, c]),
+            };
+            kernels.push(kernel);
+            shapes.push(shape);
+        }
+        let out = shapes[spec.nodes.len()];
+        if out != [1, 1, spec.classes] {
+            return Err(format!(
+                "the last node gives {out:?}, not {} classes",
+                spec.classes
+            ));
+        }
+        last_use[spec.nodes.len()] = usize::MAX;
+        Ok(Self {
+            spec,
+            kernels,
+            shapes,
+            last_use,
+        })
+    }
+
+    /// The stored description.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Bytes of packed weight codes (what inference streams).
+    pub fn weight_bytes(&self) -> usize {
+        self.kernels
+            .iter()
+            .map(|k| match k {
+                Kernel::Gemm(w) => w.code_bytes(),
+                Kernel::Depthwise(w) => {
+                    w.channels() * {
+                        let (kh, kw) = w.window();
+                        kh * kw
+                    }
+                }
+                Kernel::None => 0,
+            })
+            .sum()
+    }
+
+    /// Logits `[n, classes]` for raw 8-bit images `[n, C, H, W]` (normalised as in training).
+    pub fn forward_u8(&self, images: &[u8], n: usize) -> Result<Vec<f32>> {
+        let inp = &self.spec.input;
+        let per = inp.channels * inp.height * inp.width;
+        if images.len() != n * per || n == 0 {
+            return Err(Error::Config(format!(
+                "{} pixels for {n} images of {}x{}x{}",
+                images.len(),
+                inp.channels,
+                inp.height,
+                inp.width
+            )));
+        }
+        let hw = inp.height * inp.width;
+        let x: Vec<f32> = images
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                let ch = (i / hw) % inp.channels;
+                (p as f32 / 255.0 - inp.mean[ch]) / inp.std[ch]
+            })
+            .collect();
+        self.forward(&x, n)
+    }
+
+    /// Logits `[n, classes]` for normalised images `[n, C, H, W]` (NCHW, as in training).
+    pub fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let [h, w, c] = self.shapes[0];
+        if x.len() != n * c * h * w || n == 0 {
+            return Err(Error::Config(format!(
+                "input of {} values for {n} images of {c}x{h}x{w}",
+                x.len()
+            )));
+        }
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite(format!("model input at {i} ({})", x[i])));
+        }
+        let mut nhwc = vec![0.0f32; x.len()];
+        for (i, v) in x.iter().enumerate() {
+            let (b, ch, y, xx) = (i / (c * h * w), (i / (h * w)) % c, (i / w) % h, i % w);
+            nhwc[((b * h + y) * w + xx) * c + ch] = *v;
+        }
+        let mut values: Vec<Option<Vec<f32>>> = vec![None; self.shapes.len()];
+        values[0] = Some(nhwc);
+        for (i, node) in self.spec.nodes.iter().enumerate() {
+            let input = values[node.input].as_deref().expect("validated order");
+            let out = self.run_node(i, node, input, &values, n)?;
+            values[i + 1] = Some(out);
+            for (v, &last) in values.iter_mut().zip(&self.last_use) {
+                if last == i {
+                    *v = None;
+                }
+            }
+        }
+        Ok(values.pop().flatten().expect("the last value is kept"))
+    }
+
+    fn run_node(
+        &self,
+        i: usize,
+        node: &Node,
+        x: &[f32],
+        values: &[Option<Vec<f32>>],
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        let [h, w, c] = self.shapes[node.input];
+        let [oh, ow, oc] = self.shapes[i + 1];
+        let mut out = vec![0.0f32; n * oh * ow * oc];
+        match (&node.op, &self.kernels[i]) {
+            (
+                Op::Conv {
+                    kernel: (kh, kw),
+                    stride,
+                    pad,
+                    bias,
+                    quant,
+                    residual,
+                    act,
+                    ..
+                },
+                kernel,
+            ) => {
+                let qa = quantize(x, n, h * w, c, quant)?;
+                let shape = Conv2dShape {
+                    batch: n,
+                    in_h: h,
+                    in_w: w,
+                    in_c: c,
+                    kh: *kh,
+                    kw: *kw,
+                    stride: *stride,
+                    pad: *pad,
+                };
+                let epi = Epilogue {
+                    bias: Some(bias),
+                    residual: residual.map(|r| values[r].as_deref().expect("validated order")),
+                    relu: *act != Act::None,
+                };
+                match kernel {
+                    Kernel::Gemm(pw) => asq_kernels::conv::conv2d(&qa, pw, &shape, &epi, &mut out),
+                    Kernel::Depthwise(dw) => asq_kernels::conv::depthwise_conv2d_with(
+                        asq_kernels::Isa::best(),
+                        &qa,
+                        dw,
+                        &shape,
+                        &epi,
+                        &mut out,
+                    ),
+                    Kernel::None => unreachable!("convolutions have weights"),
+                }
+                .map_err(kernel_error)?;
+                if *act == Act::Relu6 {
+                    out.iter_mut().for_each(|v| *v = v.min(6.0));
+                }
+            }
+            (
+                Op::Linear {
+                    bias, quant, act, ..
+                },
+                Kernel::Gemm(pw),
+            ) => {
+                let qa = quantize(x, n, 1, h * w * c, quant)?;
+                let epi = Epilogue {
+                    bias: Some(bias),
+                    residual: None,
+                    relu: *act != Act::None,
+                };
+                asq_kernels::gemm(&qa, pw, &epi, &mut out).map_err(kernel_error)?;
+                if *act == Act::Relu6 {
+                    out.iter_mut().for_each(|v| *v = v.min(6.0));
+                }
+            }
+            (Op::MaxPool { size, stride }, _) => {
+                for b in 0..n {
+                    for y in 0..oh {
+                        for xx in 0..ow {
+                            let o = &mut out[((b * oh + y) * ow + xx) * c..][..c];
+                            o.fill(f32::NEG_INFINITY);
+                            for ky in 0..*size {
+                                for kx in 0..*size {
+                                    let (iy, ix) = (y * stride + ky, xx * stride + kx);
+                                    let src = &x[((b * h + iy) * w + ix) * c..][..c];
+                                    o.iter_mut().zip(src).for_each(|(m, v)| *m = m.max(*v));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            (Op::GlobalAvgPool, _) => {
+                for b in 0..n {
+                    let o = &mut out[b * c..(b + 1) * c];
+                    for p in 0..h * w {
+                        let src = &x[(b * h * w + p) * c..][..c];
+                        o.iter_mut().zip(src).for_each(|(s, v)| *s += v);
+                    }
+                    o.iter_mut().for_each(|v| *v /= (h * w) as f32);
+                }
+            }
+            (Op::Linear { .. }, _) => unreachable!("linear layers have GEMM weights"),
+        }
+        Ok(out)
+    }
+
+    /// Serializes (header + bincode payload).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let payload = bincode::serde::encode_to_vec(&self.spec, config())
+            .map_err(|e| Error::Config(format!("model encoding: {e}")))?;
+        let mut out = Vec::with_capacity(HEADER + payload.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&fnv1a(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        Ok(out)
+    }
+
+    /// Parses and validates [`IntModel::to_bytes`] output; `path` names the source in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let bad = |detail: String| Error::Format {
+            path: path.to_path_buf(),
+            detail,
+        };
+        if bytes.len() < HEADER {
+            return Err(bad(format!(
+                "truncated: {} bytes, the header alone is {HEADER}",
+                bytes.len()
+            )));
+        }
+        if &bytes[..8] != MAGIC {
+            return Err(bad("not an asq model (bad magic number)".into()));
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        if version != VERSION {
+            return Err(bad(format!(
+                "model format version {version}, this build reads {VERSION}"
+            )));
+        }
+        let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+        if len != (bytes.len() - HEADER) as u64 {
+            return Err(bad(format!(
+                "payload length {len} but {} bytes follow the header (truncated or padded)",
+                bytes.len() - HEADER
+            )));
+        }
+        let sum = u64::from_le_bytes(bytes[20..28].try_into().expect("8 bytes"));
+        let payload = &bytes[HEADER..];
+        if fnv1a(payload) != sum {
+            return Err(bad("checksum mismatch: the file is corrupt".into()));
+        }
+        let (spec, used): (ModelSpec, usize) = bincode::serde::decode_from_slice(payload, config())
+            .map_err(|e| bad(format!("undecodable payload: {e}")))?;
+        if used != payload.len() {
+            return Err(bad(format!(
+                "{} unused payload bytes",
+                payload.len() - used
+            )));
+        }
+        Self::build(spec).map_err(bad)
+    }
+
+    /// Saves atomically (temporary file in the same directory, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        atomic_write(path, &self.to_bytes()?)
+    }
+
+    /// Loads and validates a model file, refusing files over [`MAX_MODEL_BYTES`] before reading.
+    pub fn load(path: &Path) -> Result<Self> {
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let size = std::fs::metadata(path).map_err(io)?.len();
+        if size > (MAX_MODEL_BYTES + HEADER) as u64 {
+            return Err(Error::Format {
+                path: path.to_path_buf(),
+                detail: format!("{size} bytes exceeds the model size limit"),
+            });
+        }
+        let bytes = std::fs::read(path).map_err(io)?;
+        Self::from_bytes(&bytes, path)
+    }
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_MODEL_BYTES>()
+}
+
+fn check_quant(q: &InputQuant, channels: usize) -> std::result::Result<(), String> {
+    q.range().map_err(|e| e.to_string())?;
+    if !q.step.is_finite() || q.step <= 0.0 {
+        return Err(format!("step {} must be finite and positive", q.step));
+    }
+    if let Some(a) = &q.adapter {
+        a.validate(channels)?;
+    }
+    Ok(())
+}
+
+/// Quantizes `[n, positions, channels]` NHWC values with per-sample steps `s · beta`.
+fn quantize(
+    x: &[f32],
+    n: usize,
+    positions: usize,
+    channels: usize,
+    q: &InputQuant,
+) -> Result<QuantActivations> {
+    let per = positions * channels;
+    let betas: Vec<f32> = match &q.adapter {
+        Some(a) => (0..n)
+            .map(|s| {
+                let mut pooled = vec![0.0f32; channels];
+                for px in x[s * per..(s + 1) * per].chunks_exact(channels) {
+                    pooled.iter_mut().zip(px).for_each(|(p, v)| *p += v);
+                }
+                pooled.iter_mut().for_each(|v| *v /= positions as f32);
+                a.beta(&pooled)
+            })
+            .collect(),
+        None => vec![1.0; n],
+    };
+    QuantActivations::quantize(
+        x,
+        n,
+        per,
+        q.range()?,
+        Steps::Scaled {
+            step: q.step,
+            betas: &betas,
+        },
+    )
+    .map_err(kernel_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packed(n: usize, k: usize, seed: usize) -> Vec<u8> {
+        let r = QuantRange::signed(4).unwrap();
+        let codes: Vec<u8> = (0..n * k).map(|i| ((i * 7 + seed) % 16) as u8).collect();
+        PackedWeights::from_uniform_codes(&codes, n, k, r, &vec![0.05; n])
+            .unwrap()
+            .to_bytes()
+    }
+
+    fn quant(signed: bool) -> InputQuant {
+        InputQuant {
+            bits: 8,
+            signed,
+            step: 0.02,
+            adapter: None,
+        }
+    }
+
+    /// conv 3x3 (1 -> 4) + ReLU, 2x2 max pool, depthwise 3x3 + residual + ReLU6, linear -> 3.
+    fn tiny() -> ModelSpec {
+        let conv = Op::Conv {
+            weights: packed(4, 9, 1),
+            kernel: (3, 3),
+            stride: 1,
+            pad: 1,
+            depthwise: false,
+            bias: vec![0.1, -0.1, 0.0, 0.2],
+            quant: quant(true),
+            residual: None,
+            act: Act::Relu,
+        };
+        let dw = Op::Conv {
+            weights: packed(4, 9, 3),
+            kernel: (3, 3),
+            stride: 1,
+            pad: 1,
+            depthwise: true,
+            bias: vec![0.0; 4],
+            quant: InputQuant {
+                adapter: Some(FloatAdapter {
+                    layers: vec![(vec![0.5; 4], vec![1.0], 1, 4)],
+                }),
+                ..quant(false)
+            },
+            residual: Some(2),
+            act: Act::Relu6,
+        };
+        let fc = Op::Linear {
+            weights: packed(3, 3 * 3 * 4, 5),
+            bias: vec![0.0; 3],
+            quant: quant(false),
+            act: Act::None,
+        };
+        ModelSpec {
+            name: "tiny".into(),
+            input: InputSpec {
+                channels: 1,
+                height: 6,
+                width: 6,
+                mean: vec![0.5],
+                std: vec![0.25],
+            },
+            classes: 3,
+            nodes: vec![
+                Node { input: 0, op: conv },
+                Node {
+                    input: 1,
+                    op: Op::MaxPool { size: 2, stride: 2 },
+                },
+                Node { input: 2, op: dw },
+                Node { input: 3, op: fc },
+            ],
+            meta: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_small_graph_runs_and_round_trips() {
+        let model = IntModel::new(tiny()).unwrap();
+        let images: Vec<u8> = (0..2 * 36).map(|i| (i * 37 % 256) as u8).collect();
+        let out = model.forward_u8(&images, 2).unwrap();
+        assert_eq!(out.len(), 6);
+        assert!(out.iter().all(|v| v.is_finite()));
+        assert_ne!(
+            out[..3],
+            out[3..],
+            "two different images, two different outputs"
+        );
+        let back = IntModel::from_bytes(&model.to_bytes().unwrap(), Path::new("m")).unwrap();
+        assert_eq!(back.spec(), model.spec());
+        assert_eq!(back.forward_u8(&images, 2).unwrap(), out);
+        // One image alone gives the same logits as in the batch (per-sample scales).
+        assert_eq!(model.forward_u8(&images[36..], 1).unwrap(), out[3..]);
+    }
+
+    #[test]
+    fn inconsistent_graphs_are_rejected_with_a_reason() {
+        type Corrupt = Box<dyn Fn(&mut ModelSpec)>;
+        let cases: Vec<(&str, Corrupt)> = vec![
+            (
+                "bias",
+                Box::new(|s| {
+                    if let Op::Conv { bias, .. } = &mut s.nodes[0].op {
+                        bias.pop();
+                    }
+                }),
+            ),
+            (
+                "not finite",
+                Box::new(|s| {
+                    if let Op::Conv { bias, .. } = &mut s.nodes[0].op {
+                        bias[0] = f32::NAN;
+                    }
+                }),
+            ),
+            (
+                "residual",
+                Box::new(|s| {
+                    if let Op::Conv { residual, .. } = &mut s.nodes[2].op {
+                        *residual = Some(1);
+                    }
+                }),
+            ),
+            ("not computed", Box::new(|s| s.nodes[1].input = 3)),
+            ("features", Box::new(|s| s.nodes[3].input = 1)),
+            ("classes", Box::new(|s| s.classes = 4)),
+            (
+                "bit width",
+                Box::new(|s| {
+                    if let Op::Conv { quant, .. } = &mut s.nodes[0].op {
+                        quant.bits = 9;
+                    }
+                }),
+            ),
+            (
+                "step",
+                Box::new(|s| {
+                    if let Op::Conv { quant, .. } = &mut s.nodes[0].op {
+                        quant.step = 0.0;
+                    }
+                }),
+            ),
+            (
+                "adapter",
+                Box::new(|s| {
+                    if let Op::Conv { quant, .. } = &mut s.nodes[2].op {
+                        quant.adapter.as_mut().unwrap().layers[0].3 = 5;
+                    }
+                }),
+            ),
+            (
+                "window",
+                Box::new(|s| {
+                    s.nodes[1].op = Op::MaxPool { size: 7, stride: 1 };
+                }),
+            ),
+            (
+                "K =",
+                Box::new(|s| {
+                    if let Op::Conv { kernel, .. } = &mut s.nodes[0].op {
+                        *kernel = (1, 1);
+                    }
+                }),
+            ),
+            ("input height", Box::new(|s| s.input.height = 0)),
+            (
+                "magic",
+                Box::new(|s| {
+                    if let Op::Linear { weights, .. } = &mut s.nodes[3].op {
+                        weights[0] = b'X';
+                    }
+                }),
+            ),
+        ];
+        for (want, corrupt) in cases {
+            let mut spec = tiny();
+            corrupt(&mut spec);
+            let err = IntModel::new(spec.clone()).unwrap_err().to_string();
+            assert!(
+                err.to_lowercase().contains(&want.to_lowercase()),
+                "{want}: {err}"
+            );
+            // The same through a file.
+            let payload = bincode::serde::encode_to_vec(&spec, config()).unwrap();
+            let mut bytes = MAGIC.to_vec();
+            bytes.extend_from_slice(&VERSION.to_le_bytes());
+            bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(&fnv1a(&payload).to_le_bytes());
+            bytes.extend_from_slice(&payload);
+            assert!(
+                IntModel::from_bytes(&bytes, Path::new("x")).is_err(),
+                "{want}"
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_lengths_are_refused_without_allocating() {
+        // A payload whose first field (the name) claims 2^60 bytes, with a valid header.
+        let mut payload = vec![253u8];
+        payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&VERSION.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&fnv1a(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let err = IntModel::from_bytes(&bytes, Path::new("h")).unwrap_err();
+        assert!(err.to_string().contains("undecodable"), "{err}");
+        let mut v2 = bytes.clone();
+        v2[8] = 2;
+        assert!(IntModel::from_bytes(&v2, Path::new("h"))
+            .unwrap_err()
+            .to_string()
+            .contains("version"));
+    }
+}

@@ -1,0 +1,188 @@
+//! Every zoo architecture: parameter counts of the published networks, a few quantization-
+//! aware training steps on Fashion-MNIST, export to the integer engine, and agreement of the
+//! integer model with the fake-quant model it came from.
+
+use std::path::Path;
+
+use asq_models::engine::InputSpec;
+use asq_models::{IntModel, Model, QuantPolicy};
+use asq_train::data::idx::{load_mnist_dir, FASHION_MNIST_DIR};
+use asq_train::data::loader::make_batch;
+use asq_train::data::{Augment, Dataset};
+use asq_train::nn::Module;
+use asq_train::optim::{LrSchedule, LrShape, Optimizer, OptimizerConfig, ParamGroups};
+use asq_train::train::{fit, Silent, TrainConfig};
+use asq_train::{checkpoint::TrainState, Graph, ParamStore};
+
+fn data() -> (Dataset, Dataset) {
+    let full = Path::new(FASHION_MNIST_DIR);
+    let dir = if full.join("train-images-idx3-ubyte.gz").exists() {
+        full.to_path_buf()
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../asq-train/data/fashion-mnist-subset")
+    };
+    (
+        load_mnist_dir(&dir, true).unwrap().take(512),
+        load_mnist_dir(&dir, false).unwrap().take(48),
+    )
+}
+
+fn weights(ps: &ParamStore) -> usize {
+    ps.params()
+        .iter()
+        .filter(|p| p.name.ends_with(".weight") && !p.name.contains("adapter"))
+        .map(|p| p.value.len())
+        .sum()
+}
+
+#[test]
+fn published_architectures_have_their_parameter_counts() {
+    // Weights of conv and linear layers (no BN, biases or quantizer parameters), 10 classes,
+    // one input channel: the published figures up to the first conv and the classifier.
+    for (arch, lo, hi) in [
+        ("mlp", 200_000, 300_000),
+        ("lenet5", 55_000, 70_000),
+        ("resnet20", 260_000, 290_000),
+        ("resnet18", 11_000_000, 11_300_000),
+        ("resnet34", 21_000_000, 21_400_000),
+        ("mobilenetv2", 2_150_000, 2_300_000),
+    ] {
+        let mut ps = ParamStore::new();
+        Model::build(arch, &mut ps, (1, 28, 28), 10, &QuantPolicy::float(), 1).unwrap();
+        let n = weights(&ps);
+        println!("{arch}: {n} weights");
+        assert!((lo..hi).contains(&n), "{arch}: {n} weights");
+    }
+    let mut ps = ParamStore::new();
+    for bad in ["resnet21", "vgg16", "mobilenetv2-x", "mobilenetv2-9"] {
+        assert!(
+            Model::build(bad, &mut ps, (1, 28, 28), 10, &QuantPolicy::float(), 1).is_err(),
+            "{bad}"
+        );
+    }
+    assert!(Model::build("lenet5", &mut ps, (1, 8, 8), 10, &QuantPolicy::float(), 1).is_err());
+}
+
+#[test]
+fn every_architecture_trains_exports_and_agrees_with_fake_quant() {
+    let (train, test) = data();
+    let normalize = train.channel_stats();
+    for (arch, policy) in [
+        ("mlp", "asq-post"),
+        ("lenet5", "asq-post"),
+        ("lenet5", "lsq"),
+        ("resnet20", "asq-pot"),
+        ("mobilenetv2-0.25", "asq-post"),
+        ("mobilenetv2-0.25", "lsq-apot"),
+    ] {
+        let mut ps = ParamStore::new();
+        let policy_v = QuantPolicy::named(policy, 4).unwrap();
+        let net = Model::build(arch, &mut ps, (1, 28, 28), 10, &policy_v, 7).unwrap();
+        let cfg = TrainConfig {
+            epochs: 1,
+            batch_size: 32,
+            max_batches: Some(12),
+            schedule: LrSchedule {
+                base: 0.02,
+                warmup: 2,
+                shape: LrShape::Constant,
+            },
+            label_smoothing: 0.0,
+            augment: Augment::default(),
+            normalize: normalize.clone(),
+        };
+        let mut opt = Optimizer::new(
+            OptimizerConfig::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+            },
+            ParamGroups::new(1e-4),
+        )
+        .unwrap();
+        let mut state = TrainState {
+            seed: 3,
+            ..Default::default()
+        };
+        fit(
+            &net,
+            &mut ps,
+            &mut opt,
+            &train,
+            &cfg,
+            &mut state,
+            &mut Silent,
+        )
+        .unwrap();
+
+        let input = InputSpec {
+            channels: 1,
+            height: 28,
+            width: 28,
+            mean: normalize.mean.clone(),
+            std: normalize.std.clone(),
+        };
+        let model = net.export(&ps, arch, input).unwrap();
+        let idx: Vec<usize> = (0..test.len()).collect();
+        let batch = make_batch(&test, &idx, &normalize, None).unwrap();
+        let mut g = Graph::new(false);
+        let x = g.input(batch.images.clone());
+        let y = net.forward(&mut g, &mut ps, x).unwrap();
+        let fq: Vec<f32> = g.value(y).iter().copied().collect();
+        let int = model
+            .forward(batch.images.as_slice().unwrap(), test.len())
+            .unwrap();
+        let argmax = |v: &[f32]| {
+            v.iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+                )
+                .0
+        };
+        let agree = fq
+            .chunks(10)
+            .zip(int.chunks(10))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        let diff: f32 =
+            fq.iter().zip(&int).map(|(a, b)| (a - b).abs()).sum::<f32>() / fq.len() as f32;
+        let mag: f32 = fq.iter().map(|a| a.abs()).sum::<f32>() / fq.len() as f32;
+        println!(
+            "{arch} {policy}: {} nodes, {} weight bytes, top-1 agreement {agree}/{}, mean |diff| {diff:.4} vs |logit| {mag:.3}",
+            model.spec().nodes.len(),
+            model.weight_bytes(),
+            test.len()
+        );
+        assert!(
+            agree * 10 >= test.len() * 9,
+            "{arch} {policy}: {agree}/{}",
+            test.len()
+        );
+        assert!(
+            diff <= 0.05 * mag + 1e-3,
+            "{arch} {policy}: {diff} vs {mag}"
+        );
+        let back = IntModel::from_bytes(&model.to_bytes().unwrap(), Path::new("m")).unwrap();
+        assert_eq!(
+            back.forward(batch.images.as_slice().unwrap(), test.len())
+                .unwrap(),
+            int
+        );
+    }
+}
+
+#[test]
+fn float_layers_cannot_be_exported() {
+    let mut ps = ParamStore::new();
+    let net = Model::build("lenet5", &mut ps, (1, 28, 28), 10, &QuantPolicy::float(), 1).unwrap();
+    let input = InputSpec {
+        channels: 1,
+        height: 28,
+        width: 28,
+        mean: vec![0.5],
+        std: vec![0.5],
+    };
+    let err = net.export(&ps, "lenet5", input).unwrap_err().to_string();
+    assert!(err.contains("float"), "{err}");
+}
