@@ -2,20 +2,17 @@
 //! Fashion-MNIST, fine-tune it as W4A4 ASQ+POST from that checkpoint, export it to the integer
 //! engine, run integer inference on the test images and report accuracy and speed of the three.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use asq_models::{QuantPolicy, ResNet};
 use asq_train::checkpoint::{Checkpoint, TrainState};
-use asq_train::data::idx::{load_mnist_dir, FASHION_MNIST_DIR};
-use asq_train::data::loader::make_batch;
+use asq_train::data::idx::load_mnist_dir;
 use asq_train::data::{Augment, Dataset, Normalize};
 use asq_train::nn::Module;
 use asq_train::optim::{LrSchedule, LrShape, Optimizer, OptimizerConfig, ParamGroups};
-use asq_train::train::{evaluate, fit, BatchStats, Callback, Control, TrainConfig};
+use asq_train::train::{evaluate, fit, TrainConfig};
 use asq_train::{Graph, ParamStore};
-use indicatif::{ProgressBar, ProgressStyle};
 
 /// Options of `asq demo`.
 #[derive(clap::Args)]
@@ -50,57 +47,8 @@ pub struct DemoArgs {
     out: Option<PathBuf>,
 }
 
-type Error = Box<dyn std::error::Error>;
-
-fn data_dir(arg: &Option<PathBuf>) -> Result<PathBuf, Error> {
-    if let Some(d) = arg {
-        return Ok(d.clone());
-    }
-    let debian = Path::new(FASHION_MNIST_DIR);
-    if debian.join("train-images-idx3-ubyte.gz").exists() {
-        return Ok(debian.to_path_buf());
-    }
-    let shipped =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../asq-train/data/fashion-mnist-subset");
-    if shipped.join("train-images-idx3-ubyte.gz").exists() {
-        return Ok(shipped);
-    }
-    Err(format!(
-        "no Fashion-MNIST found: install the Debian package dataset-fashion-mnist ({FASHION_MNIST_DIR}) or pass --data DIR"
-    )
-    .into())
-}
-
-/// A progress bar over training batches.
-struct Bar(ProgressBar);
-
-impl Bar {
-    fn new(total: u64, what: &str) -> Self {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg}")
-                .expect("static template")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(what.to_string());
-        Self(bar)
-    }
-}
-
-impl Callback for Bar {
-    fn on_batch(&mut self, s: &BatchStats, _: &ParamStore, _: &TrainState) -> Control {
-        self.0.inc(1);
-        self.0.set_message(format!(
-            "epoch {} loss {:.3} acc {:.2} lr {:.4} {:.0} img/s",
-            s.epoch + 1,
-            s.loss,
-            s.correct as f64 / s.size as f64,
-            s.lr,
-            s.images_per_sec
-        ));
-        Control::Continue
-    }
-}
+use crate::common::{data_dir, measure, Bar, Error};
+use crate::pipeline::Recipe;
 
 /// Trains `net` for `(epochs, learning rate)`; returns training images/s.
 fn train(
@@ -151,52 +99,11 @@ fn train(
     Ok(images as f64 / t.elapsed().as_secs_f64())
 }
 
-/// Accuracy and images/s of a forward pass over `test`.
-fn measure(
-    test: &Dataset,
-    normalize: &Normalize,
-    batch: usize,
-    mut logits: impl FnMut(&asq_train::Tensor) -> Result<Vec<f32>, Error>,
-) -> Result<(f64, f64), Error> {
-    let t = Instant::now();
-    let mut correct = 0usize;
-    let idx: Vec<usize> = (0..test.len()).collect();
-    for chunk in idx.chunks(batch) {
-        let b = make_batch(test, chunk, normalize, None)?;
-        let out = logits(&b.images)?;
-        let classes = out.len() / chunk.len();
-        for (row, &y) in out.chunks(classes).zip(&b.labels) {
-            let best = row
-                .iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |m, (i, &v)| if v > m.1 { (i, v) } else { m },
-                )
-                .0;
-            correct += (best == y) as usize;
-        }
-    }
-    Ok((
-        correct as f64 / test.len() as f64,
-        test.len() as f64 / t.elapsed().as_secs_f64(),
-    ))
-}
-
-fn save(
-    out: &Option<PathBuf>,
-    name: &str,
-    ps: &ParamStore,
-    meta: &[(&str, String)],
-) -> Result<(), Error> {
+fn save(out: &Option<PathBuf>, name: &str, ps: &ParamStore, recipe: &Recipe) -> Result<(), Error> {
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let meta: BTreeMap<String, String> = meta
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
         let path = dir.join(name);
-        Checkpoint::capture(ps, None, TrainState::default(), meta).save(&path)?;
+        Checkpoint::capture(ps, None, TrainState::default(), recipe.meta()).save(&path)?;
         println!("saved {}", path.display());
     }
     Ok(())
@@ -231,12 +138,15 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         args,
         "FP32",
     )?;
-    save(
-        &args.out,
-        "resnet20-fp32.ckpt",
-        &fp_ps,
-        &[("model", "resnet20".into()), ("quant", "fp32".into())],
-    )?;
+    let recipe = |quant: &str| Recipe {
+        model: "resnet20".into(),
+        quant: quant.into(),
+        bits: args.bits,
+        chw: (train_set.c, train_set.h, train_set.w),
+        classes: train_set.classes,
+        normalize: normalize.clone(),
+    };
+    save(&args.out, "resnet20-fp32.ckpt", &fp_ps, &recipe("fp32"))?;
 
     // 2. W{bits}A{bits} ASQ+POST from the FP weights (scales initialise on the first batch).
     let policy = QuantPolicy::asq_post(args.bits)?;
@@ -263,11 +173,12 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         args,
         &label,
     )?;
+    let q_recipe = recipe("asq-post");
     save(
         &args.out,
         &format!("resnet20-asq-post-w{0}a{0}.ckpt", args.bits),
         &q_ps,
-        &[("model", "resnet20".into()), ("quant", label.clone())],
+        &q_recipe,
     )?;
 
     // 3. Export and integer inference; compare with the float passes.
@@ -279,6 +190,16 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         std: normalize.std.clone(),
     };
     let int = q_net.export(&q_ps, input)?;
+    let int = {
+        let mut spec = int.spec().clone();
+        spec.meta = q_recipe.meta();
+        asq_models::IntModel::new(spec)?
+    };
+    if let Some(dir) = &args.out {
+        let path = dir.join(format!("resnet20-asq-post-w{0}a{0}.asqm", args.bits));
+        int.save(&path)?;
+        println!("saved {}", path.display());
+    }
     let bs = 64.min(test.len());
     let (fp_acc, fp_speed) = measure(&test, &normalize, bs, |x| {
         let mut g = Graph::new(false);

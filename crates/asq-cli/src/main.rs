@@ -1,10 +1,13 @@
 //! `asq`: the command line of the asq toolkit.
 //!
 //! `asq demo` runs the main job end to end (train, quantize, export, integer inference, report);
-//! `asq bench kernels` measures the integer kernels; `asq info` reports what this CPU runs.
+//! `asq train`, `asq export` and `asq eval` run its steps on files; `asq bench kernels` measures
+//! the integer kernels; `asq info` reports what this CPU runs.
 
 mod bench;
+mod common;
 mod demo;
+mod pipeline;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +24,13 @@ enum Command {
     /// Train ResNet-20 on Fashion-MNIST, fine-tune it as W4A4 ASQ+POST, export it to the integer
     /// engine and report accuracy and speed of the float, fake-quant and integer models.
     Demo(demo::DemoArgs),
+    /// Train a zoo model on Fashion-MNIST (full precision or quantization-aware) and save a
+    /// checkpoint.
+    Train(pipeline::TrainArgs),
+    /// Export a quantized checkpoint to an integer-engine model file (.asqm).
+    Export(pipeline::ExportArgs),
+    /// Test accuracy and speed of a model file (integer engine) or a checkpoint.
+    Eval(pipeline::EvalArgs),
     /// Measure kernels against f32 sgemm and the machine's peaks, in one process.
     Bench {
         #[command(subcommand)]
@@ -40,6 +50,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
+        Command::Train(args) => pipeline::train(&args),
+        Command::Export(args) => pipeline::export(&args),
+        Command::Eval(args) => pipeline::eval(&args),
         Command::Bench {
             what: BenchWhat::Kernels(args),
         } => bench::kernels(&args),

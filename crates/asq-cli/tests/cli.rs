@@ -41,10 +41,16 @@ fn demo_trains_exports_and_runs_integer_inference() {
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
-    // The checkpoints it wrote load back.
+    // The checkpoints and the model file it wrote work with the other commands.
     for name in ["resnet20-fp32.ckpt", "resnet20-asq-post-w4a4.ckpt"] {
         asq_train::checkpoint::Checkpoint::load(&dir.join(name)).expect(name);
     }
+    let model = dir.join("resnet20-asq-post-w4a4.asqm");
+    let (ok, out, err) = asq(&["eval", model.to_str().unwrap(), "--test-images", "64"]);
+    assert!(
+        ok && out.contains("resnet20 asq-post W4A4 on the integer engine"),
+        "{out}{err}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -75,6 +81,114 @@ fn bad_input_is_a_clear_error_not_a_panic() {
     assert!(!ok && err.contains("--threads"), "{err}");
     let (ok, _, err) = asq(&["frobnicate"]);
     assert!(!ok && err.contains("frobnicate"), "{err}");
+}
+
+#[test]
+fn train_export_eval_on_files() {
+    let dir = std::env::temp_dir().join(format!("asq-pipeline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let small = [
+        "--train-images",
+        "512",
+        "--test-images",
+        "200",
+        "--batch",
+        "32",
+    ];
+    let run = |args: &[&str]| {
+        let (ok, out, err) = asq(args);
+        assert!(ok, "asq {args:?} failed: {err}");
+        out
+    };
+    // Full precision, then W4A4 ASQ+POST from its weights, then one more epoch by resuming.
+    let fp = p("fp.ckpt");
+    let out = run(&[
+        &["train", "--model", "lenet5", "--epochs", "1", "--out", &fp],
+        &small[..],
+    ]
+    .concat());
+    assert!(
+        out.contains("| epoch | loss | train accuracy | images/s |")
+            && out.contains("test: 200 images"),
+        "{out}"
+    );
+    let q = p("q.ckpt");
+    let qat = [
+        "train", "--model", "lenet5", "--quant", "asq-post", "--bits", "4", "--lr", "0.01",
+        "--out", &q,
+    ];
+    let out = run(&[&qat[..], &["--epochs", "1", "--init", &fp], &small[..]].concat());
+    assert!(
+        out.contains("initialised") && out.contains("lenet5 asq-post W4A4"),
+        "{out}"
+    );
+    let out = run(&[&qat[..], &["--epochs", "2", "--resume"], &small[..]].concat());
+    assert!(out.contains("resuming") && out.contains("| 2 |"), "{out}");
+    let m = p("q.asqm");
+    let out = run(&["export", &q, "--out", &m]);
+    assert!(out.contains("7 nodes"), "{out}");
+    // The integer engine and the fake-quant graph agree on the test accuracy.
+    let acc = |out: &str| {
+        out.split("accuracy ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let int = run(&["eval", &m, "--test-images", "200"]);
+    let fq = run(&["eval", &q, "--test-images", "200"]);
+    assert!(
+        int.contains("integer engine") && fq.contains("fake-quant graph"),
+        "{int}{fq}"
+    );
+    let (a, b): (f64, f64) = (acc(&int).parse().unwrap(), acc(&fq).parse().unwrap());
+    assert!((a - b).abs() <= 1.0, "integer {a} % vs fake-quant {b} %");
+    assert!(a > 50.0, "{int}");
+
+    // Clear errors.
+    let fails = |args: &[&str], want: &str| {
+        let (ok, _, err) = asq(args);
+        assert!(
+            !ok && err.starts_with("asq: error:") && err.contains(want),
+            "{args:?}: {err}"
+        );
+    };
+    fails(&["export", &fp, "--out", &p("x.asqm")], "full-precision");
+    std::fs::write(p("cut.asqm"), &std::fs::read(&m).unwrap()[..100]).unwrap();
+    fails(&["eval", &p("cut.asqm")], "truncated");
+    std::fs::write(
+        p("junk.bin"),
+        [b"not a model at all".as_slice(); 4].concat(),
+    )
+    .unwrap();
+    fails(&["eval", &p("junk.bin")], "not an asq checkpoint");
+    fails(&["eval", &p("missing.asqm")], "missing.asqm");
+    fails(
+        &["train", "--model", "vgg16", "--out", &p("v.ckpt")],
+        "resnet20",
+    );
+    fails(
+        &["train", "--quant", "asq-foo", "--out", &p("v.ckpt")],
+        "asq-post",
+    );
+    fails(
+        &[
+            &[
+                "train", "--model", "mlp", "--quant", "asq-post", "--out", &q, "--resume",
+            ],
+            &small[..],
+        ]
+        .concat(),
+        "saved run is lenet5",
+    );
+    assert!(
+        !dir.join("x.asqm").exists() && !dir.join("v.ckpt").exists(),
+        "failed commands write nothing"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -101,17 +101,28 @@ pub fn im2col(x: &QuantActivations, shape: &Conv2dShape) -> Result<QuantActivati
                 let r = (n * oh + oy) * ow + ox;
                 out.set_scale(r, x.scales()[n]);
                 let row = out.row_mut(r);
+                // The window's columns kx_lo..kx_hi lie inside the input: in NHWC their pixels
+                // are one contiguous run per window row, on both sides.
+                let x0 = (ox * shape.stride) as isize - shape.pad as isize;
+                let kx_lo = (-x0).clamp(0, shape.kw as isize) as usize;
+                let kx_hi = (shape.in_w as isize - x0).clamp(0, shape.kw as isize) as usize;
+                if kx_lo >= kx_hi {
+                    continue;
+                }
+                let len = (kx_hi - kx_lo) * c;
                 for ky in 0..shape.kh {
-                    for kx in 0..shape.kw {
-                        if let Some((iy, ix)) = shape.input_at(oy, ox, ky, kx) {
-                            let src = (iy * shape.in_w + ix) * c;
-                            let dst = (ky * shape.kw + kx) * c;
-                            // NHWC: a pixel's channels are contiguous on both sides.
-                            // An element loop, not copy_from_slice: short runs would call memmove.
-                            for (d, v) in row[dst..dst + c].iter_mut().zip(&src_row[src..src + c]) {
-                                *d = *v;
-                            }
-                        }
+                    let Some(iy) = (oy * shape.stride + ky).checked_sub(shape.pad) else {
+                        continue;
+                    };
+                    if iy >= shape.in_h {
+                        continue;
+                    }
+                    let src = (iy * shape.in_w) * c + (x0 + kx_lo as isize) as usize * c;
+                    let dst = (ky * shape.kw + kx_lo) * c;
+                    // An element loop: runs are short (often a few bytes), a memmove call
+                    // would cost more than the copy.
+                    for (d, v) in row[dst..dst + len].iter_mut().zip(&src_row[src..src + len]) {
+                        *d = *v;
                     }
                 }
             }

@@ -63,10 +63,7 @@ impl FloatAdapter {
         let mut h = pooled.to_vec();
         for (w, b, out, inp) in &self.layers {
             h = (0..*out)
-                .map(|o| {
-                    let dot: f32 = (0..*inp).map(|i| h[i] * w[o * inp + i]).sum();
-                    (dot + b[o]).max(0.0)
-                })
+                .map(|o| (dot(&h, &w[o * inp..(o + 1) * inp]) + b[o]).max(0.0))
                 .collect();
         }
         h[0].max(1e-8)
@@ -95,6 +92,25 @@ impl FloatAdapter {
         }
         Ok(())
     }
+}
+
+/// Dot product with 8 independent partial sums (vectorizes; the adapter is evaluated in float,
+/// its summation order is not part of any exactness contract).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// How a layer quantizes its input.
@@ -462,14 +478,18 @@ impl IntModel {
             )));
         }
         let hw = inp.height * inp.width;
-        let x: Vec<f32> = images
-            .iter()
+        let mut x = vec![0.0f32; images.len()];
+        for (i, (src, dst)) in images
+            .chunks_exact(hw)
+            .zip(x.chunks_exact_mut(hw))
             .enumerate()
-            .map(|(i, &p)| {
-                let ch = (i / hw) % inp.channels;
-                (p as f32 / 255.0 - inp.mean[ch]) / inp.std[ch]
-            })
-            .collect();
+        {
+            let ch = i % inp.channels;
+            let (m, sd) = (inp.mean[ch], inp.std[ch]);
+            for (d, &p) in dst.iter_mut().zip(src) {
+                *d = (p as f32 / 255.0 - m) / sd;
+            }
+        }
         self.forward(&x, n)
     }
 
@@ -486,9 +506,15 @@ impl IntModel {
             return Err(Error::NonFinite(format!("model input at {i} ({})", x[i])));
         }
         let mut nhwc = vec![0.0f32; x.len()];
-        for (i, v) in x.iter().enumerate() {
-            let (b, ch, y, xx) = (i / (c * h * w), (i / (h * w)) % c, (i / w) % h, i % w);
-            nhwc[((b * h + y) * w + xx) * c + ch] = *v;
+        for (src, dst) in x
+            .chunks_exact(c * h * w)
+            .zip(nhwc.chunks_exact_mut(c * h * w))
+        {
+            for (ch, plane) in src.chunks_exact(h * w).enumerate() {
+                for (p, v) in plane.iter().enumerate() {
+                    dst[p * c + ch] = *v;
+                }
+            }
         }
         let mut values: Vec<Option<Vec<f32>>> = vec![None; self.shapes.len()];
         values[0] = Some(nhwc);

@@ -1,0 +1,508 @@
+//! `asq train`, `asq export`, `asq eval`: the main job as separate steps on files.
+//!
+//! - `train` builds a zoo model with a quantization policy, optionally starts from the weights
+//!   of another checkpoint (full precision -> QAT) or resumes its own, trains on Fashion-MNIST
+//!   and writes a checkpoint whose metadata records how to rebuild the model.
+//! - `export` rebuilds the model from a checkpoint and writes the integer-engine model (`.asqm`).
+//! - `eval` measures test accuracy and speed of a `.asqm` (integer engine) or a checkpoint
+//!   (float or fake-quant graph).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use asq_models::engine::InputSpec;
+use asq_models::policy::POLICY_NAMES;
+use asq_models::zoo::ARCH_NAMES;
+use asq_models::{IntModel, Model, QuantPolicy};
+use asq_train::checkpoint::{Checkpoint, TrainState};
+use asq_train::data::idx::load_mnist_dir;
+use asq_train::data::{Augment, Dataset, Normalize};
+use asq_train::nn::Module;
+use asq_train::optim::{LrSchedule, LrShape, Optimizer, OptimizerConfig, ParamGroups};
+use asq_train::train::{evaluate, fit, TrainConfig};
+use asq_train::{Graph, ParamStore};
+
+use crate::common::{data_dir, measure, Bar, Error};
+
+/// Options of `asq train`.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Checkpoint to write (atomically; with --resume, also the one to continue).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Architecture.
+    #[arg(long, default_value = "lenet5", help = format!("Architecture: {ARCH_NAMES}"))]
+    model: String,
+    /// Quantization of the body (first and last layers stay 8-bit LSQ).
+    #[arg(long, default_value = "fp32", help = format!("Quantization: {POLICY_NAMES}"))]
+    quant: String,
+    /// Bit width of the quantized body (weights and activations).
+    #[arg(long, default_value_t = 4)]
+    bits: u32,
+    /// Epochs (with --resume: the total, counting those already done).
+    #[arg(long, default_value_t = 3)]
+    epochs: u64,
+    /// Peak learning rate (cosine decay after a short warm-up).
+    #[arg(long, default_value_t = 0.05)]
+    lr: f32,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Optimizer: sgd (momentum 0.9) or adamw.
+    #[arg(long, default_value = "sgd")]
+    optimizer: String,
+    /// Weight decay (weights only).
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f32,
+    /// Training images used (the first N; default all).
+    #[arg(long)]
+    train_images: Option<usize>,
+    /// Test images evaluated after training (0: none).
+    #[arg(long, default_value_t = 2000)]
+    test_images: usize,
+    /// Fashion-MNIST directory (default: the Debian package's, else the shipped subset).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Start from the weights of this checkpoint (same architecture; quantizer scales start
+    /// from the first batch when it has none), e.g. a full-precision run before QAT.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Continue the run saved at --out (same model, quantization and data).
+    #[arg(long)]
+    resume: bool,
+    /// Seed of initialisation, data order and augmentation.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// Options of `asq export`.
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// Checkpoint written by `asq train` (a quantized model).
+    checkpoint: PathBuf,
+    /// Model file to write (`.asqm`).
+    #[arg(long, short)]
+    out: PathBuf,
+}
+
+/// Options of `asq eval`.
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// A `.asqm` model (integer engine) or a checkpoint (float / fake-quant graph).
+    model: PathBuf,
+    /// Fashion-MNIST directory (default: the Debian package's, else the shipped subset).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Test images evaluated (the first N; default all).
+    #[arg(long)]
+    test_images: Option<usize>,
+    /// Batch size of the timed passes.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+}
+
+/// What a checkpoint's metadata must say to rebuild its model.
+pub struct Recipe {
+    /// Architecture name.
+    pub model: String,
+    /// Quantization policy name.
+    pub quant: String,
+    /// Body bit width.
+    pub bits: u32,
+    /// Image (C, H, W).
+    pub chw: (usize, usize, usize),
+    /// Classes.
+    pub classes: usize,
+    /// Training normalisation.
+    pub normalize: Normalize,
+}
+
+impl Recipe {
+    /// The checkpoint metadata recording this recipe.
+    pub fn meta(&self) -> BTreeMap<String, String> {
+        let list = |v: &[f32]| {
+            v.iter()
+                .map(|x| format!("{x:e}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let (c, h, w) = self.chw;
+        BTreeMap::from([
+            ("model".to_string(), self.model.clone()),
+            ("quant".to_string(), self.quant.clone()),
+            ("bits".to_string(), self.bits.to_string()),
+            ("input".to_string(), format!("{c}x{h}x{w}")),
+            ("classes".to_string(), self.classes.to_string()),
+            ("mean".to_string(), list(&self.normalize.mean)),
+            ("std".to_string(), list(&self.normalize.std)),
+        ])
+    }
+
+    fn from_meta(meta: &BTreeMap<String, String>, path: &Path) -> Result<Self, Error> {
+        let get = |k: &str| {
+            meta.get(k).ok_or_else(|| {
+                format!(
+                    "{}: no {k:?} in the checkpoint metadata (not written by `asq train`?)",
+                    path.display()
+                )
+            })
+        };
+        let bad = |k: &str| {
+            format!(
+                "{}: malformed {k:?} in the checkpoint metadata",
+                path.display()
+            )
+        };
+        let floats = |k: &str| -> Result<Vec<f32>, Error> {
+            get(k)?
+                .split(',')
+                .map(|v| v.parse::<f32>().map_err(|_| bad(k).into()))
+                .collect()
+        };
+        let dims: Vec<usize> = get("input")?
+            .split('x')
+            .map(|v| v.parse().map_err(|_| bad("input")))
+            .collect::<Result<_, _>>()?;
+        let [c, h, w] = dims[..] else {
+            return Err(bad("input").into());
+        };
+        Ok(Self {
+            model: get("model")?.clone(),
+            quant: get("quant")?.clone(),
+            bits: get("bits")?.parse().map_err(|_| bad("bits"))?,
+            chw: (c, h, w),
+            classes: get("classes")?.parse().map_err(|_| bad("classes"))?,
+            normalize: Normalize {
+                mean: floats("mean")?,
+                std: floats("std")?,
+            },
+        })
+    }
+
+    fn build(&self, ps: &mut ParamStore, seed: u64) -> Result<Model, Error> {
+        let policy = QuantPolicy::named(&self.quant, self.bits)?;
+        Ok(Model::build(
+            &self.model,
+            ps,
+            self.chw,
+            self.classes,
+            &policy,
+            seed,
+        )?)
+    }
+
+    fn label(&self) -> String {
+        if self.quant == "fp32" {
+            format!("{} fp32", self.model)
+        } else {
+            format!("{} {} W{}A{}", self.model, self.quant, self.bits, self.bits)
+        }
+    }
+}
+
+fn load_split(data: &Option<PathBuf>, train: bool, take: Option<usize>) -> Result<Dataset, Error> {
+    let dir = data_dir(data)?;
+    let set = load_mnist_dir(&dir, train)?;
+    Ok(match take {
+        Some(0) => return Err("--train-images / --test-images must be positive".into()),
+        Some(n) => set.take(n),
+        None => set,
+    })
+}
+
+/// Copies every parameter and buffer of `src` whose name and shape exist in `ps`; returns how
+/// many tensors were copied. Quantizer flags stay unset, so scales initialise on the first
+/// batch from the loaded weights.
+fn init_from(ps: &mut ParamStore, src: &Checkpoint) -> usize {
+    let mut copied = 0;
+    for t in &src.params {
+        if let Some(id) = ps.find(&t.name) {
+            let p = ps.get_mut(id);
+            if p.value.shape() == t.shape.as_slice() {
+                p.value.iter_mut().zip(&t.data).for_each(|(a, b)| *a = *b);
+                copied += 1;
+            }
+        }
+    }
+    for t in &src.buffers {
+        if t.name.ends_with("_ready") {
+            continue;
+        }
+        if let Some((_, v)) = ps.buffers_mut().iter_mut().find(|(n, _)| *n == t.name) {
+            if v.shape() == t.shape.as_slice() {
+                v.iter_mut().zip(&t.data).for_each(|(a, b)| *a = *b);
+                copied += 1;
+            }
+        }
+    }
+    copied
+}
+
+/// `asq train`.
+pub fn train(args: &TrainArgs) -> Result<(), Error> {
+    if args.batch == 0 {
+        return Err("--batch must be positive".into());
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        return Err(format!("--lr {} must be a positive number", args.lr).into());
+    }
+    let train_set = load_split(&args.data, true, args.train_images)?;
+    let recipe = Recipe {
+        model: args.model.clone(),
+        quant: args.quant.clone(),
+        bits: args.bits,
+        chw: (train_set.c, train_set.h, train_set.w),
+        classes: train_set.classes,
+        normalize: train_set.channel_stats(),
+    };
+    let mut ps = ParamStore::new();
+    let net = recipe.build(&mut ps, args.seed)?;
+    let opt_config = match args.optimizer.as_str() {
+        "sgd" => OptimizerConfig::Sgd {
+            momentum: 0.9,
+            nesterov: false,
+        },
+        "adamw" => OptimizerConfig::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        o => return Err(format!("unknown optimizer {o:?} (sgd or adamw)").into()),
+    };
+    let mut opt = Optimizer::new(opt_config, ParamGroups::new(args.weight_decay))?;
+    let mut state = TrainState {
+        seed: args.seed,
+        ..Default::default()
+    };
+    if args.resume {
+        let ckpt = Checkpoint::load(&args.out)?;
+        let saved = Recipe::from_meta(&ckpt.meta, &args.out)?;
+        if saved.meta() != recipe.meta() {
+            return Err(format!(
+                "{}: saved run is {} on {}x{}x{} images; this command asks for {} on {}x{}x{} (or different training data)",
+                args.out.display(),
+                saved.label(),
+                saved.chw.0,
+                saved.chw.1,
+                saved.chw.2,
+                recipe.label(),
+                recipe.chw.0,
+                recipe.chw.1,
+                recipe.chw.2,
+            )
+            .into());
+        }
+        ckpt.restore(&mut ps)?;
+        if let Some(o) = ckpt.optimizer {
+            opt = o;
+        }
+        state = ckpt.state;
+        println!(
+            "resuming {} at epoch {} batch {}",
+            args.out.display(),
+            state.epoch + 1,
+            state.batch
+        );
+    } else if let Some(init) = &args.init {
+        let src = Checkpoint::load(init)?;
+        let n = init_from(&mut ps, &src);
+        if n == 0 {
+            return Err(format!(
+                "{}: no tensor matches {} (different architecture?)",
+                init.display(),
+                recipe.label()
+            )
+            .into());
+        }
+        println!("initialised {n} tensors from {}", init.display());
+    }
+    let per_epoch = train_set.len().div_ceil(args.batch) as u64;
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch,
+        max_batches: None,
+        schedule: LrSchedule {
+            base: args.lr,
+            warmup: per_epoch.min(50),
+            shape: LrShape::Cosine {
+                total: per_epoch * args.epochs,
+                min: 0.0,
+            },
+        },
+        label_smoothing: 0.0,
+        augment: Augment {
+            crop_pad: 2,
+            hflip: true,
+        },
+        normalize: recipe.normalize.clone(),
+    };
+    println!(
+        "training {} on {} images ({} epochs, batch {}, {} threads)",
+        recipe.label(),
+        train_set.len(),
+        args.epochs,
+        args.batch,
+        rayon::current_num_threads()
+    );
+    let done = state.epoch * per_epoch + state.batch;
+    let mut bar = Bar::new((per_epoch * args.epochs).max(done), &recipe.model);
+    bar.0.set_position(done);
+    let t = Instant::now();
+    let stats = fit(
+        &net, &mut ps, &mut opt, &train_set, &cfg, &mut state, &mut bar,
+    )?;
+    bar.0.finish();
+    let images: usize = stats.iter().map(|s| s.images).sum();
+    println!();
+    println!("| epoch | loss | train accuracy | images/s |");
+    println!("|---|---|---|---|");
+    for s in &stats {
+        println!(
+            "| {} | {:.4} | {:.2} % | {:.0} |",
+            s.epoch + 1,
+            s.loss,
+            100.0 * s.accuracy,
+            s.images as f64 / s.seconds
+        );
+    }
+    let mut meta = recipe.meta();
+    if args.test_images > 0 {
+        let test = load_split(&args.data, false, Some(args.test_images))?;
+        let (loss, acc) = evaluate(&net, &mut ps, &test, &recipe.normalize, args.batch)?;
+        println!(
+            "test: {} images, loss {loss:.4}, accuracy {:.2} %",
+            test.len(),
+            100.0 * acc
+        );
+        meta.insert("test_accuracy".into(), format!("{acc:.4}"));
+    }
+    Checkpoint::capture(&ps, Some(&opt), state, meta).save(&args.out)?;
+    println!(
+        "saved {} ({:.0} training images/s)",
+        args.out.display(),
+        images as f64 / t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `asq export`.
+pub fn export(args: &ExportArgs) -> Result<(), Error> {
+    let ckpt = Checkpoint::load(&args.checkpoint)?;
+    let recipe = Recipe::from_meta(&ckpt.meta, &args.checkpoint)?;
+    if recipe.quant == "fp32" {
+        return Err(format!(
+            "{}: a full-precision model has no integer form; train it with --quant (e.g. asq-post) first",
+            args.checkpoint.display()
+        )
+        .into());
+    }
+    let mut ps = ParamStore::new();
+    let net = recipe.build(&mut ps, 0)?;
+    ckpt.restore(&mut ps)?;
+    let (c, h, w) = recipe.chw;
+    let input = InputSpec {
+        channels: c,
+        height: h,
+        width: w,
+        mean: recipe.normalize.mean.clone(),
+        std: recipe.normalize.std.clone(),
+    };
+    let model = net.export(&ps, &recipe.model, input)?;
+    let mut spec = model.spec().clone();
+    spec.meta = ckpt.meta.clone();
+    let model = IntModel::new(spec)?;
+    model.save(&args.out)?;
+    let size = std::fs::metadata(&args.out)
+        .map_err(|e| format!("{}: {e}", args.out.display()))?
+        .len();
+    println!(
+        "exported {} -> {}: {} nodes, {} bytes of packed weights, {size} bytes on disk",
+        recipe.label(),
+        args.out.display(),
+        model.spec().nodes.len(),
+        model.weight_bytes()
+    );
+    Ok(())
+}
+
+fn is_model_file(path: &Path) -> Result<bool, Error> {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(n == 8 && &magic == b"ASQMODL1")
+}
+
+/// `asq eval`.
+pub fn eval(args: &EvalArgs) -> Result<(), Error> {
+    if args.batch == 0 {
+        return Err("--batch must be positive".into());
+    }
+    let test = load_split(&args.data, false, args.test_images)?;
+    if is_model_file(&args.model)? {
+        let model = IntModel::load(&args.model)?;
+        let spec = model.spec();
+        let inp = &spec.input;
+        if (inp.channels, inp.height, inp.width) != (test.c, test.h, test.w) {
+            return Err(format!(
+                "{} takes {}x{}x{} images, the test set has {}x{}x{}",
+                args.model.display(),
+                inp.channels,
+                inp.height,
+                inp.width,
+                test.c,
+                test.h,
+                test.w
+            )
+            .into());
+        }
+        let normalize = Normalize {
+            mean: inp.mean.clone(),
+            std: inp.std.clone(),
+        };
+        let logits = |x: &asq_train::Tensor| -> Result<Vec<f32>, Error> {
+            let flat = x.as_slice().ok_or("non-contiguous batch")?;
+            Ok(model.forward(flat, x.shape()[0])?)
+        };
+        let (acc, speed) = measure(&test, &normalize, args.batch, logits)?;
+        let label = spec.meta.get("quant").map_or(String::new(), |q| {
+            format!(" {q} W{0}A{0}", spec.meta.get("bits").map_or("?", |b| b))
+        });
+        println!(
+            "{}{label} on the integer engine ({}): {} test images, accuracy {:.2} %, {speed:.0} images/s (batch {})",
+            spec.name,
+            asq_kernels::Isa::best().name(),
+            test.len(),
+            100.0 * acc,
+            args.batch
+        );
+        return Ok(());
+    }
+    let ckpt = Checkpoint::load(&args.model)?;
+    let recipe = Recipe::from_meta(&ckpt.meta, &args.model)?;
+    let mut ps = ParamStore::new();
+    let net = recipe.build(&mut ps, 0)?;
+    ckpt.restore(&mut ps)?;
+    let (acc, speed) = measure(&test, &recipe.normalize, args.batch, |x| {
+        let mut g = Graph::new(false);
+        let v = g.input(x.clone());
+        let y = net.forward(&mut g, &mut ps, v)?;
+        Ok(g.value(y).iter().copied().collect())
+    })?;
+    let engine = if recipe.quant == "fp32" {
+        "float graph"
+    } else {
+        "fake-quant graph"
+    };
+    println!(
+        "{} on the {engine}: {} test images, accuracy {:.2} %, {speed:.0} images/s (batch {})",
+        recipe.label(),
+        test.len(),
+        100.0 * acc,
+        args.batch
+    );
+    Ok(())
+}
