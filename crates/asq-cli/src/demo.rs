@@ -142,6 +142,7 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         model: "resnet20".into(),
         quant: quant.into(),
         bits: args.bits,
+        ends: "int8".into(),
         chw: (train_set.c, train_set.h, train_set.w),
         classes: train_set.classes,
         normalize: normalize.clone(),

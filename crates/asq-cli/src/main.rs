@@ -1,13 +1,15 @@
 //! `asq`: the command line of the asq toolkit.
 //!
 //! `asq demo` runs the main job end to end (train, quantize, export, integer inference, report);
-//! `asq train`, `asq export` and `asq eval` run its steps on files; `asq bench kernels` measures
+//! `asq train`, `asq export` and `asq eval` run its steps on files; `asq table` trains the
+//! accuracy table of quantization methods; `asq bench kernels` measures
 //! the integer kernels; `asq info` reports what this CPU runs.
 
 mod bench;
 mod common;
 mod demo;
 mod pipeline;
+mod table;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +33,9 @@ enum Command {
     Export(pipeline::ExportArgs),
     /// Test accuracy and speed of a model file (integer engine) or a checkpoint.
     Eval(pipeline::EvalArgs),
+    /// The accuracy table: quantization methods x bit widths, each fine-tuned from one
+    /// full-precision run (resumable; writes results.md).
+    Table(table::TableArgs),
     /// Measure kernels against f32 sgemm and the machine's peaks, in one process.
     Bench {
         #[command(subcommand)]
@@ -53,6 +58,7 @@ fn main() {
         Command::Train(args) => pipeline::train(&args),
         Command::Export(args) => pipeline::export(&args),
         Command::Eval(args) => pipeline::eval(&args),
+        Command::Table(args) => table::table(&args),
         Command::Bench {
             what: BenchWhat::Kernels(args),
         } => bench::kernels(&args),

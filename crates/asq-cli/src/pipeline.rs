@@ -30,50 +30,54 @@ use crate::common::{data_dir, measure, Bar, Error};
 pub struct TrainArgs {
     /// Checkpoint to write (atomically; with --resume, also the one to continue).
     #[arg(long, short)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Architecture.
     #[arg(long, default_value = "lenet5", help = format!("Architecture: {ARCH_NAMES}"))]
-    model: String,
+    pub(crate) model: String,
     /// Quantization of the body (first and last layers stay 8-bit LSQ).
     #[arg(long, default_value = "fp32", help = format!("Quantization: {POLICY_NAMES}"))]
-    quant: String,
+    pub(crate) quant: String,
     /// Bit width of the quantized body (weights and activations).
     #[arg(long, default_value_t = 4)]
-    bits: u32,
+    pub(crate) bits: u32,
+    /// Precision of the first conv and the classifier: int8 (8-bit LSQ, exportable) or fp32
+    /// (the protocol of published accuracy tables; not exportable).
+    #[arg(long, default_value = "int8")]
+    pub(crate) ends: String,
     /// Epochs (with --resume: the total, counting those already done).
     #[arg(long, default_value_t = 3)]
-    epochs: u64,
+    pub(crate) epochs: u64,
     /// Peak learning rate (cosine decay after a short warm-up).
     #[arg(long, default_value_t = 0.05)]
-    lr: f32,
+    pub(crate) lr: f32,
     /// Mini-batch size.
     #[arg(long, default_value_t = 64)]
-    batch: usize,
+    pub(crate) batch: usize,
     /// Optimizer: sgd (momentum 0.9) or adamw.
     #[arg(long, default_value = "sgd")]
-    optimizer: String,
+    pub(crate) optimizer: String,
     /// Weight decay (weights only).
     #[arg(long, default_value_t = 1e-4)]
-    weight_decay: f32,
+    pub(crate) weight_decay: f32,
     /// Training images used (the first N; default all).
     #[arg(long)]
-    train_images: Option<usize>,
+    pub(crate) train_images: Option<usize>,
     /// Test images evaluated after training (0: none).
     #[arg(long, default_value_t = 2000)]
-    test_images: usize,
+    pub(crate) test_images: usize,
     /// Fashion-MNIST directory (default: the Debian package's, else the shipped subset).
     #[arg(long)]
-    data: Option<PathBuf>,
+    pub(crate) data: Option<PathBuf>,
     /// Start from the weights of this checkpoint (same architecture; quantizer scales start
     /// from the first batch when it has none), e.g. a full-precision run before QAT.
     #[arg(long)]
-    init: Option<PathBuf>,
+    pub(crate) init: Option<PathBuf>,
     /// Continue the run saved at --out (same model, quantization and data).
     #[arg(long)]
-    resume: bool,
+    pub(crate) resume: bool,
     /// Seed of initialisation, data order and augmentation.
     #[arg(long, default_value_t = 1)]
-    seed: u64,
+    pub(crate) seed: u64,
 }
 
 /// Options of `asq export`.
@@ -110,6 +114,8 @@ pub struct Recipe {
     pub quant: String,
     /// Body bit width.
     pub bits: u32,
+    /// First and last layers: "int8" or "fp32".
+    pub ends: String,
     /// Image (C, H, W).
     pub chw: (usize, usize, usize),
     /// Classes.
@@ -132,6 +138,7 @@ impl Recipe {
             ("model".to_string(), self.model.clone()),
             ("quant".to_string(), self.quant.clone()),
             ("bits".to_string(), self.bits.to_string()),
+            ("ends".to_string(), self.ends.clone()),
             ("input".to_string(), format!("{c}x{h}x{w}")),
             ("classes".to_string(), self.classes.to_string()),
             ("mean".to_string(), list(&self.normalize.mean)),
@@ -171,6 +178,7 @@ impl Recipe {
             model: get("model")?.clone(),
             quant: get("quant")?.clone(),
             bits: get("bits")?.parse().map_err(|_| bad("bits"))?,
+            ends: meta.get("ends").cloned().unwrap_or_else(|| "int8".into()),
             chw: (c, h, w),
             classes: get("classes")?.parse().map_err(|_| bad("classes"))?,
             normalize: Normalize {
@@ -181,7 +189,11 @@ impl Recipe {
     }
 
     fn build(&self, ps: &mut ParamStore, seed: u64) -> Result<Model, Error> {
-        let policy = QuantPolicy::named(&self.quant, self.bits)?;
+        let policy = match self.ends.as_str() {
+            "int8" => QuantPolicy::named(&self.quant, self.bits)?,
+            "fp32" => QuantPolicy::named(&self.quant, self.bits)?.float_ends(),
+            e => return Err(format!("--ends {e:?}: int8 or fp32").into()),
+        };
         Ok(Model::build(
             &self.model,
             ps,
@@ -196,7 +208,15 @@ impl Recipe {
         if self.quant == "fp32" {
             format!("{} fp32", self.model)
         } else {
-            format!("{} {} W{}A{}", self.model, self.quant, self.bits, self.bits)
+            let ends = if self.ends == "fp32" {
+                " (fp32 ends)"
+            } else {
+                ""
+            };
+            format!(
+                "{} {} W{}A{}{ends}",
+                self.model, self.quant, self.bits, self.bits
+            )
         }
     }
 }
@@ -252,6 +272,7 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
         model: args.model.clone(),
         quant: args.quant.clone(),
         bits: args.bits,
+        ends: args.ends.clone(),
         chw: (train_set.c, train_set.h, train_set.w),
         classes: train_set.classes,
         normalize: train_set.channel_stats(),
@@ -390,10 +411,11 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
 pub fn export(args: &ExportArgs) -> Result<(), Error> {
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let recipe = Recipe::from_meta(&ckpt.meta, &args.checkpoint)?;
-    if recipe.quant == "fp32" {
+    if recipe.quant == "fp32" || recipe.ends == "fp32" {
         return Err(format!(
-            "{}: a full-precision model has no integer form; train it with --quant (e.g. asq-post) first",
-            args.checkpoint.display()
+            "{}: {} has full-precision layers, which have no integer form; train with --quant (e.g. asq-post) and --ends int8",
+            args.checkpoint.display(),
+            recipe.label()
         )
         .into());
     }

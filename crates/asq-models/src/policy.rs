@@ -73,6 +73,16 @@ impl QuantPolicy {
         }))
     }
 
+    /// The same body with the first and last layers in full precision (the protocol of the
+    /// paper's code and of the published accuracy tables; such a model has no integer export).
+    pub fn float_ends(self) -> Self {
+        Self {
+            first: QuantConfig::float(),
+            last: QuantConfig::float(),
+            ..self
+        }
+    }
+
     /// A policy by name: `fp32`, or `<acts>[-<weights>]` with activations `lsq` or `asq` and
     /// weights `lsq` (uniform, the default), `pot`, `apot` or `post`, all at `bits` in the
     /// body (first and last layers at 8-bit LSQ). `asq-post` is the paper's method.
