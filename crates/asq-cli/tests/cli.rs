@@ -192,6 +192,63 @@ fn train_export_eval_on_files() {
 }
 
 #[test]
+fn table_trains_every_cell_once_and_resumes() {
+    let dir = std::env::temp_dir().join(format!("asq-table-{}", std::process::id()));
+    let args = [
+        "table",
+        "--out",
+        dir.to_str().unwrap(),
+        "--model",
+        "lenet5",
+        "--bits",
+        "4,2",
+        "--methods",
+        "lsq,asq-post",
+        "--fp-epochs",
+        "1",
+        "--qat-epochs",
+        "1",
+        "--train-images",
+        "256",
+        "--test-images",
+        "100",
+        "--batch",
+        "64",
+    ];
+    let (ok, out, err) = asq(&args);
+    assert!(ok, "{err}");
+    let md = std::fs::read_to_string(dir.join("results.md")).unwrap();
+    assert!(
+        md.contains("| W/A | lsq | asq-post |") && md.contains("| 2/2 |"),
+        "{md}"
+    );
+    assert_eq!(
+        out.matches("training lenet5").count(),
+        5,
+        "FP32 + 4 variants: {out}"
+    );
+    // A second run finds every cell done and trains nothing.
+    let (ok, out, _) = asq(&args);
+    assert!(
+        ok && !out.contains("training lenet5") && out.contains("table done"),
+        "{out}"
+    );
+    // Full-precision first/last layers (the table's protocol) cannot be exported.
+    let ckpt = dir.join("lenet5-lsq-w4a4.ckpt");
+    let (ok, _, err) = asq(&["export", ckpt.to_str().unwrap(), "-o", "/tmp/never.asqm"]);
+    assert!(!ok && err.contains("fp32 ends"), "{err}");
+    let (ok, _, err) = asq(&[
+        "table",
+        "--out",
+        dir.to_str().unwrap(),
+        "--methods",
+        "lsq,nope",
+    ]);
+    assert!(!ok && err.contains("nope"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn info_names_the_kernel_variant() {
     let (ok, out, _) = asq(&["info"]);
     assert!(ok && out.contains("kernel variant in use"), "{out}");

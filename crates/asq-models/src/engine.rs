@@ -864,6 +864,10 @@ mod tests {
         assert_eq!(back.forward_u8(&images, 2).unwrap(), out);
         // One image alone gives the same logits as in the batch (per-sample scales).
         assert_eq!(model.forward_u8(&images[36..], 1).unwrap(), out[3..]);
+        // The seed of the `model_file` fuzz target (fuzz/README.md).
+        if let Ok(path) = std::env::var("ASQ_FUZZ_SEED") {
+            std::fs::write(path, model.to_bytes().unwrap()).unwrap();
+        }
     }
 
     #[test]
