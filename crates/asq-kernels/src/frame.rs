@@ -207,20 +207,47 @@ fn finish_run(
     odd: Option<&[i32]>,
 ) {
     let (n, cols) = (w.rows(), acc.len());
-    let ws = &w.scales()[c0..c0 + cols];
-    let bias = epi.bias.map(|b| &b[c0..c0 + cols]);
-    let res = epi.residual.map(|v| &v[m * n + c0..m * n + c0 + cols]);
+    let base = m * n + c0;
     let mut vals = [0.0f32; NR];
-    for j in 0..cols {
-        let accf = match odd {
-            Some(o) => post_acc(acc[j], o[j]),
-            None => acc[j] as f32,
-        };
-        let b = bias.map_or(0.0, |b| b[j]);
-        let r = res.map_or(0.0, |v| v[j]);
-        vals[j] = finish(accf, a_scale, ws[j], b, r, epi.relu);
+    if cols == NR {
+        // A whole panel: fixed-size arrays and no options inside the loop, so it vectorizes
+        // (same operations in the same order as below: the same bits).
+        let full = |s: &[f32]| -> [f32; NR] { s.try_into().expect("16 values") };
+        let ws = full(&w.scales()[c0..c0 + NR]);
+        let zeros = [0.0f32; NR];
+        let b = epi.bias.map_or(zeros, |b| full(&b[c0..c0 + NR]));
+        let r = epi.residual.map_or(zeros, |v| full(&v[base..base + NR]));
+        let mut a = [0.0f32; NR];
+        match odd {
+            Some(o) => {
+                for j in 0..NR {
+                    a[j] = post_acc(acc[j], o[j]);
+                }
+            }
+            None => {
+                for j in 0..NR {
+                    a[j] = acc[j] as f32;
+                }
+            }
+        }
+        for j in 0..NR {
+            vals[j] = finish(a[j], a_scale, ws[j], b[j], r[j], epi.relu);
+        }
+    } else {
+        let ws = &w.scales()[c0..c0 + cols];
+        let bias = epi.bias.map(|b| &b[c0..c0 + cols]);
+        let res = epi.residual.map(|v| &v[base..base + cols]);
+        for j in 0..cols {
+            let accf = match odd {
+                Some(o) => post_acc(acc[j], o[j]),
+                None => acc[j] as f32,
+            };
+            let b = bias.map_or(0.0, |b| b[j]);
+            let r = res.map_or(0.0, |v| v[j]);
+            vals[j] = finish(accf, a_scale, ws[j], b, r, epi.relu);
+        }
     }
-    store_run(out, m * n + c0, &vals[..cols]);
+    store_run(out, base, &vals[..cols]);
 }
 
 /// Writes `vals` at `out[i..i + vals.len()]`.
