@@ -6,22 +6,14 @@
 
 use std::path::Path;
 
+use asq_models::engine::FORMAT;
 use asq_models::IntModel;
 use libfuzzer_sys::fuzz_target;
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    asq_train::checkpoint::fnv1a(bytes)
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
     let bytes = if mode & 1 == 0 {
-        let mut b = b"ASQMODL1".to_vec();
-        b.extend_from_slice(&1u32.to_le_bytes());
-        b.extend_from_slice(&(rest.len() as u64).to_le_bytes());
-        b.extend_from_slice(&fnv1a(rest).to_le_bytes());
-        b.extend_from_slice(rest);
-        b
+        FORMAT.seal(rest)
     } else {
         rest.to_vec()
     };

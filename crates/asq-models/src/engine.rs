@@ -22,15 +22,20 @@ use asq_core::quant::Steps;
 use asq_core::QuantRange;
 use asq_kernels::conv::{Conv2dShape, DepthwiseWeights};
 use asq_kernels::{Epilogue, PackedWeights, QuantActivations};
-use asq_train::checkpoint::{atomic_write, fnv1a};
+use asq_train::checkpoint::atomic_write;
+use asq_train::framed::Format;
 use asq_train::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-const MAGIC: &[u8; 8] = b"ASQMODL1";
-const VERSION: u32 = 1;
-const HEADER: usize = 8 + 4 + 8 + 8;
 /// Largest model file accepted (256 MiB: ResNet-34 at 8 bits fits).
 pub const MAX_MODEL_BYTES: usize = 1 << 28;
+/// The `.asqm` container: magic, version, size limit.
+pub const FORMAT: Format = Format {
+    magic: b"ASQMODL1",
+    version: 1,
+    limit: MAX_MODEL_BYTES,
+    what: "model",
+};
 /// Largest input height, width or channel count accepted from a file.
 pub const MAX_INPUT_DIM: usize = 1 << 12;
 
@@ -640,59 +645,16 @@ impl IntModel {
 
     /// Serializes (header + bincode payload).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let payload = bincode::serde::encode_to_vec(&self.spec, config())
-            .map_err(|e| Error::Config(format!("model encoding: {e}")))?;
-        let mut out = Vec::with_capacity(HEADER + payload.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&fnv1a(&payload).to_le_bytes());
-        out.extend_from_slice(&payload);
-        Ok(out)
+        FORMAT.encode::<_, MAX_MODEL_BYTES>(&self.spec)
     }
 
     /// Parses and validates [`IntModel::to_bytes`] output; `path` names the source in errors.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
-        let bad = |detail: String| Error::Format {
+        let spec: ModelSpec = FORMAT.decode::<_, MAX_MODEL_BYTES>(bytes, path)?;
+        Self::build(spec).map_err(|detail| Error::Format {
             path: path.to_path_buf(),
             detail,
-        };
-        if bytes.len() < HEADER {
-            return Err(bad(format!(
-                "truncated: {} bytes, the header alone is {HEADER}",
-                bytes.len()
-            )));
-        }
-        if &bytes[..8] != MAGIC {
-            return Err(bad("not an asq model (bad magic number)".into()));
-        }
-        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
-            return Err(bad(format!(
-                "model format version {version}, this build reads {VERSION}"
-            )));
-        }
-        let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
-        if len != (bytes.len() - HEADER) as u64 {
-            return Err(bad(format!(
-                "payload length {len} but {} bytes follow the header (truncated or padded)",
-                bytes.len() - HEADER
-            )));
-        }
-        let sum = u64::from_le_bytes(bytes[20..28].try_into().expect("8 bytes"));
-        let payload = &bytes[HEADER..];
-        if fnv1a(payload) != sum {
-            return Err(bad("checksum mismatch: the file is corrupt".into()));
-        }
-        let (spec, used): (ModelSpec, usize) = bincode::serde::decode_from_slice(payload, config())
-            .map_err(|e| bad(format!("undecodable payload: {e}")))?;
-        if used != payload.len() {
-            return Err(bad(format!(
-                "{} unused payload bytes",
-                payload.len() - used
-            )));
-        }
-        Self::build(spec).map_err(bad)
+        })
     }
 
     /// Saves atomically (temporary file in the same directory, fsync, rename).
@@ -702,24 +664,8 @@ impl IntModel {
 
     /// Loads and validates a model file, refusing files over [`MAX_MODEL_BYTES`] before reading.
     pub fn load(path: &Path) -> Result<Self> {
-        let io = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let size = std::fs::metadata(path).map_err(io)?.len();
-        if size > (MAX_MODEL_BYTES + HEADER) as u64 {
-            return Err(Error::Format {
-                path: path.to_path_buf(),
-                detail: format!("{size} bytes exceeds the model size limit"),
-            });
-        }
-        let bytes = std::fs::read(path).map_err(io)?;
-        Self::from_bytes(&bytes, path)
+        Self::from_bytes(&FORMAT.read(path)?, path)
     }
-}
-
-fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_MODEL_BYTES>()
 }
 
 fn check_quant(q: &InputQuant, channels: usize) -> std::result::Result<(), String> {
@@ -958,12 +904,7 @@ mod tests {
                 "{want}: {err}"
             );
             // The same through a file.
-            let payload = bincode::serde::encode_to_vec(&spec, config()).unwrap();
-            let mut bytes = MAGIC.to_vec();
-            bytes.extend_from_slice(&VERSION.to_le_bytes());
-            bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-            bytes.extend_from_slice(&fnv1a(&payload).to_le_bytes());
-            bytes.extend_from_slice(&payload);
+            let bytes = FORMAT.encode::<_, MAX_MODEL_BYTES>(&spec).unwrap();
             assert!(
                 IntModel::from_bytes(&bytes, Path::new("x")).is_err(),
                 "{want}"
@@ -976,11 +917,7 @@ mod tests {
         // A payload whose first field (the name) claims 2^60 bytes, with a valid header.
         let mut payload = vec![253u8];
         payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
-        let mut bytes = MAGIC.to_vec();
-        bytes.extend_from_slice(&VERSION.to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&fnv1a(&payload).to_le_bytes());
-        bytes.extend_from_slice(&payload);
+        let bytes = FORMAT.seal(&payload);
         let err = IntModel::from_bytes(&bytes, Path::new("h")).unwrap_err();
         assert!(err.to_string().contains("undecodable"), "{err}");
         let mut v2 = bytes.clone();

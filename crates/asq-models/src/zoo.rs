@@ -40,6 +40,42 @@ fn spec(stride: usize, pad: usize, groups: usize) -> ConvSpec {
     }
 }
 
+/// Linear layers with ReLU between them (not after the last).
+fn head_forward(g: &mut Graph, ps: &mut ParamStore, layers: &[QLinear], x: Var) -> Result<Var> {
+    let mut h = x;
+    for (i, l) in layers.iter().enumerate() {
+        h = l.forward(g, ps, h)?;
+        if i + 1 != layers.len() {
+            h = relu(g, h);
+        }
+    }
+    Ok(h)
+}
+
+/// Engine nodes of such a head reading value `input`, a flattened `(C, H, W)` feature map.
+fn head_nodes(
+    ps: &ParamStore,
+    layers: &[QLinear],
+    input: usize,
+    chw: (usize, usize, usize),
+) -> Result<Vec<Node>> {
+    layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let act = if i + 1 == layers.len() {
+                Act::None
+            } else {
+                Act::Relu
+            };
+            Ok(Node {
+                input: input + i,
+                op: linear_node(ps, l, (i == 0).then_some(chw), act)?,
+            })
+        })
+        .collect()
+}
+
 /// Multilayer perceptron: flatten, two hidden layers of 256 with ReLU, classifier.
 pub struct Mlp {
     layers: Vec<QLinear>,
@@ -66,33 +102,14 @@ impl Mlp {
     }
 
     fn export_nodes(&self, ps: &ParamStore) -> Result<Vec<Node>> {
-        let last = self.layers.len() - 1;
-        self.layers
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let act = if i == last { Act::None } else { Act::Relu };
-                let chw = (i == 0).then_some(self.chw);
-                Ok(Node {
-                    input: i,
-                    op: linear_node(ps, l, chw, act)?,
-                })
-            })
-            .collect()
+        head_nodes(ps, &self.layers, 0, self.chw)
     }
 }
 
 impl Module for Mlp {
     fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
-        let mut h = flatten(g, x)?;
-        let last = self.layers.len() - 1;
-        for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(g, ps, h)?;
-            if i != last {
-                h = relu(g, h);
-            }
-        }
-        Ok(h)
+        let h = flatten(g, x)?;
+        head_forward(g, ps, &self.layers, h)
     }
 }
 
@@ -164,15 +181,7 @@ impl LeNet5 {
                 op: pool(),
             },
         ];
-        let last = self.fcs.len() - 1;
-        for (i, l) in self.fcs.iter().enumerate() {
-            let act = if i == last { Act::None } else { Act::Relu };
-            let chw = (i == 0).then_some(self.flat);
-            nodes.push(Node {
-                input: nodes.len(),
-                op: linear_node(ps, l, chw, act)?,
-            });
-        }
+        nodes.extend(head_nodes(ps, &self.fcs, nodes.len(), self.flat)?);
         Ok(nodes)
     }
 }
@@ -187,15 +196,8 @@ impl Module for LeNet5 {
         let h = self.bn2.forward(g, ps, h)?;
         let h = relu(g, h);
         let h = max_pool2d(g, h, 2, 2)?;
-        let mut h = flatten(g, h)?;
-        let last = self.fcs.len() - 1;
-        for (i, l) in self.fcs.iter().enumerate() {
-            h = l.forward(g, ps, h)?;
-            if i != last {
-                h = relu(g, h);
-            }
-        }
-        Ok(h)
+        let h = flatten(g, h)?;
+        head_forward(g, ps, &self.fcs, h)
     }
 }
 

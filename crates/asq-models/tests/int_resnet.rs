@@ -5,11 +5,13 @@
 //! only in float rounding (BN folded vs applied after the convolution), which can move a value
 //! across a rounding boundary of the next quantizer, so the comparison is statistical.
 
+mod common;
+
 use std::path::Path;
 
 use asq_models::engine::InputSpec;
 use asq_models::{IntModel, QuantPolicy, ResNet};
-use asq_train::data::idx::{load_mnist_dir, FASHION_MNIST_DIR};
+use asq_train::data::idx::load_mnist_dir;
 use asq_train::data::loader::make_batch;
 use asq_train::data::Augment;
 use asq_train::nn::Module;
@@ -19,12 +21,7 @@ use asq_train::{checkpoint::TrainState, Graph, ParamStore};
 
 #[test]
 fn integer_resnet20_follows_the_fake_quant_model() {
-    let full = Path::new(FASHION_MNIST_DIR);
-    let dir = if full.join("train-images-idx3-ubyte.gz").exists() {
-        full.to_path_buf()
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../asq-train/data/fashion-mnist-subset")
-    };
+    let dir = common::fashion_mnist();
     let train = load_mnist_dir(&dir, true).unwrap().take(1024);
     let test = load_mnist_dir(&dir, false).unwrap().take(64);
     let mut ps = ParamStore::new();
@@ -124,22 +121,11 @@ fn integer_resnet20_follows_the_fake_quant_model() {
     nan[5] = f32::NAN;
     assert!(model.forward(&nan, 64).is_err());
 
-    let argmax = |v: &[f32]| {
-        v.iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-            )
-            .0
-    };
-    let agree = fq
-        .chunks(10)
-        .zip(int.chunks(10))
-        .filter(|(a, b)| argmax(a) == argmax(b))
-        .count();
-    let diff: f32 = fq.iter().zip(&int).map(|(a, b)| (a - b).abs()).sum::<f32>() / fq.len() as f32;
-    let mag: f32 = fq.iter().map(|a| a.abs()).sum::<f32>() / fq.len() as f32;
+    let common::Agreement {
+        top1: agree,
+        diff,
+        magnitude: mag,
+    } = common::agreement(&fq, &int, 10);
     println!(
         "top-1 agreement {agree}/64, mean |logit difference| {diff:.4} vs mean |logit| {mag:.3}"
     );

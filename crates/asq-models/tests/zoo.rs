@@ -2,11 +2,13 @@
 //! aware training steps on Fashion-MNIST, export to the integer engine, and agreement of the
 //! integer model with the fake-quant model it came from.
 
+mod common;
+
 use std::path::Path;
 
 use asq_models::engine::InputSpec;
 use asq_models::{IntModel, Model, QuantPolicy};
-use asq_train::data::idx::{load_mnist_dir, FASHION_MNIST_DIR};
+use asq_train::data::idx::load_mnist_dir;
 use asq_train::data::loader::make_batch;
 use asq_train::data::{Augment, Dataset};
 use asq_train::nn::Module;
@@ -15,12 +17,7 @@ use asq_train::train::{fit, Silent, TrainConfig};
 use asq_train::{checkpoint::TrainState, Graph, ParamStore};
 
 fn data() -> (Dataset, Dataset) {
-    let full = Path::new(FASHION_MNIST_DIR);
-    let dir = if full.join("train-images-idx3-ubyte.gz").exists() {
-        full.to_path_buf()
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../asq-train/data/fashion-mnist-subset")
-    };
+    let dir = common::fashion_mnist();
     (
         load_mnist_dir(&dir, true).unwrap().take(512),
         load_mnist_dir(&dir, false).unwrap().take(48),
@@ -131,23 +128,11 @@ fn every_architecture_trains_exports_and_agrees_with_fake_quant() {
         let int = model
             .forward(batch.images.as_slice().unwrap(), test.len())
             .unwrap();
-        let argmax = |v: &[f32]| {
-            v.iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-                )
-                .0
-        };
-        let agree = fq
-            .chunks(10)
-            .zip(int.chunks(10))
-            .filter(|(a, b)| argmax(a) == argmax(b))
-            .count();
-        let diff: f32 =
-            fq.iter().zip(&int).map(|(a, b)| (a - b).abs()).sum::<f32>() / fq.len() as f32;
-        let mag: f32 = fq.iter().map(|a| a.abs()).sum::<f32>() / fq.len() as f32;
+        let common::Agreement {
+            top1: agree,
+            diff,
+            magnitude: mag,
+        } = common::agreement(&fq, &int, 10);
         println!(
             "{arch} {policy}: {} nodes, {} weight bytes, top-1 agreement {agree}/{}, mean |diff| {diff:.4} vs |logit| {mag:.3}",
             model.spec().nodes.len(),

@@ -15,15 +15,22 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::framed::fnv1a;
+use crate::framed::Format;
 use crate::optim::Optimizer;
 use crate::params::ParamStore;
 use crate::Tensor;
 
-const MAGIC: &[u8; 8] = b"ASQCKPT1";
-const VERSION: u32 = 1;
-const HEADER: usize = 8 + 4 + 8 + 8;
 /// Largest checkpoint accepted (512 MiB: ResNet-34 with optimizer state fits).
 pub const MAX_CHECKPOINT_BYTES: usize = 1 << 29;
+const FORMAT: Format = Format {
+    magic: b"ASQCKPT1",
+    version: 1,
+    limit: MAX_CHECKPOINT_BYTES,
+    what: "checkpoint",
+};
+#[cfg(test)]
+const HEADER: usize = crate::framed::HEADER_BYTES;
 
 /// A tensor with its name and shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,17 +77,6 @@ fn named(name: &str, t: &Tensor) -> NamedTensor {
         shape: t.shape().to_vec(),
         data: t.iter().copied().collect(),
     }
-}
-
-/// FNV-1a 64 of `bytes`: the checksum of asq's file formats (detects corruption, not tampering).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_CHECKPOINT_BYTES>()
 }
 
 impl Checkpoint {
@@ -149,60 +145,12 @@ impl Checkpoint {
 
     /// Serializes to bytes (header + payload).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let payload = bincode::serde::encode_to_vec(self, config())
-            .map_err(|e| Error::Config(format!("checkpoint encoding: {e}")))?;
-        let mut out = Vec::with_capacity(HEADER + payload.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&fnv1a(&payload).to_le_bytes());
-        out.extend_from_slice(&payload);
-        Ok(out)
+        FORMAT.encode::<_, MAX_CHECKPOINT_BYTES>(self)
     }
 
     /// Parses [`Checkpoint::to_bytes`] output; `path` names the source in errors.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
-        let bad = |detail: String| Error::Format {
-            path: path.to_path_buf(),
-            detail,
-        };
-        if bytes.len() < HEADER {
-            return Err(bad(format!(
-                "truncated: {} bytes, the header alone is {HEADER}",
-                bytes.len()
-            )));
-        }
-        if &bytes[..8] != MAGIC {
-            return Err(bad("not an asq checkpoint (bad magic number)".into()));
-        }
-        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
-            return Err(bad(format!(
-                "checkpoint format version {version}, this build reads {VERSION}"
-            )));
-        }
-        let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
-        if len != (bytes.len() - HEADER) as u64 {
-            return Err(bad(format!(
-                "payload length {len} but {} bytes follow the header (truncated or padded)",
-                bytes.len() - HEADER
-            )));
-        }
-        let sum = u64::from_le_bytes(bytes[20..28].try_into().expect("8 bytes"));
-        let payload = &bytes[HEADER..];
-        if fnv1a(payload) != sum {
-            return Err(bad("checksum mismatch: the file is corrupt".into()));
-        }
-        let (ckpt, used): (Checkpoint, usize) =
-            bincode::serde::decode_from_slice(payload, config())
-                .map_err(|e| bad(format!("undecodable payload: {e}")))?;
-        if used != payload.len() {
-            return Err(bad(format!(
-                "{} unused payload bytes",
-                payload.len() - used
-            )));
-        }
-        Ok(ckpt)
+        FORMAT.decode::<_, MAX_CHECKPOINT_BYTES>(bytes, path)
     }
 
     /// Saves atomically: temporary file in the same directory, fsync, rename.
@@ -213,19 +161,7 @@ impl Checkpoint {
 
     /// Loads from `path`, refusing files larger than [`MAX_CHECKPOINT_BYTES`] before reading.
     pub fn load(path: &Path) -> Result<Self> {
-        let io = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let size = std::fs::metadata(path).map_err(io)?.len();
-        if size > (MAX_CHECKPOINT_BYTES + HEADER) as u64 {
-            return Err(Error::Format {
-                path: path.to_path_buf(),
-                detail: format!("{size} bytes exceeds the checkpoint limit"),
-            });
-        }
-        let bytes = std::fs::read(path).map_err(io)?;
-        Self::from_bytes(&bytes, path)
+        Self::from_bytes(&FORMAT.read(path)?, path)
     }
 }
 
@@ -338,12 +274,7 @@ mod tests {
         let mut payload = Vec::new();
         payload.push(0xff); // bincode varint marker for u64
         payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&VERSION.to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&fnv1a(&payload).to_le_bytes());
-        bytes.extend_from_slice(&payload);
+        let bytes = FORMAT.seal(&payload);
         let e = Checkpoint::from_bytes(&bytes, Path::new("evil.ckpt"))
             .unwrap_err()
             .to_string();

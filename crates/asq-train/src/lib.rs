@@ -23,6 +23,7 @@ pub mod buffers;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod framed;
 pub mod graph;
 pub mod nn;
 pub mod ops;

@@ -1,0 +1,49 @@
+//! Helpers shared by the integration tests: the data, and how closely an integer model follows
+//! its fake-quant model.
+
+use std::path::{Path, PathBuf};
+
+use asq_train::data::idx::FASHION_MNIST_DIR;
+
+/// Fashion-MNIST: the Debian package's copy, else the subset shipped with asq-train.
+pub fn fashion_mnist() -> PathBuf {
+    let full = Path::new(FASHION_MNIST_DIR);
+    if full.join("train-images-idx3-ubyte.gz").exists() {
+        full.to_path_buf()
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../asq-train/data/fashion-mnist-subset")
+    }
+}
+
+/// How two logit matrices (`classes` per row) agree.
+pub struct Agreement {
+    /// Rows with the same top-1 class.
+    pub top1: usize,
+    /// Mean absolute logit difference.
+    pub diff: f32,
+    /// Mean absolute logit of the first.
+    pub magnitude: f32,
+}
+
+/// Compares fake-quant logits `fq` with integer-engine logits `int`.
+pub fn agreement(fq: &[f32], int: &[f32], classes: usize) -> Agreement {
+    assert_eq!(fq.len(), int.len());
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
+            .0
+    };
+    Agreement {
+        top1: fq
+            .chunks(classes)
+            .zip(int.chunks(classes))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count(),
+        diff: fq.iter().zip(int).map(|(a, b)| (a - b).abs()).sum::<f32>() / fq.len() as f32,
+        magnitude: fq.iter().map(|a| a.abs()).sum::<f32>() / fq.len() as f32,
+    }
+}
