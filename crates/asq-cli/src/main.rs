@@ -33,6 +33,8 @@ enum Command {
     Export(pipeline::ExportArgs),
     /// Test accuracy and speed of a model file (integer engine) or a checkpoint.
     Eval(pipeline::EvalArgs),
+    /// Show what a model file (.asqm) holds, layer by layer.
+    Inspect(pipeline::InspectArgs),
     /// The accuracy table: quantization methods x bit widths, each fine-tuned from one
     /// full-precision run (resumable; writes results.md).
     Table(table::TableArgs),
@@ -58,6 +60,7 @@ fn main() {
         Command::Train(args) => pipeline::train(&args),
         Command::Export(args) => pipeline::export(&args),
         Command::Eval(args) => pipeline::eval(&args),
+        Command::Inspect(args) => pipeline::inspect(&args),
         Command::Table(args) => table::table(&args),
         Command::Bench {
             what: BenchWhat::Kernels(args),

@@ -128,6 +128,21 @@ fn train_export_eval_on_files() {
     let m = p("q.asqm");
     let out = run(&["export", &q, "--out", &m]);
     assert!(out.contains("7 nodes"), "{out}");
+    let out = run(&["inspect", &m]);
+    for want in [
+        "| 1 | conv 5x5 s1 p2 | 0 | 28x28x6 |",
+        "LSQ 8-bit signed",
+        "| 2 | max pool 2 s2 |",
+        "ASQ 4-bit unsigned",
+        "| 7 | linear | 6 | 1x1x10 |",
+        "quant=asq-post",
+    ] {
+        assert!(
+            out.contains(want),
+            "missing {want:?} in
+{out}"
+        );
+    }
     // The integer engine and the fake-quant graph agree on the test accuracy.
     let acc = |out: &str| {
         out.split("accuracy ")

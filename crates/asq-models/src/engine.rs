@@ -229,7 +229,7 @@ pub struct ModelSpec {
 /// Decoded weights of a node.
 enum Kernel {
     Gemm(PackedWeights),
-    Depthwise(DepthwiseWeights),
+    Depthwise(DepthwiseWeights, PackedWeights),
     None,
 }
 
@@ -347,7 +347,7 @@ impl IntModel {
                         }
                         let dw = DepthwiseWeights::new(&pw, *kh, *kw)
                             .map_err(|e| format!("{}: {e}", at("depthwise")))?;
-                        Kernel::Depthwise(dw)
+                        Kernel::Depthwise(dw, pw)
                     } else {
                         if pw.cols() != kh * kw * c {
                             return Err(format!(
@@ -452,18 +452,25 @@ impl IntModel {
         &self.spec
     }
 
+    /// `[height, width, channels]` of value `v` per sample (0 = input, `i + 1` = node `i`).
+    pub fn shape(&self, v: usize) -> Option<[usize; 3]> {
+        self.shapes.get(v).copied()
+    }
+
+    /// The decoded weights of node `i` (convolutions, depthwise ones too, and linear layers).
+    pub fn weights(&self, i: usize) -> Option<&PackedWeights> {
+        match self.kernels.get(i)? {
+            Kernel::Gemm(w) | Kernel::Depthwise(_, w) => Some(w),
+            Kernel::None => None,
+        }
+    }
+
     /// Bytes of packed weight codes (what inference streams).
     pub fn weight_bytes(&self) -> usize {
         self.kernels
             .iter()
             .map(|k| match k {
-                Kernel::Gemm(w) => w.code_bytes(),
-                Kernel::Depthwise(w) => {
-                    w.channels() * {
-                        let (kh, kw) = w.window();
-                        kh * kw
-                    }
-                }
+                Kernel::Gemm(w) | Kernel::Depthwise(_, w) => w.code_bytes(),
                 Kernel::None => 0,
             })
             .sum()
@@ -579,7 +586,7 @@ impl IntModel {
                 };
                 match kernel {
                     Kernel::Gemm(pw) => asq_kernels::conv::conv2d(&qa, pw, &shape, &epi, &mut out),
-                    Kernel::Depthwise(dw) => asq_kernels::conv::depthwise_conv2d_with(
+                    Kernel::Depthwise(dw, _) => asq_kernels::conv::depthwise_conv2d_with(
                         asq_kernels::Isa::best(),
                         &qa,
                         dw,

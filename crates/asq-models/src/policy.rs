@@ -84,8 +84,10 @@ impl QuantPolicy {
     }
 
     /// A policy by name: `fp32`, or `<acts>[-<weights>]` with activations `lsq` or `asq` and
-    /// weights `lsq` (uniform, the default), `pot`, `apot` or `post`, all at `bits` in the
-    /// body (first and last layers at 8-bit LSQ). `asq-post` is the paper's method.
+    /// weights `lsq` (uniform, the default), `pot`, `apot`, `post` (exact powers of sqrt(2):
+    /// the two-accumulator integer kernel) or `post64` / `post127` (POST snapped to the integer
+    /// grid G = 64 / 127, up to 4 bits: the one-accumulator int8 kernel, faster), all at `bits`
+    /// in the body (first and last layers at 8-bit LSQ). `asq-post` is the paper's method.
     pub fn named(name: &str, bits: u32) -> Result<Self> {
         if name == "fp32" {
             return Ok(Self::float());
@@ -112,6 +114,8 @@ impl QuantPolicy {
             "pot" => WeightQuant::Levels(LevelSet::pot(b)?),
             "apot" => WeightQuant::Levels(LevelSet::apot(b)?),
             "post" => WeightQuant::Levels(LevelSet::post(b)?),
+            "post64" => WeightQuant::Levels(LevelSet::post_int(b, 64)?),
+            "post127" => WeightQuant::Levels(LevelSet::post_int(b, 127)?),
             _ => {
                 return Err(Error::Config(format!(
                     "unknown weight quantizer in {name:?}; known: {POLICY_NAMES}"

@@ -68,6 +68,7 @@ fn every_architecture_trains_exports_and_agrees_with_fake_quant() {
         ("mlp", "asq-post"),
         ("lenet5", "asq-post"),
         ("lenet5", "lsq"),
+        ("lenet5", "asq-post64"),
         ("resnet20", "asq-pot"),
         ("mobilenetv2-0.25", "asq-post"),
         ("mobilenetv2-0.25", "lsq-apot"),
