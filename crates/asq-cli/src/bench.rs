@@ -164,3 +164,96 @@ pub fn kernels(args: &KernelArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
+
+/// Options of `asq bench models`.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Architectures, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lenet5,resnet20,mobilenetv2-0.5"
+    )]
+    models: Vec<String>,
+    /// Quantization of the integer model (any `--quant` of `asq train`).
+    #[arg(long, default_value = "asq-post64")]
+    quant: String,
+    /// Body bit width.
+    #[arg(long, default_value_t = 4)]
+    bits: u32,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    batches: Vec<usize>,
+    /// Threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+}
+
+/// `asq bench models`: images/s of each zoo model on the integer engine against the same
+/// architecture's FP32 graph, measured in the same process (1x28x28 inputs, random weights
+/// with scales and batch-norm statistics set by one training-mode pass: speed does not depend
+/// on training).
+pub fn models(args: &ModelArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use asq_models::engine::InputSpec;
+    use asq_models::{Model, QuantPolicy};
+    use asq_train::nn::Module;
+    use asq_train::{Graph, ParamStore, Rng, Tensor};
+    if args.threads == 0
+        || args.batches.contains(&0)
+        || args.seconds.is_nan()
+        || args.seconds <= 0.0
+    {
+        return Err("--threads, --batches and --seconds must be positive".into());
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build()?;
+    println!(
+        "| model | batch | FP32 graph images/s | integer engine ({}) images/s | ratio |",
+        Isa::best().name()
+    );
+    println!("|---|---|---|---|---|");
+    let chw = (1, 28, 28);
+    for arch in &args.models {
+        let mut fps = ParamStore::new();
+        let fnet = Model::build(arch, &mut fps, chw, 10, &QuantPolicy::float(), 1)?;
+        let mut qps = ParamStore::new();
+        let policy = QuantPolicy::named(&args.quant, args.bits)?;
+        let qnet = Model::build(arch, &mut qps, chw, 10, &policy, 1)?;
+        let mut rng = Rng::new(2);
+        let warm = Tensor::from_shape_fn(ndarray::IxDyn(&[8, 1, 28, 28]), |_| rng.normal());
+        let mut g = Graph::new(true);
+        let x = g.input(warm);
+        qnet.forward(&mut g, &mut qps, x)?;
+        drop(g);
+        let input = InputSpec {
+            channels: 1,
+            height: 28,
+            width: 28,
+            mean: vec![0.0],
+            std: vec![1.0],
+        };
+        let int = qnet.export(&qps, arch, input)?;
+        for &batch in &args.batches {
+            let images =
+                Tensor::from_shape_fn(ndarray::IxDyn(&[batch, 1, 28, 28]), |_| rng.normal());
+            let flat = images.as_slice().ok_or("contiguous")?.to_vec();
+            let rate = |f: &mut (dyn FnMut() + Send)| {
+                pool.install(|| measure(batch as f64 * 1e9, args.seconds, &mut *f))
+            };
+            let fp = rate(&mut || {
+                let mut g = Graph::new(false);
+                let x = g.input(images.clone());
+                std::hint::black_box(fnet.forward(&mut g, &mut fps, x).expect("valid model"));
+            });
+            let q = rate(&mut || {
+                std::hint::black_box(int.forward(&flat, batch).expect("valid model"));
+            });
+            println!("| {arch} | {batch} | {fp:.0} | {q:.0} | {:.2} |", q / fp);
+        }
+    }
+    Ok(())
+}

@@ -51,6 +51,8 @@ enum Command {
 enum BenchWhat {
     /// Integer GEMM paths (int8, POST W4/W3/W2 A8, exact POST) vs matrixmultiply sgemm.
     Kernels(bench::KernelArgs),
+    /// Zoo models on the integer engine vs their FP32 graph, images/s.
+    Models(bench::ModelArgs),
 }
 
 fn main() {
@@ -65,6 +67,9 @@ fn main() {
         Command::Bench {
             what: BenchWhat::Kernels(args),
         } => bench::kernels(&args),
+        Command::Bench {
+            what: BenchWhat::Models(args),
+        } => bench::models(&args),
         Command::Info => {
             info();
             Ok(())

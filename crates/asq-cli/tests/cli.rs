@@ -264,6 +264,27 @@ fn table_trains_every_cell_once_and_resumes() {
 }
 
 #[test]
+fn bench_models_compares_engines_in_one_run() {
+    let (ok, out, err) = asq(&[
+        "bench",
+        "models",
+        "--models",
+        "lenet5",
+        "--batches",
+        "1,3",
+        "--seconds",
+        "0.05",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("| lenet5 | 1 |") && out.contains("| lenet5 | 3 |"),
+        "{out}"
+    );
+    let (ok, _, err) = asq(&["bench", "models", "--models", "vgg"]);
+    assert!(!ok && err.contains("vgg"), "{err}");
+}
+
+#[test]
 fn info_names_the_kernel_variant() {
     let (ok, out, _) = asq(&["info"]);
     assert!(ok && out.contains("kernel variant in use"), "{out}");
