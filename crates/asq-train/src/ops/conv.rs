@@ -301,6 +301,9 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
         ow: (wd + 2 * spec.pad - kw) / spec.stride + 1,
         spec,
     };
+    if geo.spec.groups == c && co == c && !FORCE_IM2COL.with(|f| f.get()) {
+        return Ok(depthwise(g, x, w, b, geo));
+    }
     let (xs, ws) = (
         g.value(x).as_standard_layout(),
         g.value(w).as_standard_layout(),
@@ -373,10 +376,270 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
     ))
 }
 
+thread_local! {
+    /// Tests only: route depthwise convolutions through im2col + GEMM (the reference).
+    static FORCE_IM2COL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The window taps of output row `oy` that fall inside the input: `(ky, iy)` pairs.
+fn rows_in(geo: &Geo, oy: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let (s, p) = (geo.spec.stride, geo.spec.pad);
+    (0..geo.kh).filter_map(move |ky| {
+        let iy = (oy * s + ky).checked_sub(p)?;
+        (iy < geo.h).then_some((ky, iy))
+    })
+}
+
+/// `dst[j] (+)= wv · src[first + j·s]` for `j < dst.len()` (an axpy along a row).
+#[inline]
+fn axpy_row(dst: &mut [f32], src: &[f32], first: usize, s: usize, wv: f32) {
+    if s == 1 {
+        let len = dst.len();
+        for (d, v) in dst.iter_mut().zip(&src[first..first + len]) {
+            *d += wv * v;
+        }
+    } else {
+        for (d, v) in dst.iter_mut().zip(src[first..].iter().step_by(s)) {
+            *d += wv * v;
+        }
+    }
+}
+
+/// Depthwise convolution (`groups = C_in = C_out`) computed directly, plane by plane: a GEMM per
+/// channel would be a 1-row product per group (MobileNetV2 has up to 960 such channels).
+fn depthwise(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
+    let (xs, ws) = (
+        g.value(x).as_standard_layout(),
+        g.value(w).as_standard_layout(),
+    );
+    let (xv, wv) = (
+        xs.as_slice().expect("standard"),
+        ws.as_slice().expect("standard"),
+    );
+    let bias: Option<Vec<f32>> = b.map(|b| g.value(b).iter().copied().collect());
+    let (hw, opix, taps) = (geo.h * geo.w, geo.opix(), geo.kh * geo.kw);
+    let mut y = buffers::take(geo.n * geo.c * opix);
+    y.par_chunks_mut(opix).enumerate().for_each(|(plane, yp)| {
+        let ch = plane % geo.c;
+        yp.fill(bias.as_ref().map_or(0.0, |b| b[ch]));
+        let xp = &xv[plane * hw..(plane + 1) * hw];
+        let wc = &wv[ch * taps..(ch + 1) * taps];
+        for oy in 0..geo.oh {
+            let dst_row = &mut yp[oy * geo.ow..(oy + 1) * geo.ow];
+            for (ky, iy) in rows_in(&geo, oy) {
+                for kx in 0..geo.kw {
+                    let (lo, hi) = valid_cols(&geo, kx);
+                    if lo >= hi {
+                        continue;
+                    }
+                    let first = lo * geo.spec.stride + kx - geo.spec.pad;
+                    let src = &xp[iy * geo.w..(iy + 1) * geo.w];
+                    axpy_row(
+                        &mut dst_row[lo..hi],
+                        src,
+                        first,
+                        geo.spec.stride,
+                        wc[ky * geo.kw + kx],
+                    );
+                }
+            }
+        }
+    });
+    drop((xs, ws));
+    let y =
+        Tensor::from_shape_vec(IxDyn(&[geo.n, geo.c, geo.oh, geo.ow]), y).expect("output shape");
+    let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
+    g.record(
+        y,
+        &inputs,
+        DepthwiseOp {
+            geo,
+            bias: b.is_some(),
+        },
+    )
+}
+
+struct DepthwiseOp {
+    geo: Geo,
+    bias: bool,
+}
+
+impl Backward for DepthwiseOp {
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
+        let geo = self.geo;
+        let (xs, ws) = (
+            inputs[0].as_standard_layout(),
+            inputs[1].as_standard_layout(),
+        );
+        let (x, w) = (
+            xs.as_slice().expect("standard layout"),
+            ws.as_slice().expect("standard layout"),
+        );
+        let gy = grad.as_standard_layout();
+        let gy = gy.as_slice().expect("standard layout");
+        let (hw, opix, taps, s, p) = (
+            geo.h * geo.w,
+            geo.opix(),
+            geo.kh * geo.kw,
+            geo.spec.stride,
+            geo.spec.pad,
+        );
+        // dx: per plane, scatter every tap of gy back (the adjoint of the forward axpys).
+        let mut dx = buffers::take_zeroed(geo.n * geo.c * hw);
+        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dxp)| {
+            let ch = plane % geo.c;
+            let gp = &gy[plane * opix..(plane + 1) * opix];
+            let wc = &w[ch * taps..(ch + 1) * taps];
+            for oy in 0..geo.oh {
+                let grow = &gp[oy * geo.ow..(oy + 1) * geo.ow];
+                for (ky, iy) in rows_in(&geo, oy) {
+                    let drow = &mut dxp[iy * geo.w..(iy + 1) * geo.w];
+                    for kx in 0..geo.kw {
+                        let (lo, hi) = valid_cols(&geo, kx);
+                        if lo >= hi {
+                            continue;
+                        }
+                        let first = lo * s + kx - p;
+                        let wv = wc[ky * geo.kw + kx];
+                        if s == 1 {
+                            for (d, g) in
+                                drow[first..first + (hi - lo)].iter_mut().zip(&grow[lo..hi])
+                            {
+                                *d += wv * g;
+                            }
+                        } else {
+                            for (d, g) in drow[first..].iter_mut().step_by(s).zip(&grow[lo..hi]) {
+                                *d += wv * g;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        // dw[ch, tap]: sums over samples in a fixed order (per channel, samples ascending), so
+        // the result does not depend on the thread count.
+        let mut dw = vec![0.0f32; w.len()];
+        dw.par_chunks_mut(taps).enumerate().for_each(|(ch, dwc)| {
+            for n in 0..geo.n {
+                let plane = n * geo.c + ch;
+                let (xp, gp) = (
+                    &x[plane * hw..(plane + 1) * hw],
+                    &gy[plane * opix..(plane + 1) * opix],
+                );
+                for oy in 0..geo.oh {
+                    let grow = &gp[oy * geo.ow..(oy + 1) * geo.ow];
+                    for (ky, iy) in rows_in(&geo, oy) {
+                        let xrow = &xp[iy * geo.w..(iy + 1) * geo.w];
+                        for kx in 0..geo.kw {
+                            let (lo, hi) = valid_cols(&geo, kx);
+                            if lo >= hi {
+                                continue;
+                            }
+                            let first = lo * s + kx - p;
+                            let dot: f32 = if s == 1 {
+                                grow[lo..hi]
+                                    .iter()
+                                    .zip(&xrow[first..first + (hi - lo)])
+                                    .map(|(g, v)| g * v)
+                                    .sum()
+                            } else {
+                                grow[lo..hi]
+                                    .iter()
+                                    .zip(xrow[first..].iter().step_by(s))
+                                    .map(|(g, v)| g * v)
+                                    .sum()
+                            };
+                            dwc[ky * geo.kw + kx] += dot;
+                        }
+                    }
+                }
+            }
+        });
+        let mut out = vec![
+            Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("input shape")),
+            Some(Tensor::from_shape_vec(inputs[1].raw_dim(), dw).expect("weight shape")),
+        ];
+        if self.bias {
+            let mut db = vec![0.0f64; geo.c];
+            for n in 0..geo.n {
+                for (ch, d) in db.iter_mut().enumerate() {
+                    *d += gy[(n * geo.c + ch) * opix..][..opix]
+                        .iter()
+                        .map(|&v| v as f64)
+                        .sum::<f64>();
+                }
+            }
+            out.push(Some(
+                Tensor::from_shape_vec(IxDyn(&[geo.c]), db.iter().map(|&v| v as f32).collect())
+                    .expect("bias"),
+            ));
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ops::gradcheck::{check, random};
+
+    #[test]
+    fn depthwise_direct_path_matches_im2col_and_finite_differences() {
+        for (stride, pad, k, h, w) in [
+            (1, 1, 3, 5, 6),
+            (2, 1, 3, 7, 5),
+            (2, 0, 3, 6, 6),
+            (1, 2, 5, 4, 7),
+            (3, 1, 1, 5, 5),
+        ] {
+            let spec = ConvSpec {
+                stride,
+                pad,
+                groups: 4,
+            };
+            let x = random(&[3, 4, h, w], 7);
+            let wt = random(&[4, 1, k, k], 8);
+            let b = random(&[4], 9);
+            check(
+                &[x.clone(), wt.clone(), b.clone()],
+                1e-2,
+                1e-2,
+                25,
+                |g, v| conv2d(g, v[0], v[1], Some(v[2]), spec).unwrap(),
+            );
+            // Forward values and all gradients against the im2col + GEMM path.
+            let run = |force: bool| {
+                FORCE_IM2COL.with(|f| f.set(force));
+                let mut g = Graph::new(true);
+                let (xv, wv, bv) = (
+                    g.input_with_grad(x.clone()),
+                    g.input_with_grad(wt.clone()),
+                    g.input_with_grad(b.clone()),
+                );
+                let y = conv2d(&mut g, xv, wv, Some(bv), spec).unwrap();
+                let yv = g.value(y).clone();
+                let l = crate::ops::basic::sum(&mut g, y);
+                let l = crate::ops::basic::mul(&mut g, l, l).unwrap();
+                let all = g.gradients(l).unwrap();
+                let grads: Vec<Tensor> = [xv, wv, bv]
+                    .iter()
+                    .map(|v| all[v.0].clone().expect("gradient"))
+                    .collect();
+                FORCE_IM2COL.with(|f| f.set(false));
+                (yv, grads)
+            };
+            let (y1, g1) = run(false);
+            let (y2, g2) = run(true);
+            for (a, b) in y1.iter().zip(y2.iter()) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+            for (ga, gb) in g1.iter().zip(&g2) {
+                for (a, b) in ga.iter().zip(gb.iter()) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "grad {a} vs {b}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn gradients_match_finite_differences() {
