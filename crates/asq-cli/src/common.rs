@@ -97,3 +97,23 @@ pub fn measure(
         test.len() as f64 / t.elapsed().as_secs_f64(),
     ))
 }
+
+/// Fails early, before any work, when `path` cannot be written: its directory must exist.
+pub fn check_output(path: &Path) -> Result<(), Error> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!(
+            "{}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        )
+        .into());
+    }
+    if path.is_dir() {
+        return Err(format!("{} is a directory, not a file", path.display()).into());
+    }
+    Ok(())
+}

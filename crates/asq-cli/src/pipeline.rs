@@ -23,7 +23,7 @@ use asq_train::optim::{LrSchedule, LrShape, Optimizer, OptimizerConfig, ParamGro
 use asq_train::train::{evaluate, fit, TrainConfig};
 use asq_train::{Graph, ParamStore};
 
-use crate::common::{data_dir, measure, Bar, Error};
+use crate::common::{check_output, data_dir, measure, Bar, Error};
 
 /// Options of `asq train`.
 #[derive(clap::Args)]
@@ -267,6 +267,7 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
     if !(args.lr.is_finite() && args.lr > 0.0) {
         return Err(format!("--lr {} must be a positive number", args.lr).into());
     }
+    check_output(&args.out)?;
     let train_set = load_split(&args.data, true, args.train_images)?;
     let recipe = Recipe {
         model: args.model.clone(),
@@ -409,6 +410,7 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
 
 /// `asq export`.
 pub fn export(args: &ExportArgs) -> Result<(), Error> {
+    check_output(&args.out)?;
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let recipe = Recipe::from_meta(&ckpt.meta, &args.checkpoint)?;
     if recipe.quant == "fp32" || recipe.ends == "fp32" {
