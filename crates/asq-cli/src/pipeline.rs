@@ -53,6 +53,11 @@ pub struct TrainArgs {
     /// Mini-batch size.
     #[arg(long, default_value_t = 64)]
     pub(crate) batch: usize,
+    /// Learning-rate schedule: cosine (per step, after a warm-up of min(an epoch, 50) steps) or
+    /// cosine-epoch (constant within an epoch, no warm-up: PyTorch's CosineAnnealingLR stepped
+    /// per epoch).
+    #[arg(long, default_value = "cosine")]
+    pub(crate) schedule: String,
     /// Optimizer: sgd (momentum 0.9) or adamw.
     #[arg(long, default_value = "sgd")]
     pub(crate) optimizer: String,
@@ -340,11 +345,8 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
         println!("initialised {n} tensors from {}", init.display());
     }
     let per_epoch = train_set.len().div_ceil(args.batch) as u64;
-    let cfg = TrainConfig {
-        epochs: args.epochs,
-        batch_size: args.batch,
-        max_batches: None,
-        schedule: LrSchedule {
+    let schedule = match args.schedule.as_str() {
+        "cosine" => LrSchedule {
             base: args.lr,
             warmup: per_epoch.min(50),
             shape: LrShape::Cosine {
@@ -352,6 +354,22 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
                 min: 0.0,
             },
         },
+        "cosine-epoch" => LrSchedule {
+            base: args.lr,
+            warmup: 0,
+            shape: LrShape::CosineEpochs {
+                per_epoch,
+                epochs: args.epochs,
+                min: 0.0,
+            },
+        },
+        o => return Err(format!("unknown --schedule {o:?} (cosine or cosine-epoch)").into()),
+    };
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch,
+        max_batches: None,
+        schedule,
         label_smoothing: 0.0,
         augment: Augment {
             crop_pad: 2,

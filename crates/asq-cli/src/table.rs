@@ -42,6 +42,9 @@ pub struct TableArgs {
     /// Mini-batch size.
     #[arg(long, default_value_t = 128)]
     batch: usize,
+    /// Learning-rate schedule (see `asq train --help`).
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
     /// Training images (default all).
     #[arg(long)]
     train_images: Option<usize>,
@@ -100,6 +103,7 @@ pub fn table(args: &TableArgs) -> Result<(), Error> {
             lr: args.lr,
             batch: args.batch,
             optimizer: "sgd".into(),
+            schedule: args.schedule.clone(),
             weight_decay: 1e-4,
             train_images: args.train_images,
             test_images: args.test_images,
@@ -121,13 +125,14 @@ pub fn table(args: &TableArgs) -> Result<(), Error> {
         let mut md = format!(
             "# {} on Fashion-MNIST: test accuracy (%)\n\n\
              Written by `asq table`: full precision {} epochs, then each variant {} epochs from it; \
-             SGD (momentum 0.9, weight decay 1e-4), lr {} with cosine decay, batch {}, random crop \
+             SGD (momentum 0.9, weight decay 1e-4), lr {} with {} decay, batch {}, random crop \
              (pad 2) + flip, first/last layers {}, seed {}; {} training images, {} test images.\n\n\
              | W/A | {} |\n|---|{}\n| FP32 | {}{} |\n",
             args.model,
             args.fp_epochs,
             args.qat_epochs,
             args.lr,
+            args.schedule,
             args.batch,
             args.ends,
             args.seed,

@@ -226,6 +226,16 @@ pub enum LrShape {
         /// Factor.
         gamma: f32,
     },
+    /// Cosine from `base` to `min` over `epochs`, constant within an epoch of `per_epoch` steps
+    /// (PyTorch's `CosineAnnealingLR(T_max = epochs)` stepped once per epoch).
+    CosineEpochs {
+        /// Optimizer steps per epoch.
+        per_epoch: u64,
+        /// Epochs of the decay.
+        epochs: u64,
+        /// The rate the decay heads for (reached after `epochs`).
+        min: f32,
+    },
 }
 
 impl LrSchedule {
@@ -244,6 +254,16 @@ impl LrSchedule {
                     as f32
             }
             LrShape::Step { every, gamma } => self.base * gamma.powi((s / every.max(1)) as i32),
+            LrShape::CosineEpochs {
+                per_epoch,
+                epochs,
+                min,
+            } => {
+                let p = ((s / per_epoch.max(1)) as f64 / epochs.max(1) as f64).min(1.0);
+                (min as f64
+                    + 0.5 * (self.base - min) as f64 * (1.0 + (std::f64::consts::PI * p).cos()))
+                    as f32
+            }
         }
     }
 }
@@ -355,5 +375,28 @@ mod tests {
             },
         };
         assert_eq!((st.at(4), st.at(5), st.at(12)), (1.0, 0.5, 0.25));
+        let ep = LrSchedule {
+            base: 0.01,
+            warmup: 0,
+            shape: LrShape::CosineEpochs {
+                per_epoch: 10,
+                epochs: 3,
+                min: 0.0,
+            },
+        };
+        // 0.01, 0.0075, 0.0025: constant within each epoch.
+        for (step, want) in [
+            (0, 0.01),
+            (9, 0.01),
+            (10, 0.0075),
+            (19, 0.0075),
+            (25, 0.0025),
+        ] {
+            assert!(
+                (ep.at(step) - want).abs() < 1e-7,
+                "step {step}: {}",
+                ep.at(step)
+            );
+        }
     }
 }
