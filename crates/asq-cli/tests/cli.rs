@@ -190,6 +190,19 @@ fn train_export_eval_on_files() {
         "asq-post",
     );
     fails(
+        &["train", "--out", "/nonexistent-dir/x.ckpt"],
+        "does not exist",
+    );
+    fails(&["export", &q, "--out", &p("")], "is a directory");
+    fails(
+        &[
+            &["train", "--schedule", "linear", "--out", &p("v.ckpt")],
+            &small[..],
+        ]
+        .concat(),
+        "cosine-epoch",
+    );
+    fails(
         &[
             &[
                 "train", "--model", "mlp", "--quant", "asq-post", "--out", &q, "--resume",
