@@ -104,7 +104,17 @@ fn train_export_eval_on_files() {
     // Full precision, then W4A4 ASQ+POST from its weights, then one more epoch by resuming.
     let fp = p("fp.ckpt");
     let out = run(&[
-        &["train", "--model", "lenet5", "--epochs", "1", "--out", &fp],
+        &[
+            "train",
+            "--model",
+            "lenet5",
+            "--epochs",
+            "1",
+            "--schedule",
+            "cosine-epoch",
+            "--out",
+            &fp,
+        ],
         &small[..],
     ]
     .concat());
