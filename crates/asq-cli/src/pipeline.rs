@@ -80,6 +80,9 @@ pub struct TrainArgs {
     /// Continue the run saved at --out (same model, quantization and data).
     #[arg(long)]
     pub(crate) resume: bool,
+    /// Replace an existing --out (otherwise an existing file is an error: nothing is lost).
+    #[arg(long)]
+    pub(crate) force: bool,
     /// Seed of initialisation, data order and augmentation.
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
@@ -93,6 +96,9 @@ pub struct ExportArgs {
     /// Model file to write (`.asqm`).
     #[arg(long, short)]
     out: PathBuf,
+    /// Replace an existing --out.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Options of `asq eval`.
@@ -273,6 +279,13 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
         return Err(format!("--lr {} must be a positive number", args.lr).into());
     }
     check_output(&args.out)?;
+    if args.out.exists() && !args.resume && !args.force {
+        return Err(format!(
+            "{} exists: pass --resume to continue it or --force to replace it",
+            args.out.display()
+        )
+        .into());
+    }
     let train_set = load_split(&args.data, true, args.train_images)?;
     let recipe = Recipe {
         model: args.model.clone(),
@@ -429,6 +442,9 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
 /// `asq export`.
 pub fn export(args: &ExportArgs) -> Result<(), Error> {
     check_output(&args.out)?;
+    if args.out.exists() && !args.force {
+        return Err(format!("{} exists: pass --force to replace it", args.out.display()).into());
+    }
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let recipe = Recipe::from_meta(&ckpt.meta, &args.checkpoint)?;
     if recipe.quant == "fp32" || recipe.ends == "fp32" {

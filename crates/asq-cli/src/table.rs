@@ -110,6 +110,8 @@ pub fn table(args: &TableArgs) -> Result<(), Error> {
             data: args.data.clone(),
             init,
             resume: false,
+            // Unfinished runs (no recorded accuracy) are redone.
+            force: true,
             seed: args.seed,
         })
     };

@@ -203,6 +203,8 @@ fn train_export_eval_on_files() {
         &["train", "--out", "/nonexistent-dir/x.ckpt"],
         "does not exist",
     );
+    fails(&[&["train", "--out", &q], &small[..]].concat(), "--resume");
+    fails(&["export", &q, "--out", &m], "--force");
     fails(&["export", &q, "--out", &p("")], "is a directory");
     fails(
         &[
