@@ -17,6 +17,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "asq", version, about, long_about = None)]
 struct Cli {
+    /// Worker threads of every command (default: RAYON_NUM_THREADS, else one per CPU;
+    /// `bench` commands take their own `--threads`).
+    #[arg(long, short, global = true)]
+    jobs: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +61,15 @@ enum BenchWhat {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(n) = cli.jobs {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+        if n == 0 || pool.is_err() {
+            eprintln!("asq: error: --jobs {n}: needs a positive thread count");
+            std::process::exit(1);
+        }
+    }
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Train(args) => pipeline::train(&args),

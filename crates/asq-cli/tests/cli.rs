@@ -313,4 +313,8 @@ fn bench_models_compares_engines_in_one_run() {
 fn info_names_the_kernel_variant() {
     let (ok, out, _) = asq(&["info"]);
     assert!(ok && out.contains("kernel variant in use"), "{out}");
+    let (ok, out, _) = asq(&["--jobs", "1", "info"]);
+    assert!(ok && out.contains("threads (rayon): 1"), "{out}");
+    let (ok, _, err) = asq(&["info", "-j", "0"]);
+    assert!(!ok && err.contains("--jobs 0"), "{err}");
 }
