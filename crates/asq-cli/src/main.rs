@@ -104,3 +104,14 @@ fn info() {
     println!("kernel variants available: {}", names.join(", "));
     println!("kernel variant in use: {}", asq_kernels::Isa::best().name());
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap's own checks (duplicate names, conflicting globals...), run in every build.
+        super::Cli::command().debug_assert();
+    }
+}
