@@ -79,6 +79,15 @@ fn integer_resnet20_follows_the_fake_quant_model() {
     let int = model.forward(images, 64).unwrap();
     assert_eq!(fq.len(), int.len());
 
+    // The thread count changes nothing (kernels split work, never sums).
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        assert_eq!(pool.install(|| model.forward(images, 64).unwrap()), int);
+    }
+
     // Raw pixels through the stored normalisation give the same logits, bit for bit.
     let raw: Vec<u8> = idx.iter().flat_map(|&i| test.image(i).to_vec()).collect();
     assert_eq!(model.forward_u8(&raw, 64).unwrap(), int);
