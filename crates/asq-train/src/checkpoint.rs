@@ -23,7 +23,8 @@ use crate::Tensor;
 
 /// Largest checkpoint accepted (512 MiB: ResNet-34 with optimizer state fits).
 pub const MAX_CHECKPOINT_BYTES: usize = 1 << 29;
-const FORMAT: Format = Format {
+/// The checkpoint container: magic, version, size limit.
+pub const FORMAT: Format = Format {
     magic: b"ASQCKPT1",
     version: 1,
     limit: MAX_CHECKPOINT_BYTES,
