@@ -34,8 +34,8 @@ pub fn data_dir(arg: &Option<PathBuf>) -> Result<PathBuf, Error> {
     .into())
 }
 
-/// A progress bar over training batches.
-pub struct Bar(pub ProgressBar);
+/// A progress bar over training batches that also keeps every batch's loss and accuracy.
+pub struct Bar(pub ProgressBar, pub Vec<(f64, f64)>);
 
 impl Bar {
     /// A bar of `total` batches labelled `what`.
@@ -47,13 +47,15 @@ impl Bar {
                 .progress_chars("=> "),
         );
         bar.set_prefix(what.to_string());
-        Self(bar)
+        Self(bar, Vec::new())
     }
 }
 
 impl Callback for Bar {
     fn on_batch(&mut self, s: &BatchStats, _: &ParamStore, _: &TrainState) -> Control {
         self.0.inc(1);
+        self.1
+            .push((s.loss as f64, s.correct as f64 / s.size.max(1) as f64));
         self.0.set_message(format!(
             "epoch {} loss {:.3} acc {:.2} lr {:.4} {:.0} img/s",
             s.epoch + 1,

@@ -9,6 +9,7 @@ mod bench;
 mod common;
 mod demo;
 mod pipeline;
+mod plot;
 mod table;
 
 use clap::{Parser, Subcommand};

@@ -24,6 +24,7 @@ use asq_train::train::{evaluate, fit, TrainConfig};
 use asq_train::{Graph, ParamStore};
 
 use crate::common::{check_output, data_dir, measure, Bar, Error};
+use crate::plot;
 
 /// Options of `asq train`.
 #[derive(clap::Args)]
@@ -86,6 +87,9 @@ pub struct TrainArgs {
     /// Seed of initialisation, data order and augmentation.
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
+    /// Also write the training curves (loss and accuracy per batch) to this SVG file.
+    #[arg(long)]
+    pub(crate) plot: Option<PathBuf>,
 }
 
 /// Options of `asq export`.
@@ -279,6 +283,9 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
         return Err(format!("--lr {} must be a positive number", args.lr).into());
     }
     check_output(&args.out)?;
+    if let Some(p) = &args.plot {
+        check_output(p)?;
+    }
     if args.out.exists() && !args.resume && !args.force {
         return Err(format!(
             "{} exists: pass --resume to continue it or --force to replace it",
@@ -431,6 +438,50 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
         meta.insert("test_accuracy".into(), format!("{acc:.4}"));
     }
     Checkpoint::capture(&ps, Some(&opt), state, meta).save(&args.out)?;
+    if let Some(path) = &args.plot {
+        let first = done as f64;
+        let curve = |f: fn(&(f64, f64)) -> f64| -> Vec<(f64, f64)> {
+            bar.1
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (first + i as f64, f(b)))
+                .collect()
+        };
+        let smoothed = |pts: Vec<(f64, f64)>| -> Vec<(f64, f64)> {
+            let ys: Vec<f64> = pts.iter().map(|p| p.1).collect();
+            pts.iter()
+                .zip(plot::smooth(
+                    &ys,
+                    (20.0 / ys.len().max(1) as f64).clamp(0.02, 0.5),
+                ))
+                .map(|(p, y)| (p.0, y))
+                .collect()
+        };
+        let (loss, acc) = (curve(|b| b.0), curve(|b| 100.0 * b.1));
+        let chart = |title: &str, y: &str, pts: Vec<(f64, f64)>| plot::Chart {
+            title: format!("{}: {title}", recipe.label()),
+            x_label: "optimizer step".into(),
+            y_label: y.into(),
+            series: vec![
+                plot::Series {
+                    name: "per batch".into(),
+                    color: "#aec7e8",
+                    points: pts.clone(),
+                },
+                plot::Series {
+                    name: "moving average".into(),
+                    color: "#1f77b4",
+                    points: smoothed(pts),
+                },
+            ],
+        };
+        let doc = plot::svg(&[
+            chart("training loss", "loss", loss),
+            chart("training accuracy", "accuracy (%)", acc),
+        ]);
+        asq_train::checkpoint::atomic_write(path, doc.as_bytes())?;
+        println!("curves in {}", path.display());
+    }
     println!(
         "saved {} ({:.0} training images/s)",
         args.out.display(),

@@ -113,6 +113,7 @@ pub fn table(args: &TableArgs) -> Result<(), Error> {
             // Unfinished runs (no recorded accuracy) are redone.
             force: true,
             seed: args.seed,
+            plot: None,
         })
     };
     let t = Instant::now();

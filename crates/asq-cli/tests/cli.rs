@@ -133,7 +133,18 @@ fn train_export_eval_on_files() {
         out.contains("initialised") && out.contains("lenet5 asq-post W4A4"),
         "{out}"
     );
-    let out = run(&[&qat[..], &["--epochs", "2", "--resume"], &small[..]].concat());
+    let svg = p("curves.svg");
+    let out = run(&[
+        &qat[..],
+        &["--epochs", "2", "--resume", "--plot", &svg],
+        &small[..],
+    ]
+    .concat());
+    let doc = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        doc.starts_with("<svg") && doc.matches("<polyline").count() == 4,
+        "{doc}"
+    );
     assert!(out.contains("resuming") && out.contains("| 2 |"), "{out}");
     let m = p("q.asqm");
     let out = run(&["export", &q, "--out", &m]);
