@@ -13,11 +13,8 @@ use asq_models::engine::InputSpec;
 use asq_models::{IntModel, QuantPolicy, ResNet};
 use asq_train::data::idx::load_mnist_dir;
 use asq_train::data::loader::make_batch;
-use asq_train::data::Augment;
 use asq_train::nn::Module;
-use asq_train::optim::{LrSchedule, LrShape, Optimizer, OptimizerConfig, ParamGroups};
-use asq_train::train::{fit, Silent, TrainConfig};
-use asq_train::{checkpoint::TrainState, Graph, ParamStore};
+use asq_train::{Graph, ParamStore};
 
 #[test]
 fn integer_resnet20_follows_the_fake_quant_model() {
@@ -26,43 +23,11 @@ fn integer_resnet20_follows_the_fake_quant_model() {
     let test = load_mnist_dir(&dir, false).unwrap().take(64);
     let mut ps = ParamStore::new();
     let net = ResNet::cifar(&mut ps, 20, 1, 10, &QuantPolicy::asq_post(4).unwrap(), 1).unwrap();
-    let cfg = TrainConfig {
-        epochs: 1,
-        batch_size: 64,
-        max_batches: Some(16),
-        schedule: LrSchedule {
-            base: 0.05,
-            warmup: 2,
-            shape: LrShape::Constant,
-        },
-        label_smoothing: 0.0,
-        augment: Augment::default(),
-        normalize: train.channel_stats(),
-    };
-    let mut opt = Optimizer::new(
-        OptimizerConfig::Sgd {
-            momentum: 0.9,
-            nesterov: false,
-        },
-        ParamGroups::new(1e-4),
-    )
-    .unwrap();
-    fit(
-        &net,
-        &mut ps,
-        &mut opt,
-        &train,
-        &cfg,
-        &mut TrainState {
-            seed: 1,
-            ..Default::default()
-        },
-        &mut Silent,
-    )
-    .unwrap();
+    let normalize = train.channel_stats();
+    common::train_briefly(&net, &mut ps, &train, &normalize, (64, 16, 0.05, 1));
 
     let idx: Vec<usize> = (0..test.len()).collect();
-    let batch = make_batch(&test, &idx, &cfg.normalize, None).unwrap();
+    let batch = make_batch(&test, &idx, &normalize, None).unwrap();
     let mut g = Graph::new(false);
     let x = g.input(batch.images.clone());
     let y = net.forward(&mut g, &mut ps, x).unwrap();
@@ -71,8 +36,8 @@ fn integer_resnet20_follows_the_fake_quant_model() {
         channels: 1,
         height: 28,
         width: 28,
-        mean: cfg.normalize.mean.clone(),
-        std: cfg.normalize.std.clone(),
+        mean: normalize.mean.clone(),
+        std: normalize.std.clone(),
     };
     let model = net.export(&ps, input).unwrap();
     let images = batch.images.as_slice().unwrap();

@@ -10,11 +10,9 @@ use asq_models::engine::InputSpec;
 use asq_models::{IntModel, Model, QuantPolicy};
 use asq_train::data::idx::load_mnist_dir;
 use asq_train::data::loader::make_batch;
-use asq_train::data::{Augment, Dataset};
+use asq_train::data::Dataset;
 use asq_train::nn::Module;
-use asq_train::optim::{LrSchedule, LrShape, Optimizer, OptimizerConfig, ParamGroups};
-use asq_train::train::{fit, Silent, TrainConfig};
-use asq_train::{checkpoint::TrainState, Graph, ParamStore};
+use asq_train::{Graph, ParamStore};
 
 fn data() -> (Dataset, Dataset) {
     let dir = common::fashion_mnist();
@@ -76,41 +74,7 @@ fn every_architecture_trains_exports_and_agrees_with_fake_quant() {
         let mut ps = ParamStore::new();
         let policy_v = QuantPolicy::named(policy, 4).unwrap();
         let net = Model::build(arch, &mut ps, (1, 28, 28), 10, &policy_v, 7).unwrap();
-        let cfg = TrainConfig {
-            epochs: 1,
-            batch_size: 32,
-            max_batches: Some(12),
-            schedule: LrSchedule {
-                base: 0.02,
-                warmup: 2,
-                shape: LrShape::Constant,
-            },
-            label_smoothing: 0.0,
-            augment: Augment::default(),
-            normalize: normalize.clone(),
-        };
-        let mut opt = Optimizer::new(
-            OptimizerConfig::Sgd {
-                momentum: 0.9,
-                nesterov: false,
-            },
-            ParamGroups::new(1e-4),
-        )
-        .unwrap();
-        let mut state = TrainState {
-            seed: 3,
-            ..Default::default()
-        };
-        fit(
-            &net,
-            &mut ps,
-            &mut opt,
-            &train,
-            &cfg,
-            &mut state,
-            &mut Silent,
-        )
-        .unwrap();
+        common::train_briefly(&net, &mut ps, &train, &normalize, (32, 12, 0.02, 3));
 
         let input = InputSpec {
             channels: 1,

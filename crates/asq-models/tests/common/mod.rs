@@ -3,7 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
+use asq_train::checkpoint::TrainState;
 use asq_train::data::idx::FASHION_MNIST_DIR;
+use asq_train::data::{Augment, Dataset, Normalize};
+use asq_train::nn::Module;
+use asq_train::optim::{LrSchedule, LrShape, Optimizer, OptimizerConfig, ParamGroups};
+use asq_train::train::{fit, Silent, TrainConfig};
+use asq_train::ParamStore;
 
 /// Fashion-MNIST: the Debian package's copy, else the subset shipped with asq-train.
 pub fn fashion_mnist() -> PathBuf {
@@ -46,4 +52,38 @@ pub fn agreement(fq: &[f32], int: &[f32], classes: usize) -> Agreement {
         diff: fq.iter().zip(int).map(|(a, b)| (a - b).abs()).sum::<f32>() / fq.len() as f32,
         magnitude: fq.iter().map(|a| a.abs()).sum::<f32>() / fq.len() as f32,
     }
+}
+
+/// A short quantization-aware run (SGD, constant lr after 2 warm-up steps, no augmentation):
+/// enough to set the quantizer scales and batch-norm statistics the export reads.
+pub fn train_briefly(
+    net: &dyn Module,
+    ps: &mut ParamStore,
+    data: &Dataset,
+    normalize: &Normalize,
+    (batch, batches, lr, seed): (usize, usize, f32, u64),
+) {
+    let cfg = TrainConfig {
+        epochs: 1,
+        batch_size: batch,
+        max_batches: Some(batches),
+        schedule: LrSchedule {
+            base: lr,
+            warmup: 2,
+            shape: LrShape::Constant,
+        },
+        label_smoothing: 0.0,
+        augment: Augment::default(),
+        normalize: normalize.clone(),
+    };
+    let sgd = OptimizerConfig::Sgd {
+        momentum: 0.9,
+        nesterov: false,
+    };
+    let mut opt = Optimizer::new(sgd, ParamGroups::new(1e-4)).unwrap();
+    let mut state = TrainState {
+        seed,
+        ..Default::default()
+    };
+    fit(net, ps, &mut opt, data, &cfg, &mut state, &mut Silent).unwrap();
 }

@@ -162,6 +162,16 @@ fn view_mut<'a>(s: &'a mut [f32], r: usize, c: usize) -> ArrayViewMut2<'a, f32> 
     ArrayViewMut2::from_shape((r, c), s).expect("sizes computed from the geometry")
 }
 
+/// The bias gradient `[channels]` of an `[n, channels, opix]` output gradient (f64 sums).
+fn bias_grad(gy: &[f32], n: usize, channels: usize, opix: usize) -> Tensor {
+    let mut db = vec![0.0f64; channels];
+    for plane in gy.chunks_exact(opix).take(n * channels).enumerate() {
+        db[plane.0 % channels] += plane.1.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    Tensor::from_shape_vec(IxDyn(&[channels]), db.iter().map(|&v| v as f32).collect())
+        .expect("bias")
+}
+
 struct ConvOp {
     geo: Geo,
     bias: bool,
@@ -234,19 +244,7 @@ impl Backward for ConvOp {
             Some(Tensor::from_shape_vec(inputs[1].raw_dim(), dw).expect("weight shape")),
         ];
         if self.bias {
-            let mut db = vec![0.0f64; geo.co];
-            for n in 0..geo.n {
-                for (o, d) in db.iter_mut().enumerate() {
-                    *d += gy[n * out_len + o * opix..][..opix]
-                        .iter()
-                        .map(|&v| v as f64)
-                        .sum::<f64>();
-                }
-            }
-            out.push(Some(
-                Tensor::from_shape_vec(IxDyn(&[geo.co]), db.iter().map(|&v| v as f32).collect())
-                    .expect("bias"),
-            ));
+            out.push(Some(bias_grad(gy, geo.n, geo.co, opix)));
         }
         out
     }
@@ -560,19 +558,7 @@ impl Backward for DepthwiseOp {
             Some(Tensor::from_shape_vec(inputs[1].raw_dim(), dw).expect("weight shape")),
         ];
         if self.bias {
-            let mut db = vec![0.0f64; geo.c];
-            for n in 0..geo.n {
-                for (ch, d) in db.iter_mut().enumerate() {
-                    *d += gy[(n * geo.c + ch) * opix..][..opix]
-                        .iter()
-                        .map(|&v| v as f64)
-                        .sum::<f64>();
-                }
-            }
-            out.push(Some(
-                Tensor::from_shape_vec(IxDyn(&[geo.c]), db.iter().map(|&v| v as f32).collect())
-                    .expect("bias"),
-            ));
+            out.push(Some(bias_grad(gy, geo.n, geo.c, opix)));
         }
         out
     }
