@@ -73,15 +73,89 @@ pub fn measure(
     test: &Dataset,
     normalize: &Normalize,
     batch: usize,
-    mut logits: impl FnMut(&asq_train::Tensor) -> Result<Vec<f32>, Error>,
+    logits: impl FnMut(&asq_train::Tensor) -> Result<Vec<f32>, Error>,
 ) -> Result<(f64, f64), Error> {
+    let (confusion, speed) = confusion(test, normalize, batch, logits)?;
+    Ok((confusion.accuracy(), speed))
+}
+
+/// Counts of (true class, predicted class) over a test set.
+pub struct Confusion {
+    /// `counts[truth][prediction]`.
+    pub counts: Vec<Vec<usize>>,
+}
+
+/// Fashion-MNIST's class names (the label order of its IDX files).
+pub const FASHION_CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+
+impl Confusion {
+    /// Fraction of correct predictions.
+    pub fn accuracy(&self) -> f64 {
+        let total: usize = self.counts.iter().flatten().sum();
+        let right: usize = (0..self.counts.len()).map(|c| self.counts[c][c]).sum();
+        right as f64 / total.max(1) as f64
+    }
+
+    /// A markdown table: per class, its accuracy and what it is most often mistaken for.
+    pub fn table(&self) -> String {
+        let name = |c: usize| {
+            FASHION_CLASSES
+                .get(c)
+                .map_or_else(|| format!("class {c}"), |n| n.to_string())
+        };
+        let mut out = String::from(
+            "| class | images | accuracy | most often predicted instead |\n|---|---|---|---|\n",
+        );
+        for (c, row) in self.counts.iter().enumerate() {
+            let n: usize = row.iter().sum();
+            if n == 0 {
+                continue;
+            }
+            let worst = (0..row.len())
+                .filter(|&p| p != c && row[p] > 0)
+                .max_by_key(|&p| row[p])
+                .map_or(String::new(), |p| {
+                    format!("{} ({:.1} %)", name(p), 100.0 * row[p] as f64 / n as f64)
+                });
+            out.push_str(&format!(
+                "| {} | {n} | {:.1} % | {worst} |\n",
+                name(c),
+                100.0 * row[c] as f64 / n as f64
+            ));
+        }
+        out
+    }
+}
+
+/// The confusion counts and images/s of a forward pass over `test`.
+pub fn confusion(
+    test: &Dataset,
+    normalize: &Normalize,
+    batch: usize,
+    mut logits: impl FnMut(&asq_train::Tensor) -> Result<Vec<f32>, Error>,
+) -> Result<(Confusion, f64), Error> {
     let t = Instant::now();
-    let mut correct = 0usize;
+    let k = test.classes.max(1);
+    let mut counts = vec![vec![0usize; k]; k];
     let idx: Vec<usize> = (0..test.len()).collect();
     for chunk in idx.chunks(batch) {
         let b = make_batch(test, chunk, normalize, None)?;
         let out = logits(&b.images)?;
         let classes = out.len() / chunk.len();
+        if classes != k {
+            return Err(format!("the model has {classes} outputs, the data {k} classes").into());
+        }
         for (row, &y) in out.chunks(classes).zip(&b.labels) {
             let best = row
                 .iter()
@@ -91,11 +165,11 @@ pub fn measure(
                     |m, (i, &v)| if v > m.1 { (i, v) } else { m },
                 )
                 .0;
-            correct += (best == y) as usize;
+            counts[y][best] += 1;
         }
     }
     Ok((
-        correct as f64 / test.len() as f64,
+        Confusion { counts },
         test.len() as f64 / t.elapsed().as_secs_f64(),
     ))
 }

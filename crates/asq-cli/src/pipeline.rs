@@ -23,7 +23,7 @@ use asq_train::optim::{LrSchedule, LrShape, Optimizer, OptimizerConfig, ParamGro
 use asq_train::train::{evaluate, fit, TrainConfig};
 use asq_train::{Graph, ParamStore};
 
-use crate::common::{check_output, data_dir, measure, Bar, Error};
+use crate::common::{check_output, confusion, data_dir, Bar, Error};
 use crate::plot;
 
 /// Options of `asq train`.
@@ -119,6 +119,9 @@ pub struct EvalArgs {
     /// Batch size of the timed passes.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Also print per-class accuracy and the most frequent confusion of each class.
+    #[arg(long)]
+    classes: bool,
 }
 
 /// What a checkpoint's metadata must say to rebuild its model.
@@ -576,7 +579,8 @@ pub fn eval(args: &EvalArgs) -> Result<(), Error> {
             let flat = x.as_slice().ok_or("non-contiguous batch")?;
             Ok(model.forward(flat, x.shape()[0])?)
         };
-        let (acc, speed) = measure(&test, &normalize, args.batch, logits)?;
+        let (conf, speed) = confusion(&test, &normalize, args.batch, logits)?;
+        let acc = conf.accuracy();
         let label = spec.meta.get("quant").map_or(String::new(), |q| {
             format!(" {q} W{0}A{0}", spec.meta.get("bits").map_or("?", |b| b))
         });
@@ -588,6 +592,9 @@ pub fn eval(args: &EvalArgs) -> Result<(), Error> {
             100.0 * acc,
             args.batch
         );
+        if args.classes {
+            print!("\n{}", conf.table());
+        }
         return Ok(());
     }
     let ckpt = Checkpoint::load(&args.model)?;
@@ -595,12 +602,13 @@ pub fn eval(args: &EvalArgs) -> Result<(), Error> {
     let mut ps = ParamStore::new();
     let net = recipe.build(&mut ps, 0)?;
     ckpt.restore(&mut ps)?;
-    let (acc, speed) = measure(&test, &recipe.normalize, args.batch, |x| {
+    let (conf, speed) = confusion(&test, &recipe.normalize, args.batch, |x| {
         let mut g = Graph::new(false);
         let v = g.input(x.clone());
         let y = net.forward(&mut g, &mut ps, v)?;
         Ok(g.value(y).iter().copied().collect())
     })?;
+    let acc = conf.accuracy();
     let engine = if recipe.quant == "fp32" {
         "float graph"
     } else {
@@ -613,6 +621,9 @@ pub fn eval(args: &EvalArgs) -> Result<(), Error> {
         100.0 * acc,
         args.batch
     );
+    if args.classes {
+        print!("\n{}", conf.table());
+    }
     Ok(())
 }
 

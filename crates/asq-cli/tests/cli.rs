@@ -174,7 +174,11 @@ fn train_export_eval_on_files() {
             .unwrap()
             .to_string()
     };
-    let int = run(&["eval", &m, "--test-images", "200"]);
+    let int = run(&["eval", &m, "--test-images", "200", "--classes"]);
+    assert!(
+        int.contains("| Trouser |") && int.contains("| class | images | accuracy |"),
+        "{int}"
+    );
     let fq = run(&["eval", &q, "--test-images", "200"]);
     assert!(
         int.contains("integer engine") && fq.contains("fake-quant graph"),
