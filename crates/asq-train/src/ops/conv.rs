@@ -175,79 +175,88 @@ fn bias_grad(gy: &[f32], n: usize, channels: usize, opix: usize) -> Tensor {
 struct ConvOp {
     geo: Geo,
     bias: bool,
+    /// Computed by the direct depthwise kernels rather than im2col + GEMM.
+    depthwise: bool,
 }
 
 impl Backward for ConvOp {
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
         let geo = self.geo;
-        let (xs, ws) = (
+        let (xs, ws, gs) = (
             inputs[0].as_standard_layout(),
             inputs[1].as_standard_layout(),
+            grad.as_standard_layout(),
         );
-        let (x, w) = (
-            xs.as_slice().expect("standard layout"),
-            ws.as_slice().expect("standard layout"),
-        );
-        let gy = grad.as_standard_layout();
-        let gy = gy.as_slice().expect("standard layout");
-        let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
-        let (krows, opix, cog) = (geo.krows(), geo.opix(), geo.cog());
-        let mut dx = buffers::take_zeroed(geo.n * in_len);
-        let per_chunk = geo.n.div_ceil(CHUNKS.min(geo.n));
-        let partials: Vec<Vec<f32>> = dx
-            .par_chunks_mut(per_chunk * in_len)
-            .enumerate()
-            .map(|(chunk, dxc)| {
-                let samples = dxc.len() / in_len;
-                let n0 = chunk * per_chunk;
-                let ld = samples * opix;
-                let mut dw = vec![0.0f32; w.len()];
-                let mut cols = scratch::take(0, krows * ld);
-                let mut gyb = scratch::take(1, cog * ld);
-                for grp in 0..geo.spec.groups {
-                    for j in 0..samples {
-                        let n = n0 + j;
-                        im2col(
-                            &x[n * in_len..(n + 1) * in_len],
-                            &geo,
-                            grp,
-                            &mut cols,
-                            ld,
-                            j * opix,
-                        );
-                        for o in 0..cog {
-                            let src = &gy[n * out_len + (grp * cog + o) * opix..][..opix];
-                            gyb[o * ld + j * opix..][..opix].copy_from_slice(src);
-                        }
-                    }
-                    let gyg = view(&gyb, cog, ld);
-                    let wg = view(&w[grp * cog * krows..][..cog * krows], cog, krows);
-                    let mut dwg = view_mut(&mut dw[grp * cog * krows..][..cog * krows], cog, krows);
-                    general_mat_mul(1.0, &gyg, &view(&cols, krows, ld).t(), 1.0, &mut dwg);
-                    let mut dcols = view_mut(&mut cols, krows, ld);
-                    general_mat_mul(1.0, &wg.t(), &gyg, 0.0, &mut dcols);
-                    for (j, dxn) in dxc.chunks_mut(in_len).enumerate() {
-                        col2im(&cols, &geo, grp, dxn, ld, j * opix);
-                    }
-                }
-                scratch::give(0, cols);
-                scratch::give(1, gyb);
-                dw
-            })
-            .collect();
-        let mut dw = vec![0.0f32; w.len()];
-        for p in &partials {
-            dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-        }
+        let [x, w, gy] = [&xs, &ws, &gs].map(|t| t.as_slice().expect("standard layout"));
+        let (dx, dw) = if self.depthwise {
+            depthwise_grads(&geo, x, w, gy)
+        } else {
+            gemm_grads(&geo, x, w, gy)
+        };
         let mut out = vec![
             Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("input shape")),
             Some(Tensor::from_shape_vec(inputs[1].raw_dim(), dw).expect("weight shape")),
         ];
         if self.bias {
-            out.push(Some(bias_grad(gy, geo.n, geo.co, opix)));
+            out.push(Some(bias_grad(gy, geo.n, geo.co, geo.opix())));
         }
         out
     }
+}
+
+/// `(dx, dw)` through im2col + GEMM, weight gradients reduced over fixed sample chunks.
+fn gemm_grads(geo: &Geo, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let geo = *geo;
+    let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
+    let (krows, opix, cog) = (geo.krows(), geo.opix(), geo.cog());
+    let mut dx = buffers::take_zeroed(geo.n * in_len);
+    let per_chunk = geo.n.div_ceil(CHUNKS.min(geo.n));
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(per_chunk * in_len)
+        .enumerate()
+        .map(|(chunk, dxc)| {
+            let samples = dxc.len() / in_len;
+            let n0 = chunk * per_chunk;
+            let ld = samples * opix;
+            let mut dw = vec![0.0f32; w.len()];
+            let mut cols = scratch::take(0, krows * ld);
+            let mut gyb = scratch::take(1, cog * ld);
+            for grp in 0..geo.spec.groups {
+                for j in 0..samples {
+                    let n = n0 + j;
+                    im2col(
+                        &x[n * in_len..(n + 1) * in_len],
+                        &geo,
+                        grp,
+                        &mut cols,
+                        ld,
+                        j * opix,
+                    );
+                    for o in 0..cog {
+                        let src = &gy[n * out_len + (grp * cog + o) * opix..][..opix];
+                        gyb[o * ld + j * opix..][..opix].copy_from_slice(src);
+                    }
+                }
+                let gyg = view(&gyb, cog, ld);
+                let wg = view(&w[grp * cog * krows..][..cog * krows], cog, krows);
+                let mut dwg = view_mut(&mut dw[grp * cog * krows..][..cog * krows], cog, krows);
+                general_mat_mul(1.0, &gyg, &view(&cols, krows, ld).t(), 1.0, &mut dwg);
+                let mut dcols = view_mut(&mut cols, krows, ld);
+                general_mat_mul(1.0, &wg.t(), &gyg, 0.0, &mut dcols);
+                for (j, dxn) in dxc.chunks_mut(in_len).enumerate() {
+                    col2im(&cols, &geo, grp, dxn, ld, j * opix);
+                }
+            }
+            scratch::give(0, cols);
+            scratch::give(1, gyb);
+            dw
+        })
+        .collect();
+    let mut dw = vec![0.0f32; w.len()];
+    for p in &partials {
+        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    (dx, dw)
 }
 
 /// Convolution of `x` `[N, C, H, W]` with `w` `[C_out, C / groups, KH, KW]` and an optional
@@ -370,6 +379,7 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
         ConvOp {
             geo,
             bias: b.is_some(),
+            depthwise: false,
         },
     ))
 }
@@ -450,118 +460,95 @@ fn depthwise(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
     g.record(
         y,
         &inputs,
-        DepthwiseOp {
+        ConvOp {
             geo,
             bias: b.is_some(),
+            depthwise: true,
         },
     )
 }
 
-struct DepthwiseOp {
-    geo: Geo,
-    bias: bool,
-}
-
-impl Backward for DepthwiseOp {
-    fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
-        let geo = self.geo;
-        let (xs, ws) = (
-            inputs[0].as_standard_layout(),
-            inputs[1].as_standard_layout(),
-        );
-        let (x, w) = (
-            xs.as_slice().expect("standard layout"),
-            ws.as_slice().expect("standard layout"),
-        );
-        let gy = grad.as_standard_layout();
-        let gy = gy.as_slice().expect("standard layout");
-        let (hw, opix, taps, s, p) = (
-            geo.h * geo.w,
-            geo.opix(),
-            geo.kh * geo.kw,
-            geo.spec.stride,
-            geo.spec.pad,
-        );
-        // dx: per plane, scatter every tap of gy back (the adjoint of the forward axpys).
-        let mut dx = buffers::take_zeroed(geo.n * geo.c * hw);
-        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dxp)| {
-            let ch = plane % geo.c;
-            let gp = &gy[plane * opix..(plane + 1) * opix];
-            let wc = &w[ch * taps..(ch + 1) * taps];
+/// `(dx, dw)` of the direct depthwise convolution: `dx` plane by plane (the adjoint of the
+/// forward axpys), `dw` per channel summed over samples in a fixed order.
+fn depthwise_grads(geo: &Geo, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let geo = *geo;
+    let (hw, opix, taps, s, p) = (
+        geo.h * geo.w,
+        geo.opix(),
+        geo.kh * geo.kw,
+        geo.spec.stride,
+        geo.spec.pad,
+    );
+    // dx: per plane, scatter every tap of gy back (the adjoint of the forward axpys).
+    let mut dx = buffers::take_zeroed(geo.n * geo.c * hw);
+    dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dxp)| {
+        let ch = plane % geo.c;
+        let gp = &gy[plane * opix..(plane + 1) * opix];
+        let wc = &w[ch * taps..(ch + 1) * taps];
+        for oy in 0..geo.oh {
+            let grow = &gp[oy * geo.ow..(oy + 1) * geo.ow];
+            for (ky, iy) in rows_in(&geo, oy) {
+                let drow = &mut dxp[iy * geo.w..(iy + 1) * geo.w];
+                for kx in 0..geo.kw {
+                    let (lo, hi) = valid_cols(&geo, kx);
+                    if lo >= hi {
+                        continue;
+                    }
+                    let first = lo * s + kx - p;
+                    let wv = wc[ky * geo.kw + kx];
+                    if s == 1 {
+                        for (d, g) in drow[first..first + (hi - lo)].iter_mut().zip(&grow[lo..hi]) {
+                            *d += wv * g;
+                        }
+                    } else {
+                        for (d, g) in drow[first..].iter_mut().step_by(s).zip(&grow[lo..hi]) {
+                            *d += wv * g;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    // dw[ch, tap]: sums over samples in a fixed order (per channel, samples ascending), so
+    // the result does not depend on the thread count.
+    let mut dw = vec![0.0f32; w.len()];
+    dw.par_chunks_mut(taps).enumerate().for_each(|(ch, dwc)| {
+        for n in 0..geo.n {
+            let plane = n * geo.c + ch;
+            let (xp, gp) = (
+                &x[plane * hw..(plane + 1) * hw],
+                &gy[plane * opix..(plane + 1) * opix],
+            );
             for oy in 0..geo.oh {
                 let grow = &gp[oy * geo.ow..(oy + 1) * geo.ow];
                 for (ky, iy) in rows_in(&geo, oy) {
-                    let drow = &mut dxp[iy * geo.w..(iy + 1) * geo.w];
+                    let xrow = &xp[iy * geo.w..(iy + 1) * geo.w];
                     for kx in 0..geo.kw {
                         let (lo, hi) = valid_cols(&geo, kx);
                         if lo >= hi {
                             continue;
                         }
                         let first = lo * s + kx - p;
-                        let wv = wc[ky * geo.kw + kx];
-                        if s == 1 {
-                            for (d, g) in
-                                drow[first..first + (hi - lo)].iter_mut().zip(&grow[lo..hi])
-                            {
-                                *d += wv * g;
-                            }
+                        let dot: f32 = if s == 1 {
+                            grow[lo..hi]
+                                .iter()
+                                .zip(&xrow[first..first + (hi - lo)])
+                                .map(|(g, v)| g * v)
+                                .sum()
                         } else {
-                            for (d, g) in drow[first..].iter_mut().step_by(s).zip(&grow[lo..hi]) {
-                                *d += wv * g;
-                            }
-                        }
+                            grow[lo..hi]
+                                .iter()
+                                .zip(xrow[first..].iter().step_by(s))
+                                .map(|(g, v)| g * v)
+                                .sum()
+                        };
+                        dwc[ky * geo.kw + kx] += dot;
                     }
                 }
             }
-        });
-        // dw[ch, tap]: sums over samples in a fixed order (per channel, samples ascending), so
-        // the result does not depend on the thread count.
-        let mut dw = vec![0.0f32; w.len()];
-        dw.par_chunks_mut(taps).enumerate().for_each(|(ch, dwc)| {
-            for n in 0..geo.n {
-                let plane = n * geo.c + ch;
-                let (xp, gp) = (
-                    &x[plane * hw..(plane + 1) * hw],
-                    &gy[plane * opix..(plane + 1) * opix],
-                );
-                for oy in 0..geo.oh {
-                    let grow = &gp[oy * geo.ow..(oy + 1) * geo.ow];
-                    for (ky, iy) in rows_in(&geo, oy) {
-                        let xrow = &xp[iy * geo.w..(iy + 1) * geo.w];
-                        for kx in 0..geo.kw {
-                            let (lo, hi) = valid_cols(&geo, kx);
-                            if lo >= hi {
-                                continue;
-                            }
-                            let first = lo * s + kx - p;
-                            let dot: f32 = if s == 1 {
-                                grow[lo..hi]
-                                    .iter()
-                                    .zip(&xrow[first..first + (hi - lo)])
-                                    .map(|(g, v)| g * v)
-                                    .sum()
-                            } else {
-                                grow[lo..hi]
-                                    .iter()
-                                    .zip(xrow[first..].iter().step_by(s))
-                                    .map(|(g, v)| g * v)
-                                    .sum()
-                            };
-                            dwc[ky * geo.kw + kx] += dot;
-                        }
-                    }
-                }
-            }
-        });
-        let mut out = vec![
-            Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("input shape")),
-            Some(Tensor::from_shape_vec(inputs[1].raw_dim(), dw).expect("weight shape")),
-        ];
-        if self.bias {
-            out.push(Some(bias_grad(gy, geo.n, geo.c, opix)));
         }
-        out
-    }
+    });
+    (dx, dw)
 }
 
 #[cfg(test)]
