@@ -9,7 +9,7 @@ use asq_models::{QuantPolicy, ResNet};
 use asq_train::checkpoint::{Checkpoint, TrainState};
 use asq_train::data::idx::load_mnist_dir;
 use asq_train::data::{Augment, Dataset, Normalize};
-use asq_train::nn::Module;
+use asq_train::nn::{Module, StepGradScale};
 use asq_train::optim::{LrSchedule, LrShape, Optimizer, OptimizerConfig, ParamGroups};
 use asq_train::train::{evaluate, fit, TrainConfig};
 use asq_train::{Graph, ParamStore};
@@ -65,6 +65,7 @@ fn train(
         epochs,
         batch_size: args.batch,
         max_batches: None,
+        drop_last: false,
         schedule: LrSchedule {
             base: lr,
             warmup: per_epoch.min(50),
@@ -146,6 +147,7 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         chw: (train_set.c, train_set.h, train_set.w),
         classes: train_set.classes,
         normalize: normalize.clone(),
+        step_grad: StepGradScale::default(),
     };
     save(&args.out, "resnet20-fp32.ckpt", &fp_ps, &recipe("fp32"))?;
 

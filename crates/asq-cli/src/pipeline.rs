@@ -18,7 +18,7 @@ use asq_models::{IntModel, Model, QuantPolicy};
 use asq_train::checkpoint::{Checkpoint, TrainState};
 use asq_train::data::idx::load_mnist_dir;
 use asq_train::data::{Augment, Dataset, Normalize};
-use asq_train::nn::Module;
+use asq_train::nn::{Init, InitScheme, Module, StepGradScale};
 use asq_train::optim::{LrSchedule, LrShape, Optimizer, OptimizerConfig, ParamGroups};
 use asq_train::train::{evaluate, fit, TrainConfig};
 use asq_train::{Graph, ParamStore};
@@ -48,23 +48,38 @@ pub struct TrainArgs {
     /// Epochs (with --resume: the total, counting those already done).
     #[arg(long, default_value_t = 3)]
     pub(crate) epochs: u64,
-    /// Peak learning rate (cosine decay after a short warm-up).
+    /// Peak learning rate (cosine decay, after --warmup steps).
     #[arg(long, default_value_t = 0.05)]
     pub(crate) lr: f32,
+    /// Steps of linear learning-rate warm-up before the decay (0: none, as PyTorch's
+    /// CosineAnnealingLR).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) warmup: u64,
     /// Mini-batch size.
     #[arg(long, default_value_t = 64)]
     pub(crate) batch: usize,
-    /// Learning-rate schedule: cosine (per step, after a warm-up of min(an epoch, 50) steps) or
-    /// cosine-epoch (constant within an epoch, no warm-up: PyTorch's CosineAnnealingLR stepped
-    /// per epoch).
+    /// Learning-rate schedule: cosine (per step to 0 over all steps: PyTorch's CosineAnnealingLR
+    /// with T_max = all steps, stepped after every batch) or cosine-epoch (constant within an
+    /// epoch: CosineAnnealingLR with T_max = epochs, stepped per epoch).
     #[arg(long, default_value = "cosine")]
     pub(crate) schedule: String,
     /// Optimizer: sgd (momentum 0.9) or adamw.
     #[arg(long, default_value = "sgd")]
     pub(crate) optimizer: String,
-    /// Weight decay (weights only).
+    /// Weight decay (L2 for SGD, decoupled for AdamW), on the parameters --decay names.
     #[arg(long, default_value_t = 1e-4)]
     pub(crate) weight_decay: f32,
+    /// Which parameters decay: all (PyTorch's optimizers given model.parameters()) or weights
+    /// (conv/linear weights only; not biases, norms, step sizes, alphas or adapters).
+    #[arg(long, default_value = "all")]
+    pub(crate) decay: String,
+    /// The element count N of an activation step's gradient scale 1/sqrt(N p): tensor (every
+    /// element of the batch: the LSQ/ASQ reference implementations) or sample (one sample's).
+    #[arg(long, default_value = "tensor")]
+    pub(crate) step_grad: String,
+    /// Drop the last, incomplete batch of every epoch (as the reference protocol does).
+    #[arg(long)]
+    pub(crate) drop_last: bool,
     /// Training images used (the first N; default all).
     #[arg(long)]
     pub(crate) train_images: Option<usize>,
@@ -74,9 +89,11 @@ pub struct TrainArgs {
     /// Fashion-MNIST directory (default: the Debian package's, else the shipped subset).
     #[arg(long)]
     pub(crate) data: Option<PathBuf>,
-    /// Start from the weights of this checkpoint (same architecture; quantizer scales start
-    /// from the first batch when it has none), e.g. a full-precision run before QAT.
-    #[arg(long)]
+    /// Initialisation: torch (PyTorch's default for conv and linear layers: U(+-1/sqrt(fan_in))
+    /// weights and biases; the default), he (He normal weights, zero biases), or a checkpoint
+    /// FILE to start from (same architecture; quantizer scales start from the first batch when
+    /// it has none), e.g. a full-precision run before QAT.
+    #[arg(long, value_name = "torch|he|FILE")]
     pub(crate) init: Option<PathBuf>,
     /// Continue the run saved at --out (same model, quantization and data).
     #[arg(long)]
@@ -140,6 +157,8 @@ pub struct Recipe {
     pub classes: usize,
     /// Training normalisation.
     pub normalize: Normalize,
+    /// The activation steps' gradient scale.
+    pub step_grad: StepGradScale,
 }
 
 impl Recipe {
@@ -161,6 +180,7 @@ impl Recipe {
             ("classes".to_string(), self.classes.to_string()),
             ("mean".to_string(), list(&self.normalize.mean)),
             ("std".to_string(), list(&self.normalize.std)),
+            ("step_grad".to_string(), self.step_grad.name().to_string()),
         ])
     }
 
@@ -203,22 +223,28 @@ impl Recipe {
                 mean: floats("mean")?,
                 std: floats("std")?,
             },
+            // Checkpoints from before the option used the per-sample count.
+            step_grad: match meta.get("step_grad") {
+                Some(v) => StepGradScale::parse(v).map_err(|_| bad("step_grad"))?,
+                None => StepGradScale::Sample,
+            },
         })
     }
 
-    fn build(&self, ps: &mut ParamStore, seed: u64) -> Result<Model, Error> {
+    fn build(&self, ps: &mut ParamStore, init: impl Into<Init>) -> Result<Model, Error> {
         let policy = match self.ends.as_str() {
             "int8" => QuantPolicy::named(&self.quant, self.bits)?,
             "fp32" => QuantPolicy::named(&self.quant, self.bits)?.float_ends(),
             e => return Err(format!("--ends {e:?}: int8 or fp32").into()),
-        };
+        }
+        .with_step_grad(self.step_grad);
         Ok(Model::build(
             &self.model,
             ps,
             self.chw,
             self.classes,
             &policy,
-            seed,
+            init,
         )?)
     }
 
@@ -305,9 +331,23 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
         chw: (train_set.c, train_set.h, train_set.w),
         classes: train_set.classes,
         normalize: train_set.channel_stats(),
+        step_grad: StepGradScale::parse(&args.step_grad)?,
     };
+    let (scheme, init_file) = match args.init.as_deref().and_then(Path::to_str) {
+        None => (InitScheme::default(), None),
+        Some(name @ ("torch" | "he")) => (InitScheme::parse(name)?, None),
+        Some(_) => (InitScheme::default(), args.init.as_deref()),
+    };
+    let groups = match args.decay.as_str() {
+        "all" => ParamGroups::all(args.weight_decay),
+        "weights" => ParamGroups::new(args.weight_decay),
+        d => return Err(format!("unknown --decay {d:?} (all or weights)").into()),
+    };
+    if !(args.weight_decay.is_finite() && args.weight_decay >= 0.0) {
+        return Err(format!("--weight-decay {} must be >= 0", args.weight_decay).into());
+    }
     let mut ps = ParamStore::new();
-    let net = recipe.build(&mut ps, args.seed)?;
+    let net = recipe.build(&mut ps, Init::new(args.seed, scheme))?;
     let opt_config = match args.optimizer.as_str() {
         "sgd" => OptimizerConfig::Sgd {
             momentum: 0.9,
@@ -320,7 +360,7 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
         },
         o => return Err(format!("unknown optimizer {o:?} (sgd or adamw)").into()),
     };
-    let mut opt = Optimizer::new(opt_config, ParamGroups::new(args.weight_decay))?;
+    let mut opt = Optimizer::new(opt_config, groups)?;
     let mut state = TrainState {
         seed: args.seed,
         ..Default::default()
@@ -354,7 +394,7 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
             state.epoch + 1,
             state.batch
         );
-    } else if let Some(init) = &args.init {
+    } else if let Some(init) = init_file {
         let src = Checkpoint::load(init)?;
         let n = init_from(&mut ps, &src);
         if n == 0 {
@@ -367,19 +407,39 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
         }
         println!("initialised {n} tensors from {}", init.display());
     }
-    let per_epoch = train_set.len().div_ceil(args.batch) as u64;
+    let per_epoch = if args.drop_last {
+        train_set.len() / args.batch
+    } else {
+        train_set.len().div_ceil(args.batch)
+    } as u64;
+    if per_epoch == 0 {
+        return Err(format!(
+            "--drop-last with {} images leaves no batch of {}",
+            train_set.len(),
+            args.batch
+        )
+        .into());
+    }
+    let total = per_epoch * args.epochs;
+    if args.warmup >= total {
+        return Err(format!(
+            "--warmup {} must be shorter than the run ({total} steps)",
+            args.warmup
+        )
+        .into());
+    }
     let schedule = match args.schedule.as_str() {
         "cosine" => LrSchedule {
             base: args.lr,
-            warmup: per_epoch.min(50),
+            warmup: args.warmup,
             shape: LrShape::Cosine {
-                total: per_epoch * args.epochs,
+                total: total - args.warmup,
                 min: 0.0,
             },
         },
         "cosine-epoch" => LrSchedule {
             base: args.lr,
-            warmup: 0,
+            warmup: args.warmup,
             shape: LrShape::CosineEpochs {
                 per_epoch,
                 epochs: args.epochs,
@@ -392,6 +452,7 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
         epochs: args.epochs,
         batch_size: args.batch,
         max_batches: None,
+        drop_last: args.drop_last,
         schedule,
         label_smoothing: 0.0,
         augment: Augment {
@@ -430,6 +491,10 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
         );
     }
     let mut meta = recipe.meta();
+    meta.insert(
+        "train_seconds".into(),
+        format!("{:.0}", t.elapsed().as_secs_f64()),
+    );
     if args.test_images > 0 {
         let test = load_split(&args.data, false, Some(args.test_images))?;
         let (loss, acc) = evaluate(&net, &mut ps, &test, &recipe.normalize, args.batch)?;
@@ -510,7 +575,7 @@ pub fn export(args: &ExportArgs) -> Result<(), Error> {
         .into());
     }
     let mut ps = ParamStore::new();
-    let net = recipe.build(&mut ps, 0)?;
+    let net = recipe.build(&mut ps, 0u64)?;
     ckpt.restore(&mut ps)?;
     let (c, h, w) = recipe.chw;
     let input = InputSpec {
@@ -600,7 +665,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), Error> {
     let ckpt = Checkpoint::load(&args.model)?;
     let recipe = Recipe::from_meta(&ckpt.meta, &args.model)?;
     let mut ps = ParamStore::new();
-    let net = recipe.build(&mut ps, 0)?;
+    let net = recipe.build(&mut ps, 0u64)?;
     ckpt.restore(&mut ps)?;
     let (conf, speed) = confusion(&test, &recipe.normalize, args.batch, |x| {
         let mut g = Graph::new(false);

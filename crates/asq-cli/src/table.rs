@@ -45,6 +45,18 @@ pub struct TableArgs {
     /// Learning-rate schedule (see `asq train --help`).
     #[arg(long, default_value = "cosine")]
     schedule: String,
+    /// Warm-up steps of every run (the reference has none).
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    /// Which parameters decay: all (the reference) or weights.
+    #[arg(long, default_value = "all")]
+    decay: String,
+    /// Activation-step gradient scale: tensor (the reference) or sample (see `asq train`).
+    #[arg(long, default_value = "tensor")]
+    step_grad: String,
+    /// Initialisation of the full-precision run: torch (the reference) or he.
+    #[arg(long, default_value = "torch")]
+    init: String,
     /// Training images (default all).
     #[arg(long)]
     train_images: Option<usize>,
@@ -69,14 +81,14 @@ fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>, Error> {
         .collect()
 }
 
+/// A number recorded in a finished run's checkpoint (`test_accuracy`, `train_seconds`).
+fn recorded(path: &std::path::Path, key: &str) -> Option<f64> {
+    Checkpoint::load(path).ok()?.meta.get(key)?.parse().ok()
+}
+
 /// Test accuracy recorded in a finished run's checkpoint.
 fn accuracy(path: &std::path::Path) -> Option<f64> {
-    Checkpoint::load(path)
-        .ok()?
-        .meta
-        .get("test_accuracy")?
-        .parse()
-        .ok()
+    recorded(path, "test_accuracy")
 }
 
 /// `asq table`.
@@ -104,11 +116,15 @@ pub fn table(args: &TableArgs) -> Result<(), Error> {
             batch: args.batch,
             optimizer: "sgd".into(),
             schedule: args.schedule.clone(),
+            warmup: args.warmup,
             weight_decay: 1e-4,
+            decay: args.decay.clone(),
+            step_grad: args.step_grad.clone(),
+            drop_last: true,
             train_images: args.train_images,
             test_images: args.test_images,
             data: args.data.clone(),
-            init,
+            init: Some(init.unwrap_or_else(|| PathBuf::from(&args.init))),
             resume: false,
             // Unfinished runs (no recorded accuracy) are redone.
             force: true,
@@ -123,21 +139,30 @@ pub fn table(args: &TableArgs) -> Result<(), Error> {
     }
     let fp_acc = accuracy(&fp).ok_or("the full-precision run recorded no accuracy")?;
     let mut cells = vec![vec![None; methods.len()]; bits.len()];
-    let write = |cells: &[Vec<Option<f64>>]| -> Result<(), Error> {
+    let mut minutes = vec![vec![None; methods.len()]; bits.len()];
+    let fp_minutes = recorded(&fp, "train_seconds").map(|s| s / 60.0);
+    let command: Vec<String> = std::env::args().collect();
+    let write = |cells: &[Vec<Option<f64>>], minutes: &[Vec<Option<f64>>]| -> Result<(), Error> {
         let pct = |a: Option<f64>| a.map_or("…".to_string(), |a| format!("{:.2}", 100.0 * a));
         let mut md = format!(
             "# {} on Fashion-MNIST: test accuracy (%)\n\n\
-             Written by `asq table`: full precision {} epochs, then each variant {} epochs from it; \
-             SGD (momentum 0.9, weight decay 1e-4), lr {} with {} decay, batch {}, random crop \
-             (pad 2) + flip, first/last layers {}, seed {}; {} training images, {} test images.\n\n\
+             Written by `asq table`: full precision {} epochs ({} initialisation), then each variant \
+             {} epochs from it; SGD (momentum 0.9, weight decay 1e-4 on {} parameters), lr {} with \
+             {} decay ({} warm-up steps), batch {} (last partial batch dropped), random crop (pad 2) \
+             + flip, first/last layers {}, activation-step gradient scale over the {}, seed {}; {} \
+             training images, {} test images.\n\n\
              | W/A | {} |\n|---|{}\n| FP32 | {}{} |\n",
             args.model,
             args.fp_epochs,
+            args.init,
             args.qat_epochs,
+            args.decay,
             args.lr,
             args.schedule,
+            args.warmup,
             args.batch,
             args.ends,
+            args.step_grad,
             args.seed,
             args.train_images.map_or("all".to_string(), |n| n.to_string()),
             args.test_images,
@@ -150,6 +175,22 @@ pub fn table(args: &TableArgs) -> Result<(), Error> {
             let row: Vec<String> = row.iter().map(|a| pct(*a)).collect();
             md.push_str(&format!("| {b}/{b} | {} |\n", row.join(" | ")));
         }
+        let mins = |m: Option<f64>| m.map_or("…".to_string(), |m| format!("{m:.0}"));
+        md.push_str(&format!(
+            "\nTraining wall time per cell (minutes; FP32 run {}):\n\n| W/A | {} |\n|---|{}\n",
+            mins(fp_minutes),
+            methods.join(" | "),
+            "---|".repeat(methods.len()),
+        ));
+        for (b, row) in bits.iter().zip(minutes) {
+            let row: Vec<String> = row.iter().map(|m| mins(*m)).collect();
+            md.push_str(&format!("| {b}/{b} | {} |\n", row.join(" | ")));
+        }
+        md.push_str(&format!(
+            "\nCommand: `asq {}`; {} worker threads.\n",
+            command.get(1..).unwrap_or_default().join(" "),
+            rayon::current_num_threads()
+        ));
         atomic_write(&args.out.join("results.md"), md.as_bytes())?;
         println!("\n{md}");
         Ok(())
@@ -161,7 +202,8 @@ pub fn table(args: &TableArgs) -> Result<(), Error> {
                 run(m, b, args.qat_epochs, Some(fp.clone()), path.clone())?;
             }
             cells[i][j] = accuracy(&path);
-            write(&cells)?;
+            minutes[i][j] = recorded(&path, "train_seconds").map(|s| s / 60.0);
+            write(&cells, &minutes)?;
         }
     }
     println!(

@@ -1,7 +1,7 @@
 //! Which quantization each layer of a model gets.
 
 use asq_core::{BitWidth, LevelSet};
-use asq_train::nn::{ActQuant, QuantConfig, WeightQuant};
+use asq_train::nn::{ActQuant, QuantConfig, StepGradScale, WeightQuant};
 use asq_train::{Error, Result};
 
 /// The quantization methods [`QuantPolicy::named`] knows, for help texts.
@@ -38,6 +38,7 @@ impl QuantPolicy {
                     bits: 8,
                     signed: true,
                 },
+                step_grad: Default::default(),
             },
             body,
             last: QuantConfig {
@@ -46,6 +47,7 @@ impl QuantPolicy {
                     bits: 8,
                     signed: false,
                 },
+                step_grad: Default::default(),
             },
         }
     }
@@ -58,6 +60,7 @@ impl QuantPolicy {
                 bits,
                 signed: false,
             },
+            step_grad: Default::default(),
         })
     }
 
@@ -70,6 +73,7 @@ impl QuantPolicy {
                 bits,
                 signed: false,
             },
+            step_grad: Default::default(),
         }))
     }
 
@@ -81,6 +85,14 @@ impl QuantPolicy {
             last: QuantConfig::float(),
             ..self
         }
+    }
+
+    /// The same policy with `mode` as every layer's activation-step gradient scale.
+    pub fn with_step_grad(mut self, mode: StepGradScale) -> Self {
+        for c in [&mut self.first, &mut self.body, &mut self.last] {
+            c.step_grad = mode;
+        }
+        self
     }
 
     /// A policy by name: `fp32`, or `<acts>[-<weights>]` with activations `lsq` or `asq` and
@@ -122,7 +134,7 @@ impl QuantPolicy {
                 )))
             }
         };
-        Ok(Self::with_body(QuantConfig { weights, acts }))
+        Ok(Self::with_body(QuantConfig::new(weights, acts)))
     }
 }
 

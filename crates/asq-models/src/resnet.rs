@@ -2,12 +2,12 @@
 //! and 64 channels (stride 2 at the start of stages 2 and 3, 1x1 projection shortcuts there),
 //! global average pooling and a linear classifier. Depth `6n + 2`: ResNet-20 is `n = 3`.
 
-use asq_train::nn::{BatchNorm2d, Module, QConv2d, QLinear};
+use asq_train::nn::{BatchNorm2d, Init, Module, QConv2d, QLinear};
 use asq_train::ops::act::relu;
 use asq_train::ops::basic::add;
 use asq_train::ops::conv::ConvSpec;
 use asq_train::ops::pool::global_avg_pool;
-use asq_train::{Error, Graph, ParamStore, Result, Rng, Var};
+use asq_train::{Error, Graph, ParamStore, Result, Var};
 
 use crate::engine::{Act, InputSpec, IntModel, ModelSpec, Node, Op};
 use crate::export::{conv_node, linear_node};
@@ -59,7 +59,7 @@ impl ResNet {
         in_channels: usize,
         classes: usize,
         policy: &QuantPolicy,
-        seed: u64,
+        init: impl Into<Init>,
     ) -> Result<Self> {
         if depth < 8 || !(depth - 2).is_multiple_of(6) {
             return Err(Error::Config(format!(
@@ -73,7 +73,7 @@ impl ResNet {
             in_channels,
             classes,
             policy,
-            seed,
+            init,
         )
     }
 
@@ -85,7 +85,7 @@ impl ResNet {
         in_channels: usize,
         classes: usize,
         policy: &QuantPolicy,
-        seed: u64,
+        init: impl Into<Init>,
     ) -> Result<Self> {
         let blocks = match depth {
             18 => [2, 2, 2, 2],
@@ -97,7 +97,7 @@ impl ResNet {
             }
         };
         let stages: Vec<(usize, usize)> = [64, 128, 256, 512].into_iter().zip(blocks).collect();
-        Self::new(ps, &stages, in_channels, classes, policy, seed)
+        Self::new(ps, &stages, in_channels, classes, policy, init)
     }
 
     /// A ResNet of basic blocks: a 3x3 stem with the first stage's width, then `(width,
@@ -109,12 +109,12 @@ impl ResNet {
         in_channels: usize,
         classes: usize,
         policy: &QuantPolicy,
-        seed: u64,
+        init: impl Into<Init>,
     ) -> Result<Self> {
         let Some(&(stem_width, _)) = stages.first() else {
             return Err(Error::Config("a ResNet needs at least one stage".into()));
         };
-        let mut rng = Rng::new(seed);
+        let mut init: Init = init.into();
         let same = ConvSpec {
             stride: 1,
             pad: 1,
@@ -128,7 +128,7 @@ impl ResNet {
             3,
             same,
             &policy.first,
-            &mut rng,
+            &mut init,
         )?;
         let stem_bn = BatchNorm2d::new(ps, "stem.bn", stem_width)?;
         let mut blocks = Vec::new();
@@ -150,7 +150,7 @@ impl ResNet {
                         groups: 1,
                     },
                     b,
-                    &mut rng,
+                    &mut init,
                 )?;
                 let bn1 = BatchNorm2d::new(ps, &format!("{name}.bn1"), cout)?;
                 let conv2 = QConv2d::new(
@@ -161,7 +161,7 @@ impl ResNet {
                     3,
                     same,
                     b,
-                    &mut rng,
+                    &mut init,
                 )?;
                 let bn2 = BatchNorm2d::new(ps, &format!("{name}.bn2"), cout)?;
                 let shortcut = if stride != 1 || cin != cout {
@@ -178,7 +178,7 @@ impl ResNet {
                         1,
                         spec,
                         b,
-                        &mut rng,
+                        &mut init,
                     )?;
                     Some((
                         conv,
@@ -197,7 +197,7 @@ impl ResNet {
                 cin = cout;
             }
         }
-        let fc = QLinear::new(ps, "fc", cin, classes, &policy.last, &mut rng)?;
+        let fc = QLinear::new(ps, "fc", cin, classes, &policy.last, &mut init)?;
         Ok(Self {
             stem,
             stem_bn,

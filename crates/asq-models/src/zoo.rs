@@ -2,12 +2,12 @@
 //! trainable with any [`QuantPolicy`] and exportable to the integer engine, behind one
 //! [`Model`] chosen by name.
 
-use asq_train::nn::{ActQuant, BatchNorm2d, Module, QConv2d, QLinear, QuantConfig};
+use asq_train::nn::{ActQuant, BatchNorm2d, Init, Module, QConv2d, QLinear, QuantConfig};
 use asq_train::ops::act::{relu, relu6};
 use asq_train::ops::basic::{add, flatten};
 use asq_train::ops::conv::ConvSpec;
 use asq_train::ops::pool::{global_avg_pool, max_pool2d};
-use asq_train::{Error, Graph, ParamStore, Result, Rng, Var};
+use asq_train::{Error, Graph, ParamStore, Result, Var};
 
 use crate::engine::{Act, InputSpec, IntModel, ModelSpec, Node, Op};
 use crate::export::{conv_node, linear_node};
@@ -29,6 +29,7 @@ fn signed(cfg: &QuantConfig) -> QuantConfig {
     QuantConfig {
         weights: cfg.weights.clone(),
         acts,
+        step_grad: cfg.step_grad,
     }
 }
 
@@ -89,14 +90,14 @@ impl Mlp {
         chw: (usize, usize, usize),
         classes: usize,
         policy: &QuantPolicy,
-        seed: u64,
+        init: impl Into<Init>,
     ) -> Result<Self> {
-        let mut rng = Rng::new(seed);
+        let mut init: Init = init.into();
         let features = chw.0 * chw.1 * chw.2;
         let layers = vec![
-            QLinear::new(ps, "fc1", features, 256, &policy.first, &mut rng)?,
-            QLinear::new(ps, "fc2", 256, 256, &policy.body, &mut rng)?,
-            QLinear::new(ps, "fc3", 256, classes, &policy.last, &mut rng)?,
+            QLinear::new(ps, "fc1", features, 256, &policy.first, &mut init)?,
+            QLinear::new(ps, "fc2", 256, 256, &policy.body, &mut init)?,
+            QLinear::new(ps, "fc3", 256, classes, &policy.last, &mut init)?,
         ];
         Ok(Self { layers, chw })
     }
@@ -132,24 +133,42 @@ impl LeNet5 {
         (c, h, w): (usize, usize, usize),
         classes: usize,
         policy: &QuantPolicy,
-        seed: u64,
+        init: impl Into<Init>,
     ) -> Result<Self> {
         if h < 12 || w < 12 {
             return Err(Error::Config(format!(
                 "LeNet-5 needs images of at least 12x12, got {h}x{w}"
             )));
         }
-        let mut rng = Rng::new(seed);
-        let conv1 = QConv2d::new(ps, "conv1", c, 6, 5, spec(1, 2, 1), &policy.first, &mut rng)?;
+        let mut init: Init = init.into();
+        let conv1 = QConv2d::new(
+            ps,
+            "conv1",
+            c,
+            6,
+            5,
+            spec(1, 2, 1),
+            &policy.first,
+            &mut init,
+        )?;
         let bn1 = BatchNorm2d::new(ps, "bn1", 6)?;
-        let conv2 = QConv2d::new(ps, "conv2", 6, 16, 5, spec(1, 0, 1), &policy.body, &mut rng)?;
+        let conv2 = QConv2d::new(
+            ps,
+            "conv2",
+            6,
+            16,
+            5,
+            spec(1, 0, 1),
+            &policy.body,
+            &mut init,
+        )?;
         let bn2 = BatchNorm2d::new(ps, "bn2", 16)?;
         let flat = (16, (h / 2 - 4) / 2, (w / 2 - 4) / 2);
         let features = flat.0 * flat.1 * flat.2;
         let fcs = vec![
-            QLinear::new(ps, "fc1", features, 120, &policy.body, &mut rng)?,
-            QLinear::new(ps, "fc2", 120, 84, &policy.body, &mut rng)?,
-            QLinear::new(ps, "fc3", 84, classes, &policy.last, &mut rng)?,
+            QLinear::new(ps, "fc1", features, 120, &policy.body, &mut init)?,
+            QLinear::new(ps, "fc2", 120, 84, &policy.body, &mut init)?,
+            QLinear::new(ps, "fc3", 84, classes, &policy.last, &mut init)?,
         ];
         Ok(Self {
             conv1,
@@ -242,14 +261,14 @@ impl MobileNetV2 {
         classes: usize,
         width: f32,
         policy: &QuantPolicy,
-        seed: u64,
+        init: impl Into<Init>,
     ) -> Result<Self> {
         if !(0.1..=4.0).contains(&width) {
             return Err(Error::Config(format!(
                 "MobileNetV2 width multiplier {width} outside 0.1..=4"
             )));
         }
-        let mut rng = Rng::new(seed);
+        let mut init: Init = init.into();
         let stem_c = divisible(32.0 * width);
         let stem = QConv2d::new(
             ps,
@@ -259,7 +278,7 @@ impl MobileNetV2 {
             3,
             spec(1, 1, 1),
             &policy.first,
-            &mut rng,
+            &mut init,
         )?;
         let stem_bn = BatchNorm2d::new(ps, "stem.bn", stem_c)?;
         let table = [
@@ -289,7 +308,7 @@ impl MobileNetV2 {
                         1,
                         spec(1, 0, 1),
                         &signed(body),
-                        &mut rng,
+                        &mut init,
                     )?;
                     Some((
                         conv,
@@ -306,7 +325,7 @@ impl MobileNetV2 {
                     3,
                     spec(stride, 1, hidden),
                     body,
-                    &mut rng,
+                    &mut init,
                 )?;
                 let dw_bn = BatchNorm2d::new(ps, &format!("{name}.dw_bn"), hidden)?;
                 let project = QConv2d::new(
@@ -317,7 +336,7 @@ impl MobileNetV2 {
                     1,
                     spec(1, 0, 1),
                     body,
-                    &mut rng,
+                    &mut init,
                 )?;
                 let project_bn = BatchNorm2d::new(ps, &format!("{name}.project_bn"), cout)?;
                 blocks.push(Inverted {
@@ -344,10 +363,10 @@ impl MobileNetV2 {
             1,
             spec(1, 0, 1),
             &signed(body),
-            &mut rng,
+            &mut init,
         )?;
         let head_bn = BatchNorm2d::new(ps, "head.bn", head_c)?;
-        let fc = QLinear::new(ps, "fc", head_c, classes, &policy.last, &mut rng)?;
+        let fc = QLinear::new(ps, "fc", head_c, classes, &policy.last, &mut init)?;
         Ok(Self {
             stem,
             stem_bn,
@@ -441,7 +460,7 @@ impl Model {
         chw: (usize, usize, usize),
         classes: usize,
         policy: &QuantPolicy,
-        seed: u64,
+        init: impl Into<Init>,
     ) -> Result<Self> {
         let unknown = || Error::Config(format!("unknown model {arch:?}; known: {ARCH_NAMES}"));
         if classes == 0 || chw.0 == 0 || chw.1 == 0 || chw.2 == 0 {
@@ -450,20 +469,20 @@ impl Model {
             )));
         }
         Ok(match arch {
-            "mlp" => Model::Mlp(Mlp::new(ps, chw, classes, policy, seed)?),
-            "lenet5" => Model::LeNet5(LeNet5::new(ps, chw, classes, policy, seed)?),
+            "mlp" => Model::Mlp(Mlp::new(ps, chw, classes, policy, init)?),
+            "lenet5" => Model::LeNet5(LeNet5::new(ps, chw, classes, policy, init)?),
             "mobilenetv2" => {
-                Model::MobileNetV2(MobileNetV2::new(ps, chw.0, classes, 1.0, policy, seed)?)
+                Model::MobileNetV2(MobileNetV2::new(ps, chw.0, classes, 1.0, policy, init)?)
             }
             _ => {
                 if let Some(w) = arch.strip_prefix("mobilenetv2-") {
                     let width: f32 = w.parse().map_err(|_| unknown())?;
-                    Model::MobileNetV2(MobileNetV2::new(ps, chw.0, classes, width, policy, seed)?)
+                    Model::MobileNetV2(MobileNetV2::new(ps, chw.0, classes, width, policy, init)?)
                 } else if let Some(d) = arch.strip_prefix("resnet") {
                     let depth: usize = d.parse().map_err(|_| unknown())?;
                     Model::ResNet(match depth {
-                        18 | 34 => ResNet::basic(ps, depth, chw.0, classes, policy, seed)?,
-                        _ => ResNet::cifar(ps, depth, chw.0, classes, policy, seed)?,
+                        18 | 34 => ResNet::basic(ps, depth, chw.0, classes, policy, init)?,
+                        _ => ResNet::cifar(ps, depth, chw.0, classes, policy, init)?,
                     })
                 } else {
                     return Err(unknown());

@@ -6,13 +6,13 @@ use asq_core::{BitWidth, LevelSet};
 use asq_kernels::conv::{conv2d, Conv2dShape};
 use asq_kernels::Epilogue;
 use asq_models::export::{export_conv, quantize_input};
-use asq_train::nn::{ActQuant, Module, QConv2d, QuantConfig, WeightQuant};
+use asq_train::nn::{ActQuant, Init, Module, QConv2d, QuantConfig, WeightQuant};
 use asq_train::ops::conv::ConvSpec;
-use asq_train::{Graph, ParamStore, Rng, Tensor};
+use asq_train::{Graph, ParamStore, Tensor};
 
 fn check(weights: WeightQuant, acts: ActQuant, stride: usize) {
     let mut ps = ParamStore::new();
-    let mut rng = Rng::new(5);
+    let mut init = Init::from(5);
     let spec = ConvSpec {
         stride,
         pad: 1,
@@ -25,10 +25,11 @@ fn check(weights: WeightQuant, acts: ActQuant, stride: usize) {
         16,
         3,
         spec,
-        &QuantConfig { weights, acts },
-        &mut rng,
+        &QuantConfig::new(weights, acts),
+        &mut init,
     )
     .unwrap();
+    let rng = init.rng();
     let x = Tensor::from_shape_fn(ndarray::IxDyn(&[3, 8, 7, 6]), |_| rng.uniform() * 2.0);
     // A training pass initialises the step and alphas; then perturb the adapter so that the
     // betas differ per sample.

@@ -16,6 +16,13 @@ use crate::Tensor;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Var(pub(crate) usize);
 
+impl Var {
+    /// The node's position on the tape: its index into [`Graph::gradients`].
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
 /// The backward rule of one recorded op.
 pub trait Backward: Send + Sync {
     /// Gradients w.r.t. each input (same order as recorded), given the inputs' values, the

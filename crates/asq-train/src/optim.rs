@@ -54,6 +54,16 @@ impl ParamGroups {
         }
     }
 
+    /// `weight_decay` on every parameter, every learning-rate scale 1: what PyTorch's
+    /// optimizers do when given `model.parameters()` (the reference protocol).
+    pub fn all(weight_decay: f32) -> Self {
+        let mut groups = Self::new(weight_decay);
+        for g in &mut groups.groups {
+            g.1.weight_decay = weight_decay;
+        }
+        groups
+    }
+
     /// Overrides one kind.
     pub fn set(mut self, kind: ParamKind, config: GroupConfig) -> Self {
         for g in &mut self.groups {

@@ -22,6 +22,8 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Cap on batches per epoch (`None`: the whole dataset).
     pub max_batches: Option<usize>,
+    /// Skip the last, incomplete batch of an epoch (PyTorch's `drop_last`).
+    pub drop_last: bool,
     /// Learning-rate schedule over optimizer steps.
     pub schedule: LrSchedule,
     /// Label smoothing of the cross-entropy.
@@ -35,7 +37,8 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// Batches per epoch for a dataset of `n` images.
     pub fn batches_per_epoch(&self, n: usize) -> usize {
-        let all = n.div_ceil(self.batch_size.max(1));
+        let b = self.batch_size.max(1);
+        let all = if self.drop_last { n / b } else { n.div_ceil(b) };
         self.max_batches.map_or(all, |m| m.min(all))
     }
 }
@@ -141,6 +144,13 @@ pub fn fit(
         ));
     }
     let batches = config.batches_per_epoch(data.len()) as u64;
+    if batches == 0 {
+        return Err(Error::Config(format!(
+            "no complete batch of {} in {} images (drop_last)",
+            config.batch_size,
+            data.len()
+        )));
+    }
     let mut epochs = Vec::new();
     while state.epoch < config.epochs {
         let order = epoch_order(data.len(), state.seed, state.epoch);

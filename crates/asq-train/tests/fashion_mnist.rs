@@ -13,14 +13,16 @@ use asq_core::{BitWidth, LevelSet};
 use asq_train::checkpoint::{Checkpoint, TrainState};
 use asq_train::data::idx::{load_mnist_dir, FASHION_MNIST_DIR};
 use asq_train::data::{Augment, Dataset};
-use asq_train::nn::{ActQuant, BatchNorm2d, Module, QConv2d, QLinear, QuantConfig, WeightQuant};
+use asq_train::nn::{
+    ActQuant, BatchNorm2d, Init, Module, QConv2d, QLinear, QuantConfig, WeightQuant,
+};
 use asq_train::ops::act::relu;
 use asq_train::ops::basic::flatten;
 use asq_train::ops::conv::ConvSpec;
 use asq_train::ops::pool::max_pool2d;
 use asq_train::optim::{snapshot, LrSchedule, LrShape, Optimizer, OptimizerConfig, ParamGroups};
 use asq_train::train::{evaluate, fit, BatchStats, Callback, Control, Silent, TrainConfig};
-use asq_train::{Graph, ParamStore, Result, Rng, Var};
+use asq_train::{Graph, ParamStore, Result, Var};
 
 fn data_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ASQ_FASHION_MNIST_DIR") {
@@ -55,7 +57,7 @@ impl SmallCnn {
         body: &QuantConfig,
         seed: u64,
     ) -> Result<Self> {
-        let mut rng = Rng::new(seed);
+        let mut init = Init::from(seed);
         let spec = ConvSpec {
             stride: 1,
             pad: 1,
@@ -70,11 +72,11 @@ impl SmallCnn {
         .into_iter()
         .enumerate()
         {
-            let conv = QConv2d::new(ps, &format!("conv{i}"), cin, cout, 3, spec, cfg, &mut rng)?;
+            let conv = QConv2d::new(ps, &format!("conv{i}"), cin, cout, 3, spec, cfg, &mut init)?;
             let bn = BatchNorm2d::new(ps, &format!("bn{i}"), cout)?;
             convs.push((conv, bn, pool));
         }
-        let fc = QLinear::new(ps, "fc", 32 * 7 * 7, 10, first_last, &mut rng)?;
+        let fc = QLinear::new(ps, "fc", 32 * 7 * 7, 10, first_last, &mut init)?;
         Ok(Self { convs, fc })
     }
 }
@@ -103,6 +105,7 @@ fn config(train: &Dataset, steps: usize, batch: usize, lr: f32) -> TrainConfig {
         epochs: steps.div_ceil(per_epoch) as u64,
         batch_size: batch,
         max_batches: Some(per_epoch),
+        drop_last: false,
         schedule: LrSchedule {
             base: lr,
             warmup: 20,
@@ -135,6 +138,7 @@ fn w4a4_asq_post() -> (QuantConfig, QuantConfig) {
             bits: 8,
             signed: true,
         },
+        step_grad: Default::default(),
     };
     let body = QuantConfig {
         weights: WeightQuant::Levels(LevelSet::post(BitWidth::new(4).unwrap()).unwrap()),
@@ -142,6 +146,7 @@ fn w4a4_asq_post() -> (QuantConfig, QuantConfig) {
             bits: 4,
             signed: false,
         },
+        step_grad: Default::default(),
     };
     (eight, body)
 }

@@ -67,6 +67,7 @@ pub fn train_briefly(
         epochs: 1,
         batch_size: batch,
         max_batches: Some(batches),
+        drop_last: false,
         schedule: LrSchedule {
             base: lr,
             warmup: 2,

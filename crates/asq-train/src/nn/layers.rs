@@ -4,29 +4,28 @@ use ndarray::IxDyn;
 
 use crate::error::Result;
 use crate::graph::{Graph, Var};
+use crate::nn::init::Init;
 use crate::nn::Module;
 use crate::ops::conv::{conv2d, ConvSpec};
 use crate::ops::matmul::linear;
 use crate::ops::norm::{batch_norm2d_eval, batch_norm2d_train};
 use crate::params::{ParamId, ParamKind, ParamStore};
-use crate::rng::Rng;
 use crate::Tensor;
 
-/// He (Kaiming) normal initialisation: `N(0, 2 / fan_in)`.
-pub fn kaiming(shape: &[usize], fan_in: usize, rng: &mut Rng) -> Tensor {
-    let std = (2.0 / fan_in.max(1) as f32).sqrt();
-    let n: usize = shape.iter().product();
-    Tensor::from_shape_vec(IxDyn(shape), (0..n).map(|_| rng.normal() * std).collect())
-        .expect("shape")
-}
-
-/// Registers `{name}.bias` (zeros, `[n]`) when `wanted`.
-fn zero_bias(ps: &mut ParamStore, name: &str, n: usize, wanted: bool) -> Result<Option<ParamId>> {
+/// Registers `{name}.bias` (`[n]`, drawn by `init` for `fan_in` inputs) when `wanted`.
+fn bias(
+    ps: &mut ParamStore,
+    name: &str,
+    n: usize,
+    fan_in: usize,
+    wanted: bool,
+    init: &mut Init,
+) -> Result<Option<ParamId>> {
     wanted
         .then(|| {
             ps.add(
                 format!("{name}.bias"),
-                Tensor::zeros(IxDyn(&[n])),
+                init.bias(n, fan_in),
                 ParamKind::Bias,
             )
         })
@@ -43,21 +42,21 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Registers `{name}.weight` (Kaiming) and `{name}.bias` (zeros).
+    /// Registers `{name}.weight` and `{name}.bias`, drawn by `init`.
     pub fn new(
         ps: &mut ParamStore,
         name: &str,
         input: usize,
         output: usize,
-        bias: bool,
-        rng: &mut Rng,
+        wanted_bias: bool,
+        init: &mut Init,
     ) -> Result<Self> {
         let weight = ps.add(
             format!("{name}.weight"),
-            kaiming(&[output, input], input, rng),
+            init.weight(&[output, input], input),
             ParamKind::Weight,
         )?;
-        let bias = zero_bias(ps, name, output, bias)?;
+        let bias = bias(ps, name, output, input, wanted_bias, init)?;
         Ok(Self { weight, bias })
     }
 }
@@ -82,7 +81,7 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    /// Registers `{name}.weight` (Kaiming) and optionally `{name}.bias`.
+    /// Registers `{name}.weight` and optionally `{name}.bias`, drawn by `init`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         ps: &mut ParamStore,
@@ -91,17 +90,17 @@ impl Conv2d {
         output: usize,
         kernel: usize,
         spec: ConvSpec,
-        bias: bool,
-        rng: &mut Rng,
+        wanted_bias: bool,
+        init: &mut Init,
     ) -> Result<Self> {
         let per_group = input / spec.groups.max(1);
         let fan_in = per_group * kernel * kernel;
         let weight = ps.add(
             format!("{name}.weight"),
-            kaiming(&[output, per_group, kernel, kernel], fan_in, rng),
+            init.weight(&[output, per_group, kernel, kernel], fan_in),
             ParamKind::Weight,
         )?;
-        let bias = zero_bias(ps, name, output, bias)?;
+        let bias = bias(ps, name, output, fan_in, wanted_bias, init)?;
         Ok(Self { weight, bias, spec })
     }
 }

@@ -4,11 +4,13 @@
 //! and records ops on a [`Graph`] in `forward`. Quantized layers ([`quant`]) wrap the float ones
 //! with a weight quantizer and an input (activation) quantizer, ASQ's adapter included.
 
+pub mod init;
 pub mod layers;
 pub mod quant;
 
+pub use init::{Init, InitScheme};
 pub use layers::{BatchNorm2d, Conv2d, Linear};
-pub use quant::{ActQuant, Adapter, QConv2d, QLinear, QuantConfig, WeightQuant};
+pub use quant::{ActQuant, Adapter, QConv2d, QLinear, QuantConfig, StepGradScale, WeightQuant};
 
 use crate::error::Result;
 use crate::graph::{Graph, Var};
