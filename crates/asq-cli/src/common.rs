@@ -17,6 +17,14 @@ pub type Error = Box<dyn std::error::Error>;
 /// The Fashion-MNIST directory: `--data`, else the Debian package's, else the shipped subset.
 pub fn data_dir(arg: &Option<PathBuf>) -> Result<PathBuf, Error> {
     if let Some(d) = arg {
+        let has = |name: &str| d.join(name).exists() || d.join(format!("{name}.gz")).exists();
+        if !has("train-images-idx3-ubyte") || !has("t10k-images-idx3-ubyte") {
+            return Err(format!(
+                "--data {}: no Fashion-MNIST IDX files there (train-images-idx3-ubyte.gz, t10k-images-idx3-ubyte.gz and their labels); install the Debian package dataset-fashion-mnist ({FASHION_MNIST_DIR}) or pass the directory that holds them",
+                d.display()
+            )
+            .into());
+        }
         return Ok(d.clone());
     }
     let debian = Path::new(FASHION_MNIST_DIR);

@@ -38,9 +38,10 @@ pub struct TrainArgs {
     /// Quantization of the body (first and last layers stay 8-bit LSQ).
     #[arg(long, default_value = "fp32", help = format!("Quantization: {POLICY_NAMES}"))]
     pub(crate) quant: String,
-    /// Bit width of the quantized body (weights and activations).
-    #[arg(long, default_value_t = 4)]
-    pub(crate) bits: u32,
+    /// Bit width of the quantized body, weights and activations (default 4; an error with
+    /// --quant fp32, which has none).
+    #[arg(long)]
+    pub(crate) bits: Option<u32>,
     /// Precision of the first conv and the classifier: int8 (8-bit LSQ, exportable) or fp32
     /// (the protocol of published accuracy tables; not exportable).
     #[arg(long, default_value = "int8")]
@@ -322,11 +323,22 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
         )
         .into());
     }
+    if args.quant == "fp32" {
+        if let Some(b) = args.bits {
+            return Err(format!(
+                "--bits {b} does not apply to --quant fp32 (full precision); pick a quantization, e.g. --quant asq-post"
+            )
+            .into());
+        }
+    }
+    let bits = args.bits.unwrap_or(4);
+    // Unknown names and widths fail here, before the data is read.
+    QuantPolicy::named(&args.quant, bits)?;
     let train_set = load_split(&args.data, true, args.train_images)?;
     let recipe = Recipe {
         model: args.model.clone(),
         quant: args.quant.clone(),
-        bits: args.bits,
+        bits,
         ends: args.ends.clone(),
         chw: (train_set.c, train_set.h, train_set.w),
         classes: train_set.classes,

@@ -109,7 +109,7 @@ pub fn table(args: &TableArgs) -> Result<(), Error> {
             out,
             model: args.model.clone(),
             quant: quant.into(),
-            bits: b,
+            bits: (quant != "fp32").then_some(b),
             ends: args.ends.clone(),
             epochs,
             lr: args.lr,

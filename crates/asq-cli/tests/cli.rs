@@ -112,6 +112,8 @@ fn train_export_eval_on_files() {
             "1",
             "--schedule",
             "cosine-epoch",
+            "--init",
+            "he",
             "--out",
             &fp,
         ],
@@ -228,6 +230,32 @@ fn train_export_eval_on_files() {
         ]
         .concat(),
         "cosine-epoch",
+    );
+    for (flags, says) in [
+        (&["--decay", "bias"][..], "all or weights"),
+        (&["--step-grad", "batch"][..], "tensor, sample"),
+        (&["--warmup", "100000"][..], "shorter than the run"),
+        (&["--bits", "2"][..], "does not apply to --quant fp32"),
+        (&["--quant", "lsq", "--bits", "9"][..], "9"),
+        (&["--data", "/nonexistent-dir"][..], "dataset-fashion-mnist"),
+    ] {
+        fails(
+            &[&["train", "--out", &p("v.ckpt")][..], &small[..], flags].concat(),
+            says,
+        );
+    }
+    fails(
+        &[
+            "train",
+            "--out",
+            &p("v.ckpt"),
+            "--train-images",
+            "20",
+            "--batch",
+            "32",
+            "--drop-last",
+        ],
+        "no batch of 32",
     );
     fails(
         &[
