@@ -1,14 +1,24 @@
 //! Quantized activations: integer codes with one scale per sample (row).
 //!
 //! ASQ gives each sample its own step `s · beta_m`, so the scale is per row. Rows are stored
-//! with `K` padded to a multiple of 4 and `M` padded to a multiple of [`crate::frame::MR`] with zero
+//! with `K` padded to a multiple of 4 and `M` padded (see [`padded_rows`]) with zero
 //! codes, the layout the GEMM kernels read without bounds checks.
 
 use asq_core::quant::{self, IntGrid, Steps};
 use asq_core::{QuantRange, Signedness};
 
 use crate::error::{Error, Result};
-use crate::frame::{KGROUP, MR};
+use crate::frame::{KGROUP, MAX_TILE_ROWS, MR};
+
+/// Rows of zero-padded storage for `m` rows: a multiple of [`MR`] (4) up to 4 rows, of
+/// [`MAX_TILE_ROWS`] beyond, so every micro-kernel reads whole tiles of its own height.
+pub fn padded_rows(m: usize) -> usize {
+    if m <= MR {
+        MR
+    } else {
+        m.div_ceil(MAX_TILE_ROWS) * MAX_TILE_ROWS
+    }
+}
 
 /// `[M, K]` activation codes (u8 for unsigned ranges, i8 bit patterns for signed ones) and
 /// per-row scales.
@@ -100,7 +110,7 @@ impl QuantActivations {
             return Err(Error::Shape(format!("activations: empty shape [{m}, {k}]")));
         }
         let kp = k.div_ceil(KGROUP) * KGROUP;
-        let mp = m.div_ceil(MR) * MR;
+        let mp = padded_rows(m);
         Ok(Self {
             m,
             k,
@@ -144,7 +154,7 @@ impl QuantActivations {
             .max(self.range.max().unsigned_abs())
     }
 
-    /// Padded code storage (`ceil(M / MR) · MR` rows of `stride` bytes).
+    /// Padded code storage ([`padded_rows`] rows of `stride` bytes).
     pub fn codes(&self) -> &[u8] {
         &self.codes
     }

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use crate::activations::QuantActivations;
 use crate::error::{Error, Result};
-use crate::frame::{GROUP_BYTES, MR};
+use crate::frame::{TileShape, GROUP_BYTES, MR, NR};
 use crate::generic;
 use crate::weights::{PackedWeights, WeightForm};
 
@@ -99,6 +99,29 @@ impl Path {
             Path::Avx2Widen => "avx2-widen".into(),
             Path::Avx512Vnni => "avx512-vnni".into(),
         }
+    }
+}
+
+/// The AVX-512 VNNI tile for a layer of `panels` panels: as many panels as the layer has, up to
+/// four, and the rows that keep the accumulators (rows x panels zmm registers) within 16-24
+/// while the loads per `vpdpbusd` (rows broadcasts + panels B loads per rows x panels
+/// products) stay under the two load ports' rate.
+pub(crate) fn vnni_shape(rows: usize, panels: usize) -> TileShape {
+    if let Ok(v) = std::env::var("ASQ_VNNI_SHAPE") {
+        let v: Vec<usize> = v.split('x').map(|t| t.parse().unwrap()).collect();
+        return TileShape {
+            rows: if rows <= MR { MR } else { v[0] },
+            panels: v[1].min(panels),
+        };
+    }
+    let panels = panels.min(4);
+    if rows <= MR {
+        // Storage holds 4 rows (`padded_rows`).
+        return TileShape { rows: MR, panels };
+    }
+    match panels {
+        1 => TileShape { rows: 8, panels: 1 },
+        _ => TileShape { rows: 8, panels: 2 },
     }
 }
 
@@ -200,27 +223,106 @@ impl Plan {
         generic::expand_panel(packed, bits, table, out);
     }
 
-    /// One tile of a whole panel: `acc[r][j] = sum_k a[m0 + r, k] · b[j, k] - corr[j]` for its 16
-    /// channels (`corr` from [`Plan::correction`]).
+    /// Whether whole 16-channel runs of outputs go through the AVX-512 epilogue (the same
+    /// operations as [`crate::frame::finish`], lane-wise: the same bits).
+    pub(crate) fn simd_epilogue(&self) -> bool {
+        self.path == Path::Avx512Vnni && !self.emulated
+    }
+
+    /// The micro-kernel tile of this plan for weights `w`: the variant's own shape (4 rows x 1
+    /// panel for the portable and AVX2 kernels; for AVX-512 VNNI up to 8 rows x 4 panels, fewer
+    /// panels when the layer has fewer channels).
+    pub fn shape(&self, rows: usize, w: &PackedWeights) -> TileShape {
+        match self.path {
+            Path::Avx512Vnni => vnni_shape(rows, w.panels()),
+            _ => TileShape {
+                rows: MR,
+                panels: 1,
+            },
+        }
+    }
+
+    /// One tile: `acc[r · C + j] = sum_k a[m0 + r, k] · b[j, k] - corr[j]` for rows `r <
+    /// tile.rows` and the `C = tile.channels()` channels of the expanded panels `panels` (`[tile.
+    /// panels][groups][64]`), `corr` from [`Plan::correction`] per panel. Rows from `valid` on
+    /// are the zero padding of `a` (their results are not used).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn tile(
         &self,
         a: &QuantActivations,
         m0: usize,
-        panel: &[i8],
-        corr: &[i32; 16],
-        acc: &mut [[i32; 16]; MR],
+        valid: usize,
+        tile: TileShape,
+        panels: &[i8],
+        corr: &[i32],
+        acc: &mut [i32],
     ) {
         let lda = a.stride();
         let groups = lda / 4;
-        let rows = &a.codes()[m0 * lda..(m0 + MR) * lda];
-        debug_assert!(panel.len() >= groups * GROUP_BYTES);
-        let flip = if self.signed_a { 0x8080_8080 } else { 0 };
-        match self.path {
-            Path::Scalar => {
-                for half in 0..2 {
-                    generic::tile(rows, lda, self.signed_a, panel, half, groups, acc);
+        let pb = groups * GROUP_BYTES;
+        let nc = tile.channels();
+        debug_assert!(panels.len() >= tile.panels * pb && corr.len() >= nc);
+        debug_assert!(acc.len() >= tile.rows * nc && (1..=tile.rows).contains(&valid));
+        if self.path == Path::Avx512Vnni {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let rows = &a.codes()[m0 * lda..];
+                #[cfg(test)]
+                if self.emulated {
+                    // SAFETY: the portable model has no CPU requirement.
+                    unsafe {
+                        crate::x86::avx512::emulated::tile_block(
+                            rows,
+                            lda,
+                            self.signed_a,
+                            tile,
+                            panels,
+                            groups,
+                            corr,
+                            acc,
+                        )
+                    };
+                    return;
                 }
+                // SAFETY: VNNI paths are planned only when `Isa::Avx512Vnni.available()`.
+                unsafe {
+                    crate::x86::avx512::native::tile_block(
+                        rows,
+                        lda,
+                        self.signed_a,
+                        tile,
+                        panels,
+                        groups,
+                        corr,
+                        acc,
+                    )
+                };
+                return;
             }
+        }
+        // 4-row, 1-panel kernels, run per panel.
+        debug_assert_eq!(tile.rows, MR);
+        let rows = &a.codes()[m0 * lda..(m0 + MR) * lda];
+        let mut block = [[0i32; NR]; MR];
+        for q in 0..tile.panels {
+            let panel = &panels[q * pb..(q + 1) * pb];
+            self.tile4(rows, lda, groups, panel, &mut block);
+            for (r, row) in block.iter().enumerate() {
+                acc[r * nc + q * NR..r * nc + (q + 1) * NR].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// The portable and AVX2 micro-kernels: 4 rows x one panel of 16 channels.
+    fn tile4(
+        &self,
+        rows: &[u8],
+        lda: usize,
+        groups: usize,
+        panel: &[i8],
+        acc: &mut [[i32; NR]; MR],
+    ) {
+        match self.path {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: Avx2 paths are planned only when AVX2 was detected.
             Path::Avx2Maddubs { depth } => unsafe {
@@ -243,20 +345,89 @@ impl Plan {
                     );
                 }
             },
-            #[cfg(all(test, target_arch = "x86_64"))]
-            // SAFETY: the portable model has no CPU requirement.
-            Path::Avx512Vnni if self.emulated => unsafe {
-                crate::x86::avx512::emulated::tile(rows, lda, flip, panel, groups, corr, acc)
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: VNNI paths are planned only when `Isa::Avx512Vnni.available()`.
-            Path::Avx512Vnni => unsafe {
-                crate::x86::avx512::native::tile(rows, lda, flip, panel, groups, corr, acc)
-            },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("x86 paths are never planned on other targets"),
+            _ => {
+                for half in 0..2 {
+                    generic::tile(rows, lda, self.signed_a, panel, half, groups, acc);
+                }
+            }
         }
-        let _ = (flip, corr);
+    }
+
+    /// Panels per call of [`Plan::gemv_block`]: four for AVX-512 VNNI (one activation
+    /// broadcast feeds four panels), one elsewhere.
+    pub(crate) fn gemv_panels(&self) -> usize {
+        if self.path == Path::Avx512Vnni {
+            4
+        } else {
+            1
+        }
+    }
+
+    /// GEMV of panels `p..p + np` (`np <= gemv_panels()`): `acc[16q + j]` (and `acc2` for exact
+    /// POST) for panel `p + q`.
+    pub(crate) fn gemv_block(
+        &self,
+        a: &QuantActivations,
+        w: &PackedWeights,
+        p: usize,
+        np: usize,
+        acc: &mut [i32; 64],
+        acc2: &mut [i32; 64],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.path == Path::Avx512Vnni {
+            let (t1, t2) = match w.form() {
+                WeightForm::Int8 { table } => (table.as_slice(), None),
+                WeightForm::PostExact { even, odd } => (even.as_slice(), Some(odd.as_slice())),
+            };
+            let row = &a.codes()[..a.stride()];
+            // The panels are stored back to back.
+            let len = w.panel(p).len();
+            let first = p * len;
+            let all = w.panels_data();
+            let panels = &all[first..first + np * len];
+            #[cfg(test)]
+            if self.emulated {
+                // SAFETY: the portable model has no CPU requirement.
+                unsafe {
+                    crate::x86::avx512::emulated::gemv_panels(
+                        row,
+                        self.signed_a,
+                        panels,
+                        np,
+                        w.bits(),
+                        t1,
+                        t2,
+                        w.groups(),
+                        acc,
+                        acc2,
+                    )
+                };
+                return;
+            }
+            // SAFETY: VNNI paths are planned only when `Isa::Avx512Vnni.available()`.
+            unsafe {
+                crate::x86::avx512::native::gemv_panels(
+                    row,
+                    self.signed_a,
+                    panels,
+                    np,
+                    w.bits(),
+                    t1,
+                    t2,
+                    w.groups(),
+                    acc,
+                    acc2,
+                )
+            };
+            return;
+        }
+        for q in 0..np {
+            let (mut x, mut y) = ([0i32; NR], [0i32; NR]);
+            self.gemv_panel(a, w, p + q, &mut x, &mut y);
+            acc[q * NR..(q + 1) * NR].copy_from_slice(&x);
+            acc2[q * NR..(q + 1) * NR].copy_from_slice(&y);
+        }
     }
 
     /// GEMV of panel `p`: `acc[j]` (and `acc2[j]` for exact POST) for its 16 channels.
@@ -302,36 +473,6 @@ impl Plan {
                     t2,
                     w.groups(),
                     None,
-                    acc,
-                    acc2,
-                )
-            },
-            #[cfg(all(test, target_arch = "x86_64"))]
-            // SAFETY: the portable model has no CPU requirement.
-            Path::Avx512Vnni if self.emulated => unsafe {
-                crate::x86::avx512::emulated::gemv(
-                    row,
-                    self.signed_a,
-                    w.panel(p),
-                    w.bits(),
-                    t1,
-                    t2,
-                    w.groups(),
-                    acc,
-                    acc2,
-                )
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: VNNI paths are planned only when `Isa::Avx512Vnni.available()`.
-            Path::Avx512Vnni => unsafe {
-                crate::x86::avx512::native::gemv(
-                    row,
-                    self.signed_a,
-                    w.panel(p),
-                    w.bits(),
-                    t1,
-                    t2,
-                    w.groups(),
                     acc,
                     acc2,
                 )

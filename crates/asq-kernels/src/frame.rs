@@ -5,10 +5,15 @@
 //! `acc = E + O · (1/√2)`, from two i32 accumulators). The epilogue is written once, here, in
 //! scalar code with a fixed operation order (no FMA), so every variant produces the same bits.
 //!
-//! The driver splits the output channels into panels of [`NR`], expands each panel's packed
-//! codes into an int8 buffer once per task (the variant's `expand`), and runs the variant's
-//! micro-kernel over tiles of [`MR`] rows x [`NR`] channels. Threads (rayon) take disjoint ranges of
-//! panels, so no expansion is repeated and no output element is shared.
+//! The weights are packed in panels of [`NR`] channels (the tile layout of [`crate::tile`]). The
+//! micro-kernel's tile is the variant's own: [`TileShape`] (`rows` x `panels · NR`), declared by
+//! the plan ([`crate::dispatch::Plan::shape`]): the portable and AVX2 kernels work on 4 rows x 1
+//! panel, the AVX-512 VNNI kernel on up to 8 rows x 4 panels (16-24 accumulator registers, enough
+//! independent `vpdpbusd` chains to cover their latency at two per cycle). The driver expands the
+//! packed codes of a tile's panels into an int8 buffer once per task (the variant's `expand`),
+//! runs the micro-kernel over the rows and hands every finished row of 16 channels to the one
+//! epilogue. Threads (rayon) take disjoint ranges of panels (and of rows when there are few
+//! panels), so no expansion is repeated and no output element is shared.
 
 use rayon::prelude::*;
 
@@ -17,10 +22,32 @@ use crate::dispatch::{Isa, Path, Plan};
 use crate::error::{Error, Result};
 use crate::weights::{PackedWeights, WeightForm};
 
-/// Rows per micro-kernel tile.
+/// Rows per tile of the portable and AVX2 micro-kernels, and the row padding of
+/// [`QuantActivations`] (every kernel reads whole tiles of `MR` rows from padded storage; larger
+/// tiles repeat the last valid row instead of reading past it).
 pub const MR: usize = 4;
-/// Output channels per panel (one micro-kernel tile; AVX2 computes it as two 8-channel halves).
+/// Output channels per packed panel (AVX2 computes one as two 8-channel halves).
 pub const NR: usize = 16;
+/// The largest tile any variant declares: rows and panels.
+pub const MAX_TILE_ROWS: usize = 16;
+/// See [`MAX_TILE_ROWS`].
+pub const MAX_TILE_PANELS: usize = 4;
+
+/// A micro-kernel's tile: `rows` activation rows x `panels` packed panels of [`NR`] channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileShape {
+    /// Rows (`1..=MAX_TILE_ROWS`).
+    pub rows: usize,
+    /// Panels (`1..=MAX_TILE_PANELS`).
+    pub panels: usize,
+}
+
+impl TileShape {
+    /// Output channels of the tile.
+    pub const fn channels(self) -> usize {
+        self.panels * NR
+    }
+}
 /// Reduction steps per group (4 bytes per channel: one dword in a vector register).
 pub const KGROUP: usize = 4;
 /// Bytes of one expanded int8 group of a panel.
@@ -87,8 +114,9 @@ pub(crate) fn finish(
     relu: bool,
 ) -> f32 {
     let v = acc * (a_scale * w_scale) + bias + residual;
-    if relu {
-        v.max(0.0)
+    // `v > 0 ? v : 0`: NaN and -0.0 become +0.0, exactly as `vmaxps(v, 0)` of the SIMD epilogue.
+    if relu && v.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+        0.0
     } else {
         v
     }
@@ -160,24 +188,27 @@ pub(crate) fn gemm_planned(
     } else {
         1
     };
-    // Split the channels first (no repeated expansion); when there are too few panels (small
-    // C_out, e.g. the first convs of ResNet-20) split the rows too.
-    let split_n = want.min(panels);
-    let tiles = a.rows().div_ceil(MR);
+    // Split the channels first (no repeated expansion), in whole tiles of panels; when there are
+    // too few (small C_out, e.g. the first convs of ResNet-20) split the rows too.
+    let shape = plan.shape(a.rows(), w);
+    let blocks = panels.div_ceil(shape.panels);
+    let split_n = want.min(blocks);
+    let tiles = a.rows().div_ceil(shape.rows);
     let split_m = want.div_ceil(split_n).min(tiles);
     let ptr = OutPtr(out.as_mut_ptr());
     let run = |t: usize| {
         let (tn, tm) = (t % split_n, t / split_n);
-        let (p0, p1) = (panels * tn / split_n, panels * (tn + 1) / split_n);
+        let (b0, b1) = (blocks * tn / split_n, blocks * (tn + 1) / split_n);
         let (t0, t1) = (tiles * tm / split_m, tiles * (tm + 1) / split_m);
         run_panels(
             plan,
+            shape,
             a,
             w,
             epi,
             ptr,
-            p0..p1,
-            t0 * MR..(t1 * MR).min(a.rows()),
+            (b0 * shape.panels)..(b1 * shape.panels).min(panels),
+            t0 * shape.rows..(t1 * shape.rows).min(a.rows()),
         );
     };
     for_tasks(split_n * split_m, run);
@@ -197,6 +228,7 @@ fn for_tasks(tasks: usize, f: impl Fn(usize) + Send + Sync) {
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn finish_run(
+    simd: bool,
     out: OutPtr,
     w: &PackedWeights,
     epi: &Epilogue<'_>,
@@ -209,6 +241,35 @@ fn finish_run(
     let (n, cols) = (w.rows(), acc.len());
     let base = m * n + c0;
     let mut vals = [0.0f32; NR];
+    #[cfg(target_arch = "x86_64")]
+    if simd && cols == NR {
+        fn full(s: &[i32]) -> &[i32; NR] {
+            s.try_into().expect("16 values")
+        }
+        let ws: &[f32; NR] = w.scales()[c0..c0 + NR].try_into().expect("16 values");
+        let bias = epi
+            .bias
+            .map(|b| -> &[f32; NR] { b[c0..c0 + NR].try_into().expect("16") });
+        let res = epi
+            .residual
+            .map(|v| -> &[f32; NR] { v[base..base + NR].try_into().expect("16") });
+        // SAFETY: `simd` is set only for native AVX-512 plans (the CPU has AVX-512 F); the 16
+        // outputs at `base` lie inside `out` and belong to this task (see `store_run`).
+        unsafe {
+            crate::x86::avx512::finish16(
+                full(acc),
+                odd.map(full),
+                a_scale,
+                ws,
+                bias,
+                res,
+                epi.relu,
+                out.0.add(base),
+            )
+        };
+        return;
+    }
+    let _ = simd;
     if cols == NR {
         // A whole panel: fixed-size arrays and no options inside the loop, so it vectorizes
         // (same operations in the same order as below: the same bits).
@@ -263,8 +324,10 @@ fn store_run(out: OutPtr, i: usize, vals: &[f32]) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_panels(
     plan: &Plan,
+    shape: TileShape,
     a: &QuantActivations,
     w: &PackedWeights,
     epi: &Epilogue<'_>,
@@ -274,38 +337,70 @@ fn run_panels(
 ) {
     let groups = w.groups();
     let n = w.rows();
+    let simd = plan.simd_epilogue();
     let two = matches!(w.form(), WeightForm::PostExact { .. });
-    let mut buf = vec![0i8; groups * GROUP_BYTES * if two { 2 } else { 1 }];
+    let panel_bytes = groups * GROUP_BYTES;
+    let block_bytes = panel_bytes * shape.panels;
+    let mut buf = vec![0i8; block_bytes * if two { 2 } else { 1 }];
     let (first, second) = match w.form() {
         WeightForm::Int8 { table } => (table.as_slice(), None),
         WeightForm::PostExact { even, odd } => (even.as_slice(), Some(odd.as_slice())),
     };
-    let mut acc = [[0i32; NR]; MR];
-    let mut acc2 = [[0i32; NR]; MR];
-    for p in panels {
-        let (b1, b2) = buf.split_at_mut(groups * GROUP_BYTES);
-        plan.expand(w.panel(p), w.bits(), first, b1);
-        let corr1 = plan.correction(b1, groups);
-        let mut corr2 = [0; NR];
-        if let Some(t) = second {
-            plan.expand(w.panel(p), w.bits(), t, b2);
-            corr2 = plan.correction(b2, groups);
+    const MAX_CH: usize = MAX_TILE_PANELS * NR;
+    let mut acc = [0i32; MAX_TILE_ROWS * MAX_CH];
+    let mut acc2 = [0i32; MAX_TILE_ROWS * MAX_CH];
+    let mut corr1 = [0i32; MAX_CH];
+    let mut corr2 = [0i32; MAX_CH];
+    let mut p = panels.start;
+    while p < panels.end {
+        let np = shape.panels.min(panels.end - p);
+        let nc = np * NR;
+        let (b1, b2) = buf.split_at_mut(block_bytes);
+        for q in 0..np {
+            let dst = &mut b1[q * panel_bytes..(q + 1) * panel_bytes];
+            plan.expand(w.panel(p + q), w.bits(), first, dst);
+            corr1[q * NR..(q + 1) * NR].copy_from_slice(&plan.correction(dst, groups));
+            if let Some(t) = second {
+                let dst = &mut b2[q * panel_bytes..(q + 1) * panel_bytes];
+                plan.expand(w.panel(p + q), w.bits(), t, dst);
+                corr2[q * NR..(q + 1) * NR].copy_from_slice(&plan.correction(dst, groups));
+            }
         }
-        let (c0, cols) = (p * NR, NR.min(n - p * NR));
-        for m0 in rows.clone().step_by(MR) {
-            plan.tile(a, m0, b1, &corr1, &mut acc);
+        for m0 in rows.clone().step_by(shape.rows) {
+            let valid = shape.rows.min(rows.end - m0);
+            let tile = TileShape {
+                rows: shape.rows,
+                panels: np,
+            };
+            plan.tile(a, m0, valid, tile, b1, &corr1[..nc], &mut acc);
             if two {
-                plan.tile(a, m0, b2, &corr2, &mut acc2);
+                plan.tile(a, m0, valid, tile, b2, &corr2[..nc], &mut acc2);
             }
-            for (r, row) in acc.iter().enumerate() {
+            for r in 0..valid {
                 let m = m0 + r;
-                if m >= a.rows() {
-                    break;
+                for q in 0..np {
+                    let c0 = (p + q) * NR;
+                    if c0 >= n {
+                        break;
+                    }
+                    let cols = NR.min(n - c0);
+                    let at = r * nc + q * NR;
+                    let odd = two.then(|| &acc2[at..at + cols]);
+                    finish_run(
+                        simd,
+                        out,
+                        w,
+                        epi,
+                        a.scales()[m],
+                        m,
+                        c0,
+                        &acc[at..at + cols],
+                        odd,
+                    );
                 }
-                let odd = two.then(|| &acc2[r][..cols]);
-                finish_run(out, w, epi, a.scales()[m], m, c0, &row[..cols], odd);
             }
         }
+        p += np;
     }
 }
 
@@ -327,24 +422,34 @@ pub(crate) fn gemv_planned(
     };
     let ptr = OutPtr(out.as_mut_ptr());
     let sa = a.scales()[0];
+    let simd = plan.simd_epilogue();
     let two = matches!(w.form(), WeightForm::PostExact { .. });
+    let per = plan.gemv_panels();
     for_tasks(tasks, |t| {
         let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
-        let mut acc = [0i32; NR];
-        let mut acc2 = [0i32; NR];
-        for p in p0..p1 {
-            plan.gemv_panel(a, w, p, &mut acc, &mut acc2);
-            let cols = NR.min(n - p * NR);
-            finish_run(
-                ptr,
-                w,
-                epi,
-                sa,
-                0,
-                p * NR,
-                &acc[..cols],
-                two.then(|| &acc2[..cols]),
-            );
+        let mut acc = [0i32; 4 * NR];
+        let mut acc2 = [0i32; 4 * NR];
+        let mut p = p0;
+        while p < p1 {
+            let np = per.min(p1 - p);
+            plan.gemv_block(a, w, p, np, &mut acc, &mut acc2);
+            for q in 0..np {
+                let c0 = (p + q) * NR;
+                let cols = NR.min(n - c0);
+                let at = q * NR;
+                finish_run(
+                    simd,
+                    ptr,
+                    w,
+                    epi,
+                    sa,
+                    0,
+                    c0,
+                    &acc[at..at + cols],
+                    two.then(|| &acc2[at..at + cols]),
+                );
+            }
+            p += np;
         }
     });
 }

@@ -266,6 +266,11 @@ impl PackedWeights {
         &self.data[p * len..(p + 1) * len]
     }
 
+    /// Every panel's packed tiles, back to back (panel `p` at `p · panel(0).len()`).
+    pub(crate) fn panels_data(&self) -> &[u8] {
+        &self.data[..self.panels() * self.groups() * tile_bytes(self.bits)]
+    }
+
     /// Number of panels.
     pub fn panels(&self) -> usize {
         self.n.div_ceil(NR)

@@ -2,8 +2,10 @@
 //! instruction, non-saturating) on the tile layout of [`crate::tile`], whose 64 codes are
 //! exactly one register with channel `j` in dword `j`.
 //!
-//! - GEMM micro-kernel: [`MR`] rows x 16 channels from an expanded panel; two accumulator sets
-//!   (even and odd groups) so eight independent `vpdpbusd` chains cover its latency.
+//! - GEMM micro-kernel: the plan's tile ([`crate::dispatch::vnni_shape`]: up to 8 rows x 4
+//!   panels of 16 channels) from expanded panels; one accumulator register per row and panel, so
+//!   16-24 independent `vpdpbusd` chains cover the instruction's latency at two per cycle, with
+//!   one broadcast per row and one load per panel for every rows x panels products.
 //! - GEMV with in-register expansion: 2/3/4-bit tiles become int8 levels by one 512-bit
 //!   `vpshufb` (the 16-entry table in every 128-bit lane; 3-bit tiles add their bit plane with
 //!   one merge-masked byte add, the plane being exactly a 64-bit mask in code order).
@@ -19,16 +21,7 @@
 //! [`super::emu512`], so their blocking and tails are checked bit for bit on every CPU, and
 //! the real instructions wherever the CPU has them.
 
-use crate::frame::{GROUP_BYTES, MR};
-
-/// Checks the GEMM micro-kernel's slices before its unchecked loads.
-fn check_tile(a: &[u8], lda: usize, b: &[i8], groups: usize) {
-    assert!(
-        lda >= groups * 4
-            && a.len() >= (MR - 1) * lda + groups * 4
-            && b.len() >= groups * GROUP_BYTES
-    );
-}
+use crate::frame::GROUP_BYTES;
 
 /// Zero-padded 16-entry copy of a code table (tables of 2/3/4-bit codes have 4, 8, 16 entries).
 fn table16(table: &[i8]) -> [i8; 16] {
@@ -42,8 +35,8 @@ fn table16(table: &[i8]) -> [i8; 16] {
 /// functions get (the target features for the real instructions).
 macro_rules! vnni_kernels {
     ($feature:meta) => {
-        use super::{check_tile, table16};
-        use crate::frame::{GROUP_BYTES, MR};
+        use super::table16;
+        use crate::frame::{TileShape, GROUP_BYTES};
         use crate::tile::tile_bytes;
         use asq_core::BitWidth;
 
@@ -95,164 +88,246 @@ macro_rules! vnni_kernels {
             }
         }
 
-        /// Micro-kernel: `acc[r][j] = sum_k a[r·lda + k] · b[.., channel j] - corr[j]`, MR rows x
-        /// 16 channels over an expanded panel `b` (`groups` x 64 int8). `flip` is `0x80808080`
-        /// for signed activations (then `corr` holds `128 · sum_k w`), else 0 (and `corr` 0).
+        /// Micro-kernel over a whole tile: `acc[r · C + j] = sum_k a[r·lda + k] · b[.., j] -
+        /// corr[j]` for `tile.rows` rows (`a` holds them all: padded storage) and the `C =
+        /// 16 · tile.panels` channels of the expanded panels `b` (`[panels][groups][64]` int8).
+        /// Signed activations are offset by 128 (`corr` then holds `128 · sum_k w`).
         ///
         /// # Safety
         /// The CPU must support the instructions (see `Isa::Avx512Vnni`).
-        #[$feature]
         #[allow(clippy::too_many_arguments)]
-        pub(crate) unsafe fn tile(
+        pub(crate) unsafe fn tile_block(
             a: &[u8],
             lda: usize,
-            flip: u32,
+            signed: bool,
+            tile: TileShape,
             b: &[i8],
             groups: usize,
-            corr: &[i32; 16],
-            acc: &mut [[i32; 16]; MR],
+            corr: &[i32],
+            acc: &mut [i32],
         ) {
-            check_tile(a, lda, b, groups);
-            let (ap, bp) = (a.as_ptr(), b.as_ptr());
-            let bcast = |r: usize, g: usize| {
-                // SAFETY: r < MR and g < groups: 4 bytes at r·lda + 4g lie inside `a` (checked).
-                let word = unsafe { (ap.add(r * lda + g * 4) as *const u32).read_unaligned() };
-                _mm512_set1_epi32((word ^ flip) as i32)
-            };
-            let load_b = |g: usize| {
-                // SAFETY: g < groups: 64 bytes at 64g lie inside `b` (checked).
-                unsafe { _mm512_loadu_si512(bp.add(g * GROUP_BYTES) as *const __m512i) }
-            };
-            let mut c0 = [_mm512_setzero_si512(); MR];
-            let mut c1 = [_mm512_setzero_si512(); MR];
-            let mut g = 0;
-            while g + 2 <= groups {
-                let (b0, b1) = (load_b(g), load_b(g + 1));
-                for r in 0..MR {
-                    c0[r] = _mm512_dpbusd_epi32(c0[r], bcast(r, g), b0);
-                    c1[r] = _mm512_dpbusd_epi32(c1[r], bcast(r, g + 1), b1);
-                }
-                g += 2;
+            macro_rules! go {
+                ($r:literal, $p:literal) => {
+                    // SAFETY (both arms): features per the caller; `block` checks the slices.
+                    if signed {
+                        unsafe { block::<$r, $p, true>(a, lda, b, groups, corr, acc) }
+                    } else {
+                        unsafe { block::<$r, $p, false>(a, lda, b, groups, corr, acc) }
+                    }
+                };
             }
-            if g < groups {
-                let b0 = load_b(g);
-                for r in 0..MR {
-                    c0[r] = _mm512_dpbusd_epi32(c0[r], bcast(r, g), b0);
-                }
-            }
-            // SAFETY: `corr` is 16 i32 = 64 bytes.
-            let cv = unsafe { _mm512_loadu_si512(corr.as_ptr() as *const __m512i) };
-            for r in 0..MR {
-                let v = _mm512_sub_epi32(_mm512_add_epi32(c0[r], c1[r]), cv);
-                // SAFETY: a row of `acc` is 16 i32 = 64 bytes.
-                unsafe { _mm512_storeu_si512(acc[r].as_mut_ptr() as *mut __m512i, v) };
+            match (tile.rows, tile.panels) {
+                (8, 1) => go!(8, 1),
+                (8, 2) => go!(8, 2),
+                (6, 3) => go!(6, 3),
+                (6, 4) => go!(6, 4),
+                (6, 1) => go!(6, 1),
+                (6, 2) => go!(6, 2),
+                (4, 1) => go!(4, 1),
+                (4, 2) => go!(4, 2),
+                (4, 3) => go!(4, 3),
+                (4, 4) => go!(4, 4),
+                (8, 3) => go!(8, 3),
+                (8, 4) => go!(8, 4),
+                (5, 4) => go!(5, 4),
+                (7, 3) => go!(7, 3),
+                (16, 1) => go!(16, 1),
+                (12, 1) => go!(12, 1),
+                (12, 2) => go!(12, 2),
+                other => panic!("no VNNI kernel for tile {other:?}"),
             }
         }
 
-        /// GEMV of one panel with in-register expansion; `t2` is the odd table of exact POST
-        /// (then `acc2` receives the odd sums). `signed`: activations are int8 (offset by 128,
-        /// corrected with `128 · sum_k w` measured by extra `vpdpbusd`s).
+        /// [`tile_block`] for `R` rows and `P` panels: `R · P` accumulators, each a chain of one
+        /// `vpdpbusd` per group of 4 steps; per group `P` panel loads and `R` broadcasts.
+        ///
+        /// # Safety
+        /// As [`tile_block`].
+        #[$feature]
+        #[inline]
+        unsafe fn block<const R: usize, const P: usize, const SIGNED: bool>(
+            a: &[u8],
+            lda: usize,
+            b: &[i8],
+            groups: usize,
+            corr: &[i32],
+            acc: &mut [i32],
+        ) {
+            let pb = groups * GROUP_BYTES;
+            assert!(
+                lda >= groups * 4
+                    && a.len() >= (R - 1) * lda + groups * 4
+                    && b.len() >= P * pb
+                    && corr.len() >= P * 16
+                    && acc.len() >= R * P * 16
+            );
+            let (ap, bp) = (a.as_ptr(), b.as_ptr());
+            let mut c = [[_mm512_setzero_si512(); P]; R];
+            for g in 0..groups {
+                let mut bv = [_mm512_setzero_si512(); P];
+                for (q, v) in bv.iter_mut().enumerate() {
+                    // SAFETY: q < P and g < groups: 64 bytes at q·pb + 64g lie inside `b`.
+                    *v = unsafe {
+                        _mm512_loadu_si512(bp.add(q * pb + g * GROUP_BYTES) as *const __m512i)
+                    };
+                }
+                for r in 0..R {
+                    // SAFETY: r < R and 4g + 4 <= 4·groups: inside `a` (checked).
+                    let word = unsafe { (ap.add(r * lda + g * 4) as *const i32).read_unaligned() };
+                    let av = if SIGNED {
+                        _mm512_set1_epi32(word ^ 0x8080_8080u32 as i32)
+                    } else {
+                        _mm512_set1_epi32(word)
+                    };
+                    for q in 0..P {
+                        c[r][q] = _mm512_dpbusd_epi32(c[r][q], av, bv[q]);
+                    }
+                }
+            }
+            for q in 0..P {
+                // SAFETY: q < P: 16 i32 at 16q lie inside `corr` (checked).
+                let cv = unsafe { _mm512_loadu_si512(corr.as_ptr().add(q * 16) as *const __m512i) };
+                for r in 0..R {
+                    let v = _mm512_sub_epi32(c[r][q], cv);
+                    // SAFETY: (r·P + q)·16 + 16 <= R·P·16 <= acc.len() (checked).
+                    unsafe {
+                        _mm512_storeu_si512(
+                            acc.as_mut_ptr().add((r * P + q) * 16) as *mut __m512i,
+                            v,
+                        )
+                    };
+                }
+            }
+        }
+
+        /// GEMV of `np` (1..=4) consecutive panels at once (`panels` holds them back to back):
+        /// one broadcast of the activations per group feeds every panel's `vpdpbusd`, and the
+        /// panels' accumulators are independent chains. `acc[16q + j]` (and `acc2` for exact
+        /// POST) receive panel `q`'s sums.
         ///
         /// # Safety
         /// The CPU must support the instructions (see `Isa::Avx512Vnni`).
-        #[$feature]
         #[allow(clippy::too_many_arguments)]
-        pub(crate) unsafe fn gemv(
+        pub(crate) unsafe fn gemv_panels(
             a: &[u8],
             signed: bool,
-            panel: &[u8],
+            panels: &[u8],
+            np: usize,
             bits: BitWidth,
             t1: &[i8],
             t2: Option<&[i8]>,
             groups: usize,
-            acc: &mut [i32; 16],
-            acc2: &mut [i32; 16],
+            acc: &mut [i32; 64],
+            acc2: &mut [i32; 64],
         ) {
-            assert!(a.len() >= groups * 4 && panel.len() >= groups * tile_bytes(bits));
+            assert!(
+                (1..=4).contains(&np)
+                    && a.len() >= groups * 4
+                    && panels.len() >= np * groups * tile_bytes(bits)
+            );
             macro_rules! go {
-                ($b:literal) => {
+                ($b:literal, $np:literal) => {
                     match (signed, t2) {
                         // SAFETY (all arms): lengths asserted above; features per the caller.
                         (false, None) => unsafe {
-                            gemv_bits::<$b, false, false>(a, panel, t1, t1, groups, acc, acc2)
+                            gemv_multi::<$b, $np, false, false>(
+                                a, panels, t1, t1, groups, acc, acc2,
+                            )
                         },
                         (false, Some(t2)) => unsafe {
-                            gemv_bits::<$b, true, false>(a, panel, t1, t2, groups, acc, acc2)
+                            gemv_multi::<$b, $np, true, false>(a, panels, t1, t2, groups, acc, acc2)
                         },
                         (true, None) => unsafe {
-                            gemv_bits::<$b, false, true>(a, panel, t1, t1, groups, acc, acc2)
+                            gemv_multi::<$b, $np, false, true>(a, panels, t1, t1, groups, acc, acc2)
                         },
                         (true, Some(t2)) => unsafe {
-                            gemv_bits::<$b, true, true>(a, panel, t1, t2, groups, acc, acc2)
+                            gemv_multi::<$b, $np, true, true>(a, panels, t1, t2, groups, acc, acc2)
                         },
                     }
                 };
             }
-            match bits.get() {
-                2 => go!(2),
-                3 => go!(3),
-                4 => go!(4),
-                8 => go!(8),
-                b => panic!("GEMV planned for unsupported width {b}"),
+            macro_rules! width {
+                ($np:literal) => {
+                    match bits.get() {
+                        2 => go!(2, $np),
+                        3 => go!(3, $np),
+                        4 => go!(4, $np),
+                        8 => go!(8, $np),
+                        b => panic!("GEMV planned for unsupported width {b}"),
+                    }
+                };
+            }
+            match np {
+                1 => width!(1),
+                2 => width!(2),
+                3 => width!(3),
+                _ => width!(4),
             }
         }
 
         /// # Safety
-        /// Features as for [`gemv`]; `a` holds `4 · groups` bytes, `panel` `groups` tiles.
+        /// As [`gemv_panels`]; `a` holds `4 · groups` bytes, `panels` `NP · groups` tiles.
         #[$feature]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn gemv_bits<const BITS: u32, const TWO: bool, const SIGNED: bool>(
+        unsafe fn gemv_multi<
+            const BITS: u32,
+            const NP: usize,
+            const TWO: bool,
+            const SIGNED: bool,
+        >(
             a: &[u8],
-            panel: &[u8],
+            panels: &[u8],
             t1: &[i8],
             t2: &[i8],
             groups: usize,
-            acc: &mut [i32; 16],
-            acc2: &mut [i32; 16],
+            acc: &mut [i32; 64],
+            acc2: &mut [i32; 64],
         ) {
             let tb = tile_bytes(BitWidth::new(BITS).expect("2, 3, 4 or 8"));
+            let stride = groups * tb;
             let (l1, l2) = (lut(t1), lut(t2));
             let flip = if SIGNED { 0x8080_8080u32 } else { 0 };
             let offset = _mm512_set1_epi8(-128);
-            // Slots: [table 1, table 2] x [even group, odd group], then the offset sums.
-            let mut c = [_mm512_setzero_si512(); 4];
-            let mut k = [_mm512_setzero_si512(); 4];
+            let mut c = [_mm512_setzero_si512(); NP];
+            let mut c2 = [_mm512_setzero_si512(); NP];
+            let mut k = [_mm512_setzero_si512(); NP];
+            let mut k2 = [_mm512_setzero_si512(); NP];
             for g in 0..groups {
-                let s = g & 1;
-                // SAFETY: g < groups: 4 bytes of `a` and one tile of `panel` are in bounds.
-                let (word, p) = unsafe {
-                    (
-                        (a.as_ptr().add(g * 4) as *const u32).read_unaligned(),
-                        panel.as_ptr().add(g * tb),
-                    )
-                };
+                // SAFETY: g < groups: 4 bytes of `a` are in bounds.
+                let word = unsafe { (a.as_ptr().add(g * 4) as *const u32).read_unaligned() };
                 let av = _mm512_set1_epi32((word ^ flip) as i32);
-                // SAFETY: `p` points at a whole tile.
-                let x = unsafe { expand::<BITS>(p, l1) };
-                c[s] = _mm512_dpbusd_epi32(c[s], av, x);
-                if SIGNED {
-                    k[s] = _mm512_dpbusd_epi32(k[s], offset, x);
-                }
-                if TWO {
-                    // SAFETY: as above.
-                    let y = unsafe { expand::<BITS>(p, l2) };
-                    c[2 + s] = _mm512_dpbusd_epi32(c[2 + s], av, y);
+                for q in 0..NP {
+                    // SAFETY: q < NP, g < groups: one whole tile of `panels`.
+                    let p = unsafe { panels.as_ptr().add(q * stride + g * tb) };
+                    // SAFETY: `p` points at a whole tile.
+                    let x = unsafe { expand::<BITS>(p, l1) };
+                    c[q] = _mm512_dpbusd_epi32(c[q], av, x);
                     if SIGNED {
-                        k[2 + s] = _mm512_dpbusd_epi32(k[2 + s], offset, y);
+                        k[q] = _mm512_dpbusd_epi32(k[q], offset, x);
+                    }
+                    if TWO {
+                        // SAFETY: as above.
+                        let y = unsafe { expand::<BITS>(p, l2) };
+                        c2[q] = _mm512_dpbusd_epi32(c2[q], av, y);
+                        if SIGNED {
+                            k2[q] = _mm512_dpbusd_epi32(k2[q], offset, y);
+                        }
                     }
                 }
             }
-            let sum = |t: usize| {
-                _mm512_sub_epi32(
-                    _mm512_add_epi32(c[2 * t], c[2 * t + 1]),
-                    _mm512_add_epi32(k[2 * t], k[2 * t + 1]),
-                )
-            };
-            // SAFETY: acc and acc2 are 16 i32 = 64 bytes each.
-            unsafe {
-                _mm512_storeu_si512(acc.as_mut_ptr() as *mut __m512i, sum(0));
-                if TWO {
-                    _mm512_storeu_si512(acc2.as_mut_ptr() as *mut __m512i, sum(1));
+            for q in 0..NP {
+                // SAFETY: q < NP <= 4: 16 i32 at 16q lie inside the 64 of acc and acc2.
+                unsafe {
+                    _mm512_storeu_si512(
+                        acc.as_mut_ptr().add(16 * q) as *mut __m512i,
+                        _mm512_sub_epi32(c[q], k[q]),
+                    );
+                    if TWO {
+                        _mm512_storeu_si512(
+                            acc2.as_mut_ptr().add(16 * q) as *mut __m512i,
+                            _mm512_sub_epi32(c2[q], k2[q]),
+                        );
+                    }
                 }
             }
         }
@@ -270,6 +345,53 @@ pub(crate) mod native {
 pub(crate) mod emulated {
     use super::super::emu512::*;
     vnni_kernels!(cfg(all()));
+}
+
+/// The epilogue of 16 outputs (see [`crate::frame::finish`]), lane-wise with the same operations
+/// in the same order, so the same bits: `acc` (plus `odd · (1/√2)` for exact POST) converted,
+/// times `a_scale · w_scale`, plus bias, plus residual, then `max(v, 0)` for ReLU.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `out` must be valid for 16 `f32` writes.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn finish16(
+    acc: &[i32; 16],
+    odd: Option<&[i32; 16]>,
+    a_scale: f32,
+    w_scale: &[f32; 16],
+    bias: Option<&[f32; 16]>,
+    residual: Option<&[f32; 16]>,
+    relu: bool,
+    out: *mut f32,
+) {
+    use core::arch::x86_64::*;
+    // SAFETY: every load reads one whole 16-element array.
+    unsafe {
+        let mut v = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc.as_ptr() as *const __m512i));
+        if let Some(o) = odd {
+            let o = _mm512_cvtepi32_ps(_mm512_loadu_si512(o.as_ptr() as *const __m512i));
+            v = _mm512_add_ps(
+                v,
+                _mm512_mul_ps(o, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2)),
+            );
+        }
+        let scale = _mm512_mul_ps(_mm512_set1_ps(a_scale), _mm512_loadu_ps(w_scale.as_ptr()));
+        v = _mm512_mul_ps(v, scale);
+        v = _mm512_add_ps(
+            v,
+            bias.map_or(_mm512_setzero_ps(), |b| _mm512_loadu_ps(b.as_ptr())),
+        );
+        v = _mm512_add_ps(
+            v,
+            residual.map_or(_mm512_setzero_ps(), |r| _mm512_loadu_ps(r.as_ptr())),
+        );
+        if relu {
+            v = _mm512_max_ps(v, _mm512_setzero_ps());
+        }
+        // SAFETY: the caller guarantees 16 writable floats at `out`.
+        _mm512_storeu_ps(out, v);
+    }
 }
 
 /// `128 · sum_k w[k, j]` per channel of an expanded panel: the correction of the signed-
@@ -336,8 +458,8 @@ mod tests {
         /// form, signed and unsigned activations, epilogues.
         #[test]
         fn emulated_vnni_matches_the_reference(
-            m in prop_oneof![Just(1usize), 1usize..11],
-            n in prop_oneof![Just(1usize), 1usize..40],
+            m in prop_oneof![Just(1usize), 1usize..11, 11usize..30],
+            n in prop_oneof![Just(1usize), 1usize..40, 40usize..100],
             k in prop_oneof![Just(1usize), 1usize..20, 20usize..150],
             kind in 0u8..6,
             wbits in prop_oneof![Just(2u32), Just(3), Just(4), Just(5), Just(8)],
@@ -360,6 +482,76 @@ mod tests {
                 prop_assert_eq!(g.to_bits(), e.to_bits(), "at {}: {} vs {}", i, g, e);
             }
         }
+    }
+
+    /// The AVX-512 epilogue equals the scalar one bit for bit, special values included (ReLU of
+    /// -0.0 and NaN is +0.0 in both). Runs where the CPU has AVX-512 F.
+    #[test]
+    fn simd_epilogue_equals_the_scalar_one() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            println!("no AVX-512 F on this CPU: the SIMD epilogue is not used here");
+            return;
+        }
+        let specials = [0.0f32, -0.0, f32::NAN, 1e-38, -1e-38, 3.5, -2.25, f32::MAX];
+        for seed in 0..200u64 {
+            let pick = |i: usize, salt: u64| -> f32 {
+                let v = pseudo(seed ^ salt, i) * 1e3;
+                if (seed + i as u64) % 7 == 0 {
+                    specials[(seed as usize + i) % specials.len()]
+                } else {
+                    v
+                }
+            };
+            let acc: [i32; 16] = std::array::from_fn(|i| (pseudo(seed, i) * 1e6) as i32);
+            let odd: [i32; 16] = std::array::from_fn(|i| (pseudo(seed ^ 9, i) * 1e6) as i32);
+            let ws: [f32; 16] = std::array::from_fn(|i| pick(i, 1).abs());
+            let bias: [f32; 16] = std::array::from_fn(|i| pick(i, 2));
+            let res: [f32; 16] = std::array::from_fn(|i| pick(i, 3));
+            let a_scale = pick(0, 4).abs();
+            for (two, relu, with_bias, with_res) in [
+                (false, false, false, false),
+                (true, true, true, true),
+                (false, true, true, false),
+                (true, false, false, true),
+            ] {
+                let mut got = [0.0f32; 16];
+                // SAFETY: AVX-512 F detected above; `got` holds 16 floats.
+                unsafe {
+                    super::finish16(
+                        &acc,
+                        two.then_some(&odd),
+                        a_scale,
+                        &ws,
+                        with_bias.then_some(&bias),
+                        with_res.then_some(&res),
+                        relu,
+                        got.as_mut_ptr(),
+                    )
+                };
+                for j in 0..16 {
+                    let accf = if two {
+                        crate::frame::post_acc(acc[j], odd[j])
+                    } else {
+                        acc[j] as f32
+                    };
+                    let want = crate::frame::finish(
+                        accf,
+                        a_scale,
+                        ws[j],
+                        if with_bias { bias[j] } else { 0.0 },
+                        if with_res { res[j] } else { 0.0 },
+                        relu,
+                    );
+                    assert_eq!(got[j].to_bits(), want.to_bits(), "seed {seed} lane {j}");
+                }
+            }
+        }
+        let relu0 = crate::frame::finish(-0.0, 1.0, 1.0, 0.0, -0.0, true);
+        assert_eq!(relu0.to_bits(), 0.0f32.to_bits());
+        assert_eq!(
+            crate::frame::finish(f32::NAN, 1.0, 1.0, 0.0, 0.0, true).to_bits(),
+            0
+        );
     }
 
     #[test]
