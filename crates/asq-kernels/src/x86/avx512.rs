@@ -496,7 +496,7 @@ mod tests {
         for seed in 0..200u64 {
             let pick = |i: usize, salt: u64| -> f32 {
                 let v = pseudo(seed ^ salt, i) * 1e3;
-                if (seed + i as u64) % 7 == 0 {
+                if (seed + i as u64).is_multiple_of(7) {
                     specials[(seed as usize + i) % specials.len()]
                 } else {
                     v
