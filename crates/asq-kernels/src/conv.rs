@@ -337,7 +337,7 @@ pub fn depthwise_conv2d_with(
         }
     };
     let work = out.len() * taps;
-    if work >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
+    if work >= PARALLEL_MIN_MACS && crate::frame::threads() > 1 {
         out.par_chunks_mut(row_len)
             .enumerate()
             .for_each(|(r, orow)| run_row(r, orow));

@@ -103,6 +103,33 @@ impl Epilogue<'_> {
 /// Problems smaller than this many multiply-adds run on one thread.
 pub const PARALLEL_MIN_MACS: usize = 1 << 20;
 
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every kernel it calls on the calling thread alone (no rayon tasks): for
+/// callers that parallelise at a coarser grain themselves, e.g. an inference engine that gives
+/// each thread whole images. Results are the same bits either way.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SERIAL.with(|s| s.replace(true)));
+    f()
+}
+
+/// Threads the kernels may use from here: 1 inside [`serial`], else rayon's pool size.
+pub fn threads() -> usize {
+    if SERIAL.with(|s| s.get()) {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
+}
+
 /// Final rescale of one accumulator (the only place outputs are formed).
 #[inline(always)]
 pub(crate) fn finish(
@@ -182,7 +209,7 @@ pub(crate) fn gemm_planned(
 ) {
     let panels = w.panels();
     let macs = a.rows() * w.rows() * w.cols();
-    let threads = rayon::current_num_threads();
+    let threads = threads();
     let want = if macs >= PARALLEL_MIN_MACS && threads > 1 {
         threads * 4
     } else {
@@ -414,7 +441,7 @@ pub(crate) fn gemv_planned(
 ) {
     let panels = w.panels();
     let n = w.rows();
-    let threads = rayon::current_num_threads();
+    let threads = threads();
     let tasks = if n * w.cols() >= PARALLEL_MIN_MACS / 4 && threads > 1 {
         (threads * 2).min(panels)
     } else {

@@ -47,7 +47,7 @@ mod x86;
 pub use activations::QuantActivations;
 pub use dispatch::{Isa, Path};
 pub use error::{Error, Result};
-pub use frame::Epilogue;
+pub use frame::{serial, Epilogue};
 pub use weights::{PackedWeights, WeightForm};
 
 /// `out = act(A · Wᵀ · scales + bias)` on the fastest variant of this CPU.

@@ -511,9 +511,10 @@ impl IntModel {
 
     /// Logits `[n, classes]` for normalised images `[n, C, H, W]` (NCHW, as in training).
     ///
-    /// Large batches run in chunks of [`CHUNK`] images so that activations stay in cache;
-    /// every sample is computed independently (per-sample scales), so the logits do not depend
-    /// on the batch or the chunking.
+    /// Large batches run in chunks of [`CHUNK`] images so that activations stay in cache, and
+    /// with several rayon threads the chunks run in parallel (each thread whole layers on its
+    /// images); every sample is computed independently (per-sample scales), so the logits do not
+    /// depend on the batch, the chunking or the thread count.
     pub fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         let [h, w, c] = self.shapes[0];
         if x.len() != n * c * h * w || n == 0 {
@@ -526,11 +527,24 @@ impl IntModel {
             return Err(Error::NonFinite(format!("model input at {i} ({})", x[i])));
         }
         let per = c * h * w;
-        let mut out = Vec::with_capacity(n * self.spec.classes);
-        for chunk in x.chunks(CHUNK * per) {
-            out.extend(self.forward_chunk(chunk, chunk.len() / per)?);
-        }
-        Ok(out)
+        let chunks: Vec<&[f32]> = x.chunks(CHUNK * per).collect();
+        let parts: Vec<Vec<f32>> = if chunks.len() > 1 && rayon::current_num_threads() > 1 {
+            // Threads take whole chunks of images (each runs every layer on its images, with
+            // the kernels on its own thread): no synchronisation inside a layer.
+            use rayon::prelude::*;
+            chunks
+                .par_iter()
+                .map(|chunk| asq_kernels::serial(|| self.forward_chunk(chunk, chunk.len() / per)))
+                .collect::<Result<_>>()?
+        } else {
+            // One chunk (small batches): the kernels split a layer's channels (or rows) across
+            // threads where it is big enough.
+            chunks
+                .iter()
+                .map(|chunk| self.forward_chunk(chunk, chunk.len() / per))
+                .collect::<Result<_>>()?
+        };
+        Ok(parts.concat())
     }
 
     fn forward_chunk(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
