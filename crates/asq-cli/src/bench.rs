@@ -184,12 +184,20 @@ pub struct ModelArgs {
     /// Batch sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     batches: Vec<usize>,
-    /// Threads.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Thread counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    threads: Vec<usize>,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
+    /// Print one JSON object per line (fields model, quant, bits, batch, threads, engine, isa,
+    /// images_per_s) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also print where the integer engine's time goes, node by node (first batch size, one
+    /// thread): quantizing, im2col, kernel + epilogue.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// `asq bench models`: images/s of each zoo model on the integer engine against the same
@@ -201,21 +209,21 @@ pub fn models(args: &ModelArgs) -> Result<(), Box<dyn std::error::Error>> {
     use asq_models::{Model, QuantPolicy};
     use asq_train::nn::Module;
     use asq_train::{Graph, ParamStore, Rng, Tensor};
-    if args.threads == 0
+    if args.threads.is_empty()
+        || args.threads.contains(&0)
         || args.batches.contains(&0)
         || args.seconds.is_nan()
         || args.seconds <= 0.0
     {
         return Err("--threads, --batches and --seconds must be positive".into());
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build()?;
-    println!(
-        "| model | batch | FP32 graph images/s | integer engine ({}) images/s | ratio |",
-        Isa::best().name()
-    );
-    println!("|---|---|---|---|---|");
+    let isa = Isa::best().name();
+    if !args.json {
+        println!(
+            "| model | batch | threads | FP32 graph images/s | integer engine ({isa}) images/s | ratio |"
+        );
+        println!("|---|---|---|---|---|---|");
+    }
     let chw = (1, 28, 28);
     for arch in &args.models {
         let mut fps = ParamStore::new();
@@ -241,18 +249,92 @@ pub fn models(args: &ModelArgs) -> Result<(), Box<dyn std::error::Error>> {
             let images =
                 Tensor::from_shape_fn(ndarray::IxDyn(&[batch, 1, 28, 28]), |_| rng.normal());
             let flat = images.as_slice().ok_or("contiguous")?.to_vec();
-            let rate = |f: &mut (dyn FnMut() + Send)| {
-                pool.install(|| measure(batch as f64 * 1e9, args.seconds, &mut *f))
-            };
-            let fp = rate(&mut || {
-                let mut g = Graph::new(false);
-                let x = g.input(images.clone());
-                std::hint::black_box(fnet.forward(&mut g, &mut fps, x).expect("valid model"));
-            });
-            let q = rate(&mut || {
-                std::hint::black_box(int.forward(&flat, batch).expect("valid model"));
-            });
-            println!("| {arch} | {batch} | {fp:.0} | {q:.0} | {:.2} |", q / fp);
+            for &threads in &args.threads {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()?;
+                let rate = |f: &mut (dyn FnMut() + Send)| {
+                    pool.install(|| measure(batch as f64 * 1e9, args.seconds, &mut *f))
+                };
+                let fp = rate(&mut || {
+                    let mut g = Graph::new(false);
+                    let x = g.input(images.clone());
+                    std::hint::black_box(fnet.forward(&mut g, &mut fps, x).expect("valid model"));
+                });
+                let q = rate(&mut || {
+                    std::hint::black_box(int.forward(&flat, batch).expect("valid model"));
+                });
+                if args.json {
+                    for (engine, v) in [("fp32", fp), ("int", q)] {
+                        println!(
+                            "{{\"model\": \"{arch}\", \"quant\": \"{}\", \"bits\": {}, \"batch\": {batch}, \"threads\": {threads}, \"engine\": \"{engine}\", \"isa\": \"{}\", \"images_per_s\": {v:.1}}}",
+                            if engine == "fp32" { "fp32" } else { &args.quant },
+                            if engine == "fp32" { 32 } else { args.bits },
+                            if engine == "fp32" { "matrixmultiply" } else { isa },
+                        );
+                    }
+                } else {
+                    println!(
+                        "| {arch} | {batch} | {threads} | {fp:.0} | {q:.0} | {:.2} |",
+                        q / fp
+                    );
+                }
+            }
+        }
+        if args.profile {
+            let batch = args.batches[0];
+            let images =
+                Tensor::from_shape_fn(ndarray::IxDyn(&[batch, 1, 28, 28]), |_| rng.normal());
+            let flat = images.as_slice().ok_or("contiguous")?.to_vec();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+            // The best of several passes, node by node.
+            let mut best: Option<Vec<asq_models::engine::NodeTime>> = None;
+            for _ in 0..20 {
+                let (_, t) = pool.install(|| int.profile(&flat, batch))?;
+                best = Some(match best {
+                    None => t,
+                    Some(b) => b
+                        .into_iter()
+                        .zip(t)
+                        .map(|(a, b)| asq_models::engine::NodeTime {
+                            op: a.op,
+                            quantize: a.quantize.min(b.quantize),
+                            im2col: a.im2col.min(b.im2col),
+                            kernel: a.kernel.min(b.kernel),
+                        })
+                        .collect(),
+                });
+            }
+            let nodes = best.unwrap_or_default();
+            let total: f64 = nodes.iter().map(|t| t.quantize + t.im2col + t.kernel).sum();
+            println!(
+                "\n{arch}, batch {batch}, one thread: integer engine time by node (best of 20 passes; µs)\n"
+            );
+            println!("| node | op | quantize | im2col | kernel + epilogue | share |");
+            println!("|---|---|---|---|---|---|");
+            let us = |s: f64| format!("{:.1}", s * 1e6);
+            let (mut q, mut c, mut k) = (0.0, 0.0, 0.0);
+            for (i, t) in nodes.iter().enumerate() {
+                let sum = t.quantize + t.im2col + t.kernel;
+                println!(
+                    "| {i} | {} | {} | {} | {} | {:.1} % |",
+                    t.op,
+                    us(t.quantize),
+                    us(t.im2col),
+                    us(t.kernel),
+                    100.0 * sum / total.max(1e-12)
+                );
+                (q, c, k) = (q + t.quantize, c + t.im2col, k + t.kernel);
+            }
+            println!(
+                "| all | | {} ({:.0} %) | {} ({:.0} %) | {} ({:.0} %) | 100 % |",
+                us(q),
+                100.0 * q / total,
+                us(c),
+                100.0 * c / total,
+                us(k),
+                100.0 * k / total
+            );
         }
     }
     Ok(())

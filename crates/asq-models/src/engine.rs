@@ -36,6 +36,39 @@ pub const FORMAT: Format = Format {
     limit: MAX_MODEL_BYTES,
     what: "model",
 };
+impl Op {
+    /// A short description for reports: `conv3x3/s1`, `dw3x3/s2`, `linear`, `maxpool2`, `gap`.
+    pub fn kind(&self) -> String {
+        match self {
+            Op::Conv {
+                kernel: (kh, kw),
+                stride,
+                depthwise,
+                ..
+            } => format!(
+                "{}{kh}x{kw}/s{stride}",
+                if *depthwise { "dw" } else { "conv" }
+            ),
+            Op::Linear { .. } => "linear".into(),
+            Op::MaxPool { size, .. } => format!("maxpool{size}"),
+            Op::GlobalAvgPool => "gap".into(),
+        }
+    }
+}
+
+/// Seconds one node of [`IntModel::profile`] spent in each part.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeTime {
+    /// The node's operation ([`Op::kind`]).
+    pub op: String,
+    /// Quantizing the float input to codes.
+    pub quantize: f64,
+    /// im2col on the codes (convolutions through GEMM).
+    pub im2col: f64,
+    /// The integer kernel with its epilogue (GEMM, depthwise), or the pooling.
+    pub kernel: f64,
+}
+
 /// Images per chunk of [`IntModel::forward`]: keeps a ResNet-20's im2col buffers and
 /// activations in L2 (batch 64 on one Zen 3 thread: 608 images/s unchunked, 1,174 in chunks
 /// of 4).
@@ -548,6 +581,35 @@ impl IntModel {
     }
 
     fn forward_chunk(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        self.forward_chunk_timed(x, n, None)
+    }
+
+    /// Where the time of a forward pass goes, node by node: the logits of `x` (`[n, C, H, W]`,
+    /// run as one chunk on the calling thread's pool) and, per node, seconds spent quantizing
+    /// its input, in im2col, and in the integer GEMM with its epilogue (or the depthwise kernel,
+    /// or the pooling). The NCHW -> NHWC copy of the input is not counted.
+    pub fn profile(&self, x: &[f32], n: usize) -> Result<(Vec<f32>, Vec<NodeTime>)> {
+        let [h, w, c] = self.shapes[0];
+        if x.len() != n * c * h * w || n == 0 || x.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Config(format!(
+                "profile input: {} finite values for {n} images of {c}x{h}x{w}",
+                x.len()
+            )));
+        }
+        let mut times = vec![NodeTime::default(); self.spec.nodes.len()];
+        let out = self.forward_chunk_timed(x, n, Some(&mut times))?;
+        for (t, node) in times.iter_mut().zip(&self.spec.nodes) {
+            t.op = node.op.kind().to_string();
+        }
+        Ok((out, times))
+    }
+
+    fn forward_chunk_timed(
+        &self,
+        x: &[f32],
+        n: usize,
+        mut times: Option<&mut [NodeTime]>,
+    ) -> Result<Vec<f32>> {
         let [h, w, c] = self.shapes[0];
         let mut nhwc = vec![0.0f32; x.len()];
         for (src, dst) in x
@@ -564,7 +626,14 @@ impl IntModel {
         values[0] = Some(nhwc);
         for (i, node) in self.spec.nodes.iter().enumerate() {
             let input = values[node.input].as_deref().expect("validated order");
-            let out = self.run_node(i, node, input, &values, n)?;
+            let out = self.run_node(
+                i,
+                node,
+                input,
+                &values,
+                n,
+                times.as_deref_mut().map(|t| &mut t[i]),
+            )?;
             values[i + 1] = Some(out);
             for (v, &last) in values.iter_mut().zip(&self.last_use) {
                 if last == i {
@@ -575,6 +644,7 @@ impl IntModel {
         Ok(values.pop().flatten().expect("the last value is kept"))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_node(
         &self,
         i: usize,
@@ -582,7 +652,16 @@ impl IntModel {
         x: &[f32],
         values: &[Option<Vec<f32>>],
         n: usize,
+        mut time: Option<&mut NodeTime>,
     ) -> Result<Vec<f32>> {
+        let t0 = std::time::Instant::now();
+        let mut lap = |slot: fn(&mut NodeTime) -> &mut f64, since: &mut std::time::Instant| {
+            if let Some(t) = time.as_deref_mut() {
+                *slot(t) += since.elapsed().as_secs_f64();
+            }
+            *since = std::time::Instant::now();
+        };
+        let mut since = t0;
         let [h, w, c] = self.shapes[node.input];
         let [oh, ow, oc] = self.shapes[i + 1];
         let mut out = vec![0.0f32; n * oh * ow * oc];
@@ -601,6 +680,7 @@ impl IntModel {
                 kernel,
             ) => {
                 let qa = quantize(x, n, h * w, c, quant)?;
+                lap(|t| &mut t.quantize, &mut since);
                 let shape = Conv2dShape {
                     batch: n,
                     in_h: h,
@@ -617,7 +697,11 @@ impl IntModel {
                     relu: *act != Act::None,
                 };
                 match kernel {
-                    Kernel::Gemm(pw) => asq_kernels::conv::conv2d(&qa, pw, &shape, &epi, &mut out),
+                    Kernel::Gemm(pw) => {
+                        let cols = asq_kernels::conv::im2col(&qa, &shape).map_err(kernel_error)?;
+                        lap(|t| &mut t.im2col, &mut since);
+                        asq_kernels::gemm(&cols, pw, &epi, &mut out)
+                    }
                     Kernel::Depthwise(dw, _) => asq_kernels::conv::depthwise_conv2d_with(
                         asq_kernels::Isa::best(),
                         &qa,
@@ -640,6 +724,7 @@ impl IntModel {
                 Kernel::Gemm(pw),
             ) => {
                 let qa = quantize(x, n, 1, h * w * c, quant)?;
+                lap(|t| &mut t.quantize, &mut since);
                 let epi = Epilogue {
                     bias: Some(bias),
                     residual: None,
@@ -679,6 +764,7 @@ impl IntModel {
             }
             (Op::Linear { .. }, _) => unreachable!("linear layers have GEMM weights"),
         }
+        lap(|t| &mut t.kernel, &mut since);
         Ok(out)
     }
 
