@@ -10,6 +10,13 @@ use asq_core::{QuantRange, Signedness};
 use crate::error::{Error, Result};
 use crate::frame::{KGROUP, MAX_TILE_ROWS, MR};
 
+/// Whether activation codes are computed with AVX-512 (the same codes as the portable path).
+#[cfg(target_arch = "x86_64")]
+fn simd_encode() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
+}
+
 /// Rows of zero-padded storage for `m` rows: a multiple of [`MR`] (4) up to 4 rows, of
 /// [`MAX_TILE_ROWS`] beyond, so every micro-kernel reads whole tiles of its own height.
 pub fn padded_rows(m: usize) -> usize {
@@ -55,7 +62,39 @@ impl QuantActivations {
                 steps.rows()
             )));
         }
+        #[cfg(target_arch = "x86_64")]
+        let simd = simd_encode();
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
+        Self::quantize_on(x, m, k, range, steps, simd)
+    }
+
+    /// [`QuantActivations::quantize`] on the AVX-512 path (`simd`, the CPU must have AVX-512 F
+    /// and BW) or the portable one; both give the same codes.
+    fn quantize_on(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        range: QuantRange,
+        steps: Steps<'_>,
+        simd: bool,
+    ) -> Result<Self> {
         let mut out = Self::zeroed(m, k, range)?;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            steps.validate()?;
+            let (lower, upper) = (range.min() as f32, range.max() as f32);
+            for r in 0..m {
+                let s = steps.get(r);
+                out.scales[r] = s;
+                let row = &mut out.codes[r * out.kp..r * out.kp + k];
+                let xr = &x[r * k..(r + 1) * k];
+                // SAFETY: `simd` is set only when AVX-512 F and BW were detected.
+                unsafe { crate::x86::avx512::encode_row(xr, s, lower, upper, row) };
+            }
+            return Ok(out);
+        }
+        let _ = simd;
         let grid = IntGrid::new(range);
         let signed = matches!(range.signedness(), Signedness::Signed);
         for r in 0..m {
@@ -195,5 +234,61 @@ impl QuantActivations {
 
     pub(crate) fn set_scale(&mut self, r: usize, s: f32) {
         self.scales[r] = s;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 codes equal the portable ones (NaN, infinities, ties and the range ends
+    /// included), signed and unsigned, every width, any row length (masked tails).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_codes_equal_the_portable_codes() {
+        if !simd_encode() {
+            println!("no AVX-512 F/BW on this CPU: the SIMD encoder is not used here");
+            return;
+        }
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.5,
+            1.5,
+            -2.5,
+            -0.0,
+            1e30,
+            -1e-30,
+        ];
+        for seed in 0..300u64 {
+            let (m, k) = (1 + (seed % 3) as usize, 1 + (seed * 7 % 53) as usize);
+            let bits = 2 + (seed % 7) as u32;
+            let range = if seed % 2 == 0 {
+                QuantRange::unsigned(bits)
+            } else {
+                QuantRange::signed(bits)
+            }
+            .unwrap();
+            let step = 0.05 + (seed % 11) as f32 * 0.1;
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| {
+                    if (i as u64 + seed).is_multiple_of(5) {
+                        specials[(i + seed as usize) % specials.len()] * step
+                    } else {
+                        crate::suite::pseudo(seed, i) * 40.0 * step
+                    }
+                })
+                .collect();
+            let betas: Vec<f32> = (0..m).map(|r| 0.5 + r as f32 * 0.25).collect();
+            let steps = Steps::Scaled {
+                step,
+                betas: &betas,
+            };
+            let a = QuantActivations::quantize_on(&x, m, k, range, steps, true).unwrap();
+            let b = QuantActivations::quantize_on(&x, m, k, range, steps, false).unwrap();
+            assert_eq!(a.codes, b.codes, "seed {seed}");
+            assert_eq!(a.scales, b.scales);
+        }
     }
 }

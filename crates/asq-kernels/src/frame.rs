@@ -210,10 +210,14 @@ pub(crate) fn gemm_planned(
     let panels = w.panels();
     let macs = a.rows() * w.rows() * w.cols();
     let threads = threads();
-    let want = if macs >= PARALLEL_MIN_MACS && threads > 1 {
-        threads * 4
-    } else {
+    // Several tasks per thread balance large problems; small ones (a batch-1 layer) get one
+    // task per thread, as each task costs a rayon hand-off and its own panel expansion.
+    let want = if macs < PARALLEL_MIN_MACS || threads == 1 {
         1
+    } else if macs < 16 * PARALLEL_MIN_MACS {
+        threads
+    } else {
+        threads * 4
     };
     // Split the channels first (no repeated expansion), in whole tiles of panels; when there are
     // too few (small C_out, e.g. the first convs of ResNet-20) split the rows too.

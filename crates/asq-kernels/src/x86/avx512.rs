@@ -347,6 +347,46 @@ pub(crate) mod emulated {
     vnni_kernels!(cfg(all()));
 }
 
+/// Codes of one row for the integer grid `[lower, upper]` with zero point 0 (the activation
+/// quantizers): `t = x / step`, NaN -> 0, clamped, rounded half to even through the `1.5 · 2^23`
+/// addition, and the low byte of the sum's bits (the two's complement of the integer, which is
+/// the code byte for unsigned and signed ranges alike). The same operations as asq-core's scalar
+/// `encode`, lane-wise, so the same codes.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn encode_row(x: &[f32], step: f32, lower: f32, upper: f32, out: &mut [u8]) {
+    use core::arch::x86_64::*;
+    assert_eq!(x.len(), out.len());
+    let (s, lo, hi) = (
+        _mm512_set1_ps(step),
+        _mm512_set1_ps(lower),
+        _mm512_set1_ps(upper),
+    );
+    let magic = _mm512_set1_ps(12_582_912.0);
+    let zero = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < x.len() {
+        let left = x.len() - i;
+        let mask: __mmask16 = if left >= 16 {
+            0xffff
+        } else {
+            (1u16 << left) - 1
+        };
+        // SAFETY: the mask covers only elements i..i + 16 that exist.
+        let v = unsafe { _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i)) };
+        let t = _mm512_div_ps(v, s);
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(t, t);
+        let t = _mm512_mask_mov_ps(t, nan, zero);
+        let t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+        let bits = _mm512_castps_si512(_mm512_add_ps(t, magic));
+        // SAFETY: as above, for the bytes.
+        unsafe { _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(i) as *mut i8, mask, bits) };
+        i += 16;
+    }
+}
+
 /// The epilogue of 16 outputs (see [`crate::frame::finish`]), lane-wise with the same operations
 /// in the same order, so the same bits: `acc` (plus `odd · (1/√2)` for exact POST) converted,
 /// times `a_scale · w_scale`, plus bias, plus residual, then `max(v, 0)` for ReLU.
