@@ -2,12 +2,14 @@
 //!
 //! `asq demo` runs the main job end to end (train, quantize, export, integer inference, report);
 //! `asq train`, `asq export` and `asq eval` run its steps on files; `asq table` trains the
-//! accuracy table of quantization methods; `asq bench kernels` measures
+//! accuracy table of quantization methods; `asq plot` draws betas and weight histograms;
+//! `asq bench kernels` measures
 //! the integer kernels; `asq info` reports what this CPU runs.
 
 mod bench;
 mod common;
 mod demo;
+mod figures;
 mod pipeline;
 mod plot;
 mod table;
@@ -43,6 +45,9 @@ enum Command {
     /// The accuracy table: quantization methods x bit widths, each fine-tuned from one
     /// full-precision run (resumable; writes results.md).
     Table(table::TableArgs),
+    /// Draw what quantized checkpoints learnt: ASQ's beta per layer over test images, weight
+    /// histograms with the POT and POST levels (SVG).
+    Plot(figures::PlotArgs),
     /// Measure kernels against f32 sgemm and the machine's peaks, in one process.
     Bench {
         #[command(subcommand)]
@@ -78,6 +83,7 @@ fn main() {
         Command::Eval(args) => pipeline::eval(&args),
         Command::Inspect(args) => pipeline::inspect(&args),
         Command::Table(args) => table::table(&args),
+        Command::Plot(args) => figures::plot(&args),
         Command::Bench {
             what: BenchWhat::Kernels(args),
         } => bench::kernels(&args),

@@ -185,7 +185,7 @@ impl Recipe {
         ])
     }
 
-    fn from_meta(meta: &BTreeMap<String, String>, path: &Path) -> Result<Self, Error> {
+    pub(crate) fn from_meta(meta: &BTreeMap<String, String>, path: &Path) -> Result<Self, Error> {
         let get = |k: &str| {
             meta.get(k).ok_or_else(|| {
                 format!(
@@ -232,7 +232,7 @@ impl Recipe {
         })
     }
 
-    fn build(&self, ps: &mut ParamStore, init: impl Into<Init>) -> Result<Model, Error> {
+    pub(crate) fn build(&self, ps: &mut ParamStore, init: impl Into<Init>) -> Result<Model, Error> {
         let policy = match self.ends.as_str() {
             "int8" => QuantPolicy::named(&self.quant, self.bits)?,
             "fp32" => QuantPolicy::named(&self.quant, self.bits)?.float_ends(),
@@ -249,7 +249,7 @@ impl Recipe {
         )?)
     }
 
-    fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         if self.quant == "fp32" {
             format!("{} fp32", self.model)
         } else {
@@ -266,7 +266,11 @@ impl Recipe {
     }
 }
 
-fn load_split(data: &Option<PathBuf>, train: bool, take: Option<usize>) -> Result<Dataset, Error> {
+pub(crate) fn load_split(
+    data: &Option<PathBuf>,
+    train: bool,
+    take: Option<usize>,
+) -> Result<Dataset, Error> {
     let dir = data_dir(data)?;
     let set = load_mnist_dir(&dir, train)?;
     Ok(match take {

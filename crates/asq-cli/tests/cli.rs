@@ -190,6 +190,31 @@ fn train_export_eval_on_files() {
     assert!((a - b).abs() <= 1.0, "integer {a} % vs fake-quant {b} %");
     assert!(a > 50.0, "{int}");
 
+    // Pictures: ASQ's beta per layer over test images, weight histograms with the levels.
+    let (betas, weights) = (p("betas.svg"), p("weights.svg"));
+    let out = run(&[
+        "plot",
+        &q,
+        "--betas",
+        &betas,
+        "--weights",
+        &weights,
+        "--test-images",
+        "100",
+    ]);
+    assert!(out.contains("| conv2 |") && out.contains("W4A4: "), "{out}");
+    let doc = std::fs::read_to_string(&betas).unwrap();
+    // LeNet-5's ASQ layers: conv2, fc1, fc2 (the first conv and the classifier are 8-bit LSQ).
+    assert!(
+        doc.starts_with("<svg") && doc.matches("ASQ beta").count() == 3,
+        "{doc}"
+    );
+    let doc = std::fs::read_to_string(&weights).unwrap();
+    assert!(
+        doc.contains("POST levels (4 bits)") && doc.contains("w / alpha"),
+        "{doc}"
+    );
+
     // Clear errors.
     let fails = |args: &[&str], want: &str| {
         let (ok, _, err) = asq(args);
@@ -199,6 +224,9 @@ fn train_export_eval_on_files() {
         );
     };
     fails(&["export", &fp, "--out", &p("x.asqm")], "full-precision");
+    fails(&["plot", &fp, "--betas", &p("b2.svg")], "no quantizers");
+    fails(&["plot", &q], "nothing to draw");
+    fails(&["plot", &q, "--betas", &betas], "--force");
     std::fs::write(p("cut.asqm"), &std::fs::read(&m).unwrap()[..100]).unwrap();
     fails(&["eval", &p("cut.asqm")], "truncated");
     std::fs::write(

@@ -42,6 +42,7 @@ struct Node {
 pub struct Graph {
     nodes: Vec<Node>,
     training: bool,
+    observations: Option<Vec<(String, Vec<f32>)>>,
 }
 
 impl Drop for Graph {
@@ -59,7 +60,32 @@ impl Graph {
         Self {
             nodes: Vec::new(),
             training,
+            observations: None,
         }
+    }
+
+    /// Asks layers to report internal values of this pass (ASQ's per-sample `beta`, under
+    /// `{layer}.beta`), read back with [`Graph::observations`]. Off by default: no cost.
+    pub fn observe(mut self) -> Self {
+        self.observations = Some(Vec::new());
+        self
+    }
+
+    /// Whether [`Graph::observe`] was asked for.
+    pub fn is_observing(&self) -> bool {
+        self.observations.is_some()
+    }
+
+    /// Records `values` under `key` when observing (see [`Graph::observe`]).
+    pub fn record_observation(&mut self, key: impl Into<String>, values: Vec<f32>) {
+        if let Some(o) = &mut self.observations {
+            o.push((key.into(), values));
+        }
+    }
+
+    /// What layers reported, in the order of the forward pass.
+    pub fn observations(&self) -> &[(String, Vec<f32>)] {
+        self.observations.as_deref().unwrap_or(&[])
     }
 
     /// Whether this pass trains.

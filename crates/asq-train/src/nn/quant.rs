@@ -244,6 +244,7 @@ fn keep_positive(ps: &mut ParamStore, id: ParamId) {
 /// Quantizer of a layer's input.
 #[derive(Debug, Clone)]
 pub struct InputQuantizer {
+    name: String,
     kind: ActQuant,
     step_grad: StepGradScale,
     step: Option<ParamId>,
@@ -263,6 +264,7 @@ impl InputQuantizer {
     ) -> Result<Self> {
         if kind == ActQuant::Float {
             return Ok(Self {
+                name: name.to_string(),
                 kind,
                 step_grad,
                 step: None,
@@ -287,6 +289,7 @@ impl InputQuantizer {
             _ => None,
         };
         Ok(Self {
+            name: name.to_string(),
             kind,
             step_grad,
             step,
@@ -315,6 +318,10 @@ impl InputQuantizer {
             None => lsq_op(g, x, s, range, gs),
             Some(adapter) => {
                 let beta = adapter.beta(g, ps, x)?;
+                if g.is_observing() {
+                    let b = g.value(beta).iter().copied().collect();
+                    g.record_observation(format!("{}.beta", self.name), b);
+                }
                 asq(g, x, s, beta, range, gs)
             }
         }
@@ -539,6 +546,50 @@ mod tests {
         g.backward(l, &mut ps).unwrap();
         let out = g.value(y).iter().copied().collect();
         (ps, out)
+    }
+
+    #[test]
+    fn an_observing_pass_reports_every_samples_beta() {
+        let config = QuantConfig::new(
+            WeightQuant::Lsq { bits: 4 },
+            ActQuant::Asq {
+                bits: 4,
+                signed: false,
+            },
+        );
+        let (mut ps, _) = run(&config);
+        let layer = QConv2d::new(
+            &mut ParamStore::new(),
+            "c",
+            8,
+            4,
+            3,
+            ConvSpec {
+                stride: 1,
+                pad: 1,
+                groups: 1,
+            },
+            &config,
+            &mut Init::from(1),
+        )
+        .unwrap();
+        let x = random(&[2, 8, 5, 5], 2).mapv(|v| v.abs());
+        let mut g = Graph::new(false).observe();
+        let xv = g.input(x.clone());
+        layer.forward(&mut g, &mut ps, xv).unwrap();
+        let obs = g.observations();
+        assert_eq!(obs.len(), 1);
+        assert_eq!(obs[0].0, "c.beta");
+        let adapter = layer.input.adapter().unwrap();
+        let mut g2 = Graph::new(false);
+        let xv = g2.input(x);
+        let beta = adapter.beta(&mut g2, &mut ps, xv).unwrap();
+        assert_eq!(obs[0].1, g2.value(beta).iter().copied().collect::<Vec<_>>());
+        // Not observing: nothing recorded.
+        let mut g3 = Graph::new(false);
+        let xv = g3.input(random(&[2, 8, 5, 5], 2).mapv(|v| v.abs()));
+        layer.forward(&mut g3, &mut ps, xv).unwrap();
+        assert!(g3.observations().is_empty());
     }
 
     #[test]
