@@ -440,6 +440,8 @@ impl Module for MobileNetV2 {
 }
 
 /// A zoo model of any architecture.
+// One value per run, never moved in a loop: boxing the larger variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Model {
     /// [`Mlp`].
     Mlp(Mlp),
