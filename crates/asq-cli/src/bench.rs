@@ -339,3 +339,96 @@ pub fn models(args: &ModelArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
+
+/// Options of `asq bench train`.
+#[derive(clap::Args)]
+pub struct TrainBenchArgs {
+    /// Architecture.
+    #[arg(long, default_value = "resnet20")]
+    model: String,
+    /// Quantizations, comma-separated (any `--quant` of `asq train`).
+    #[arg(long, value_delimiter = ',', default_value = "fp32,lsq,asq-post")]
+    quant: Vec<String>,
+    /// Body bit width of the quantized variants.
+    #[arg(long, default_value_t = 4)]
+    bits: u32,
+    /// Images per step.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Thread counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    threads: Vec<usize>,
+    /// Timed steps per measurement (after 3 untimed ones); the median is reported.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Print one JSON object per line (model, quant, bits, batch, threads, images_per_s).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `asq bench train`: training throughput, the step of the criterion bench `train` (forward,
+/// backward, SGD update) on random 1x28x28 images, first and last layers in full precision as
+/// in the reference protocol; the median step time of `--steps` steps.
+pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use asq_models::{Model, QuantPolicy};
+    use asq_train::optim::{Optimizer, OptimizerConfig, ParamGroups};
+    use asq_train::train::train_step;
+    use asq_train::{ParamStore, Rng, Tensor};
+    if args.batch == 0 || args.steps == 0 || args.threads.is_empty() || args.threads.contains(&0) {
+        return Err("--batch, --steps and --threads must be positive".into());
+    }
+    let mut rng = Rng::new(1);
+    let images = Tensor::from_shape_fn(ndarray::IxDyn(&[args.batch, 1, 28, 28]), |_| rng.normal());
+    let labels: Vec<usize> = (0..args.batch).map(|i| i % 10).collect();
+    if !args.json {
+        println!("| model | quant | batch | threads | images/s |");
+        println!("|---|---|---|---|---|");
+    }
+    for quant in &args.quant {
+        let policy = if quant == "fp32" {
+            QuantPolicy::float()
+        } else {
+            QuantPolicy::named(quant, args.bits)?.float_ends()
+        };
+        for &threads in &args.threads {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()?;
+            let mut ps = ParamStore::new();
+            let net = Model::build(&args.model, &mut ps, (1, 28, 28), 10, &policy, 1u64)?;
+            let mut opt = Optimizer::new(
+                OptimizerConfig::Sgd {
+                    momentum: 0.9,
+                    nesterov: false,
+                },
+                ParamGroups::all(1e-4),
+            )?;
+            let mut times = Vec::with_capacity(args.steps);
+            pool.install(|| -> asq_train::Result<()> {
+                for i in 0..args.steps + 3 {
+                    let t = Instant::now();
+                    train_step(&net, &mut ps, &mut opt, images.clone(), &labels, 0.0, 0.01)?;
+                    if i >= 3 {
+                        times.push(t.elapsed().as_secs_f64());
+                    }
+                }
+                Ok(())
+            })?;
+            times.sort_by(f64::total_cmp);
+            let ips = args.batch as f64 / times[times.len() / 2];
+            let bits = if quant == "fp32" { 32 } else { args.bits };
+            if args.json {
+                println!(
+                    "{{\"model\": \"{}\", \"quant\": \"{quant}\", \"bits\": {bits}, \"batch\": {}, \"threads\": {threads}, \"images_per_s\": {ips:.1}}}",
+                    args.model, args.batch
+                );
+            } else {
+                println!(
+                    "| {} | {quant} | {} | {threads} | {ips:.0} |",
+                    args.model, args.batch
+                );
+            }
+        }
+    }
+    Ok(())
+}

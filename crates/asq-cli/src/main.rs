@@ -63,6 +63,8 @@ enum BenchWhat {
     Kernels(bench::KernelArgs),
     /// Zoo models on the integer engine vs their FP32 graph, images/s.
     Models(bench::ModelArgs),
+    /// Training throughput (forward, backward, SGD update), images/s.
+    Train(bench::TrainBenchArgs),
 }
 
 fn main() {
@@ -90,6 +92,9 @@ fn main() {
         Command::Bench {
             what: BenchWhat::Models(args),
         } => bench::models(&args),
+        Command::Bench {
+            what: BenchWhat::Train(args),
+        } => bench::train(&args),
         Command::Info => {
             info();
             Ok(())
