@@ -12,6 +12,7 @@ mod demo;
 mod figures;
 mod pipeline;
 mod plot;
+mod predict;
 mod table;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,8 @@ enum Command {
     Export(pipeline::ExportArgs),
     /// Test accuracy and speed of a model file (integer engine) or a checkpoint.
     Eval(pipeline::EvalArgs),
+    /// Logits of a model (.asqm or checkpoint) for images in a float32 .npy array.
+    Predict(predict::PredictArgs),
     /// Show what a model file (.asqm) holds, layer by layer.
     Inspect(pipeline::InspectArgs),
     /// The accuracy table: quantization methods x bit widths, each fine-tuned from one
@@ -84,6 +87,7 @@ fn main() {
         Command::Export(args) => pipeline::export(&args),
         Command::Eval(args) => pipeline::eval(&args),
         Command::Inspect(args) => pipeline::inspect(&args),
+        Command::Predict(args) => predict::predict(&args),
         Command::Table(args) => table::table(&args),
         Command::Plot(args) => figures::plot(&args),
         Command::Bench {

@@ -619,7 +619,7 @@ pub fn export(args: &ExportArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn is_model_file(path: &Path) -> Result<bool, Error> {
+pub(crate) fn is_model_file(path: &Path) -> Result<bool, Error> {
     use std::io::Read;
     let mut magic = [0u8; 8];
     let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -85,6 +85,7 @@ fn bad_input_is_a_clear_error_not_a_panic() {
 
 #[test]
 fn train_export_eval_on_files() {
+    use asq_train::data::npy;
     let dir = std::env::temp_dir().join(format!("asq-pipeline-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
@@ -215,6 +216,27 @@ fn train_export_eval_on_files() {
         "{doc}"
     );
 
+    // Logits for a NumPy array of images, on the integer engine and on the fake-quant graph.
+    let images: Vec<f32> = (0..3 * 28 * 28)
+        .map(|i| ((i % 97) as f32 / 48.0) - 1.0)
+        .collect();
+    let x = p("x.npy");
+    std::fs::write(&x, npy::to_bytes_f32(&[3, 1, 28, 28], &images).unwrap()).unwrap();
+    let (y_int, y_fq) = (p("y_int.npy"), p("y_fq.npy"));
+    run(&["predict", &m, "--input", &x, "--out", &y_int]);
+    let out = run(&["predict", &q, "--input", &x, "--out", &y_fq, "--batch", "2"]);
+    assert!(out.contains("logits of 3 images x 10 classes"), "{out}");
+    let read = |f: &str| npy::parse_f32(&std::fs::read(f).unwrap(), f.as_ref()).unwrap();
+    let ((si, vi), (sf, vf)) = (read(&y_int), read(&y_fq));
+    assert_eq!((si, sf), (vec![3, 10], vec![3, 10]));
+    let scale = vf.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(
+        vi.iter()
+            .zip(&vf)
+            .all(|(a, b)| (a - b).abs() <= 0.05 * scale),
+        "{vi:?} vs {vf:?}"
+    );
+
     // Clear errors.
     let fails = |args: &[&str], want: &str| {
         let (ok, _, err) = asq(args);
@@ -225,6 +247,54 @@ fn train_export_eval_on_files() {
     };
     fails(&["export", &fp, "--out", &p("x.asqm")], "full-precision");
     fails(&["plot", &fp, "--betas", &p("b2.svg")], "no quantizers");
+    std::fs::write(
+        p("x3.npy"),
+        npy::to_bytes_f32(&[2, 3, 4], &[0.0; 24]).unwrap(),
+    )
+    .unwrap();
+    fails(
+        &["predict", &m, "--input", &p("x3.npy"), "--out", &p("y.npy")],
+        "[N, C, H, W]",
+    );
+    std::fs::write(
+        p("x32.npy"),
+        npy::to_bytes_f32(&[1, 1, 32, 32], &[0.0; 1024]).unwrap(),
+    )
+    .unwrap();
+    fails(
+        &[
+            "predict",
+            &q,
+            "--input",
+            &p("x32.npy"),
+            "--out",
+            &p("y.npy"),
+        ],
+        "1x28x28",
+    );
+    let mut nan = images.clone();
+    nan[5] = f32::NAN;
+    std::fs::write(
+        p("xnan.npy"),
+        npy::to_bytes_f32(&[3, 1, 28, 28], &nan).unwrap(),
+    )
+    .unwrap();
+    fails(
+        &[
+            "predict",
+            &m,
+            "--input",
+            &p("xnan.npy"),
+            "--out",
+            &p("y.npy"),
+        ],
+        "not finite",
+    );
+    fails(
+        &["predict", &m, "--input", &m, "--out", &p("y.npy")],
+        "magic",
+    );
+    fails(&["predict", &m, "--input", &x, "--out", &y_int], "--force");
     fails(&["plot", &q], "nothing to draw");
     fails(&["plot", &q, "--betas", &betas], "--force");
     std::fs::write(p("cut.asqm"), &std::fs::read(&m).unwrap()[..100]).unwrap();
@@ -296,7 +366,7 @@ fn train_export_eval_on_files() {
         "saved run is lenet5",
     );
     assert!(
-        !dir.join("x.asqm").exists() && !dir.join("v.ckpt").exists(),
+        !dir.join("x.asqm").exists() && !dir.join("v.ckpt").exists() && !dir.join("y.npy").exists(),
         "failed commands write nothing"
     );
     std::fs::remove_dir_all(&dir).ok();

@@ -1,9 +1,10 @@
-//! Data: IDX (MNIST, Fashion-MNIST) and CIFAR-10 binary readers, normalisation, augmentation and
-//! seeded mini-batches.
+//! Data: IDX (MNIST, Fashion-MNIST) and CIFAR-10 binary readers, `.npy` float32 arrays,
+//! normalisation, augmentation and seeded mini-batches.
 
 pub mod cifar;
 pub mod idx;
 pub mod loader;
+pub mod npy;
 
 pub use loader::{Augment, Batch, Normalize};
 
