@@ -48,7 +48,7 @@ pub struct DemoArgs {
 }
 
 use crate::common::{data_dir, measure, Bar, Error};
-use crate::pipeline::Recipe;
+use crate::recipe::Recipe;
 
 /// Trains `net` for `(epochs, learning rate)`; returns training images/s.
 fn train(

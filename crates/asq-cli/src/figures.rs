@@ -17,8 +17,8 @@ use asq_train::nn::Module;
 use asq_train::{Graph, ParamStore};
 
 use crate::common::{check_output, Error};
-use crate::pipeline::{load_split, Recipe};
 use crate::plot::{svg, Chart, Series};
+use crate::recipe::{load_split, Recipe};
 
 /// Options of `asq plot`.
 #[derive(clap::Args)]

@@ -9,11 +9,16 @@
 mod bench;
 mod common;
 mod demo;
+mod eval;
+mod export;
 mod figures;
-mod pipeline;
+mod info;
+mod inspect;
 mod plot;
 mod predict;
+mod recipe;
 mod table;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -36,15 +41,15 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Train a zoo model on Fashion-MNIST (full precision or quantization-aware) and save a
     /// checkpoint.
-    Train(pipeline::TrainArgs),
+    Train(train::TrainArgs),
     /// Export a quantized checkpoint to an integer-engine model file (.asqm).
-    Export(pipeline::ExportArgs),
+    Export(export::ExportArgs),
     /// Test accuracy and speed of a model file (integer engine) or a checkpoint.
-    Eval(pipeline::EvalArgs),
+    Eval(eval::EvalArgs),
     /// Logits of a model (.asqm or checkpoint) for images in a float32 .npy array.
     Predict(predict::PredictArgs),
     /// Show what a model file (.asqm) holds, layer by layer.
-    Inspect(pipeline::InspectArgs),
+    Inspect(inspect::InspectArgs),
     /// The accuracy table: quantization methods x bit widths, each fine-tuned from one
     /// full-precision run (resumable; writes results.md).
     Table(table::TableArgs),
@@ -83,10 +88,10 @@ fn main() {
     }
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
-        Command::Train(args) => pipeline::train(&args),
-        Command::Export(args) => pipeline::export(&args),
-        Command::Eval(args) => pipeline::eval(&args),
-        Command::Inspect(args) => pipeline::inspect(&args),
+        Command::Train(args) => train::train(&args),
+        Command::Export(args) => export::export(&args),
+        Command::Eval(args) => eval::eval(&args),
+        Command::Inspect(args) => inspect::inspect(&args),
         Command::Predict(args) => predict::predict(&args),
         Command::Table(args) => table::table(&args),
         Command::Plot(args) => figures::plot(&args),
@@ -100,7 +105,7 @@ fn main() {
             what: BenchWhat::Train(args),
         } => bench::train(&args),
         Command::Info => {
-            info();
+            info::info();
             Ok(())
         }
     };
@@ -108,17 +113,6 @@ fn main() {
         eprintln!("asq: error: {e}");
         std::process::exit(1);
     }
-}
-
-fn info() {
-    println!("asq {}", env!("CARGO_PKG_VERSION"));
-    println!("threads (rayon): {}", rayon::current_num_threads());
-    let names: Vec<&str> = asq_kernels::Isa::available_all()
-        .iter()
-        .map(|i| i.name())
-        .collect();
-    println!("kernel variants available: {}", names.join(", "));
-    println!("kernel variant in use: {}", asq_kernels::Isa::best().name());
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use asq_train::nn::Module;
 use asq_train::{Graph, ParamStore, Tensor};
 
 use crate::common::{check_output, Error};
-use crate::pipeline::{is_model_file, Recipe};
+use crate::recipe::{is_model_file, Recipe};
 
 /// Options of `asq predict`.
 #[derive(clap::Args)]

@@ -10,7 +10,7 @@ use std::time::Instant;
 use asq_train::checkpoint::{atomic_write, Checkpoint};
 
 use crate::common::Error;
-use crate::pipeline::{train, TrainArgs};
+use crate::train::{train, TrainArgs};
 
 /// Options of `asq table`.
 #[derive(clap::Args)]
