@@ -11,7 +11,9 @@ mod common;
 mod demo;
 mod eval;
 mod export;
+mod export_safetensors;
 mod figures;
+mod import;
 mod info;
 mod inspect;
 mod plot;
@@ -44,6 +46,10 @@ enum Command {
     Train(train::TrainArgs),
     /// Export a quantized checkpoint to an integer-engine model file (.asqm).
     Export(export::ExportArgs),
+    /// Read a PyTorch state dict (safetensors) into a checkpoint.
+    Import(import::ImportArgs),
+    /// Write a checkpoint as a PyTorch state dict (safetensors), quantizer parameters included.
+    ExportSafetensors(export_safetensors::ExportSafetensorsArgs),
     /// Test accuracy and speed of a model file (integer engine) or a checkpoint.
     Eval(eval::EvalArgs),
     /// Logits of a model (.asqm or checkpoint) for images in a float32 .npy array.
@@ -90,6 +96,8 @@ fn main() {
         Command::Demo(args) => demo::run(&args),
         Command::Train(args) => train::train(&args),
         Command::Export(args) => export::export(&args),
+        Command::Import(args) => import::import(&args),
+        Command::ExportSafetensors(args) => export_safetensors::export_safetensors(&args),
         Command::Eval(args) => eval::eval(&args),
         Command::Inspect(args) => inspect::inspect(&args),
         Command::Predict(args) => predict::predict(&args),

@@ -459,3 +459,136 @@ fn info_names_the_kernel_variant() {
     let (ok, _, err) = asq(&["info", "-j", "0"]);
     assert!(!ok && err.contains("--jobs 0"), "{err}");
 }
+
+/// A PyTorch ResNet-8 (safetensors, `asq-models/tests/fixtures/torch_import`) imported and run
+/// with `asq predict` gives PyTorch's eval-mode logits; fine-tuned as W4A4 ASQ+POST, exported
+/// back to safetensors, it imports again.
+#[test]
+fn pytorch_model_in_predict_quantize_and_out() {
+    use asq_train::data::npy;
+    let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../asq-models/tests/fixtures/torch_import");
+    let dir = std::env::temp_dir().join(format!("asq-torch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let floats = |name: &str| -> Vec<f32> {
+        std::fs::read(fx.join(name))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let run = |args: &[&str]| {
+        let (ok, out, err) = asq(args);
+        assert!(ok, "asq {args:?} failed: {err}");
+        out
+    };
+    let st = fx.join("resnet8.safetensors");
+    let st = st.to_str().unwrap();
+    let out = run(&["import", st, "--model", "resnet8", "--out", &p("r8.ckpt")]);
+    assert!(out.contains("imported 47 tensors"), "{out}");
+    std::fs::write(
+        p("x.npy"),
+        npy::to_bytes_f32(&[8, 1, 28, 28], &floats("images.bin")).unwrap(),
+    )
+    .unwrap();
+    run(&[
+        "predict",
+        &p("r8.ckpt"),
+        "--input",
+        &p("x.npy"),
+        "--out",
+        &p("y.npy"),
+    ]);
+    let (shape, got) =
+        npy::parse_f32(&std::fs::read(p("y.npy")).unwrap(), "y.npy".as_ref()).unwrap();
+    assert_eq!(shape, [8, 10]);
+    let want = floats("logits.bin");
+    let d: f64 = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
+    let n: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    assert!((d / n).sqrt() < 1e-4, "logits {got:?} vs PyTorch {want:?}");
+
+    // Quantize and fine-tune briefly, then out to safetensors and back in.
+    run(&[
+        "train",
+        "--model",
+        "resnet8",
+        "--quant",
+        "asq-post",
+        "--bits",
+        "4",
+        "--lr",
+        "0.01",
+        "--init",
+        &p("r8.ckpt"),
+        "--train-images",
+        "256",
+        "--test-images",
+        "100",
+        "--epochs",
+        "1",
+        "--batch",
+        "64",
+        "--out",
+        &p("q.ckpt"),
+    ]);
+    let out = run(&[
+        "export-safetensors",
+        &p("q.ckpt"),
+        "--out",
+        &p("q.safetensors"),
+    ]);
+    assert!(out.contains("resnet8 asq-post W4A4"), "{out}");
+    let (tensors, meta) = asq_models::torch::read_safetensors(
+        &std::fs::read(p("q.safetensors")).unwrap(),
+        "q".as_ref(),
+    )
+    .unwrap();
+    assert_eq!(meta.get("quant").map(String::as_str), Some("asq-post"));
+    assert!(tensors.iter().any(|t| t.name == "layers.2.conv2.aq.s"));
+    let out = run(&[
+        "import",
+        &p("q.safetensors"),
+        "--model",
+        "resnet8",
+        "--out",
+        &p("r8b.ckpt"),
+    ]);
+    assert!(out.contains("imported"), "{out}");
+    // Hostile or mismatched input: one-line errors.
+    let fails = |args: &[&str], want: &str| {
+        let (ok, _, err) = asq(args);
+        assert!(
+            !ok && err.starts_with("asq: error:") && err.contains(want),
+            "{args:?}: {err}"
+        );
+    };
+    fails(
+        &["import", st, "--model", "resnet20", "--out", &p("z.ckpt")],
+        "has shape",
+    );
+    fails(
+        &["import", st, "--model", "resnet18", "--out", &p("z.ckpt")],
+        "not supported yet",
+    );
+    fails(
+        &[
+            "import",
+            &p("x.npy"),
+            "--model",
+            "resnet8",
+            "--out",
+            &p("z.ckpt"),
+        ],
+        "not a valid safetensors",
+    );
+    fails(
+        &["import", st, "--model", "resnet8", "--out", &p("r8.ckpt")],
+        "--force",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -16,6 +16,7 @@ pub mod engine;
 pub mod export;
 pub mod policy;
 pub mod resnet;
+pub mod torch;
 pub mod zoo;
 
 pub use engine::IntModel;

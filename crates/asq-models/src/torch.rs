@@ -1,0 +1,382 @@
+//! PyTorch state dicts in and out, as safetensors files.
+//!
+//! Names follow the PyTorch reference of the accuracy protocol (`shared/tools/reference`,
+//! `ResNet20` and its quantized layers) for the CIFAR-style ResNets (`resnet8`, `resnet20`, ...
+//! any `6n + 2`), with the zoo's names on the right:
+//!
+//! | PyTorch | asq |
+//! |---|---|
+//! | `conv1.weight`, `bn1.*` | `stem.conv.weight`, `stem.bn.*` |
+//! | `layers.{i}.conv1.weight` (`.conv.weight` in a quantized layer), `layers.{i}.bn1.*`, `conv2`, `bn2` | `layer{s}.{b}.conv1.weight`, ... with `i = n·(s - 1) + b` |
+//! | `layers.{i}.shortcut.0.weight`, `layers.{i}.shortcut.1.*` | `layer{s}.{b}.shortcut.conv.weight`, `.shortcut.bn.*` |
+//! | `{conv}.aq.s` | `{conv}.act_step` (the activation step) |
+//! | `{conv}.wq.s` (LSQ weights) or `{conv}.wq.alpha` (level sets) | `{conv}.weight_scale` |
+//! | `{conv}.adapter.net.0.*`, `.net.2.*` | `{conv}.adapter.fc1.*`, `.fc2.*` (ASQ) |
+//! | `fc.weight`, `fc.bias` | the same |
+//!
+//! Batch-norm statistics (`running_mean`, `running_var`) are buffers on both sides;
+//! `num_batches_tracked` is ignored. Quantizer parameters are optional on import (a float
+//! model's are calibrated on the first batch); exported ones are read back exactly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use asq_train::checkpoint::NamedTensor;
+use asq_train::{Error, ParamStore, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+fn format_error(path: &Path, detail: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.to_path_buf(),
+        detail: detail.into(),
+    }
+}
+
+/// Every tensor of a safetensors file (all float32; `num_batches_tracked` counters, int64 in
+/// PyTorch's files, are skipped) and its metadata. Any other dtype, a header
+/// that is too large, offsets that overlap or leave the file: a one-line error naming `path`.
+pub fn read_safetensors(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| format_error(path, format!("not a valid safetensors file: {e}")))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| format_error(path, format!("not a valid safetensors file: {e}")))?;
+    let metadata: BTreeMap<String, String> = meta
+        .metadata()
+        .as_ref()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    let mut tensors: Vec<NamedTensor> = Vec::new();
+    for (name, view) in st.tensors() {
+        if name.ends_with("num_batches_tracked") {
+            continue; // int64 in PyTorch's files; asq keeps no such counter
+        }
+        if view.dtype() != Dtype::F32 {
+            return Err(format_error(
+                path,
+                format!(
+                    "tensor {name} is {:?}, not float32 (save with tensor.float())",
+                    view.dtype()
+                ),
+            ));
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        tensors.push(NamedTensor {
+            name,
+            shape: view.shape().to_vec(),
+            data,
+        });
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((tensors, metadata))
+}
+
+/// A safetensors file of float32 `tensors` with `metadata`.
+pub fn write_safetensors(
+    tensors: &[NamedTensor],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            TensorView::new(Dtype::F32, t.shape.clone(), b)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| Error::Config(format!("tensor {}: {e}", t.name)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+    safetensors::serialize(views, &Some(meta))
+        .map_err(|e| Error::Config(format!("safetensors: {e}")))
+}
+
+/// A quantized conv's PyTorch parameter suffix -> asq's (`None`: not a conv parameter name).
+fn conv_suffix(rest: &str) -> Option<String> {
+    let rest = rest.strip_prefix("conv.").unwrap_or(rest);
+    Some(match rest {
+        "weight" | "bias" => rest.to_string(),
+        "wq.s" | "wq.alpha" => "weight_scale".into(),
+        "aq.s" => "act_step".into(),
+        _ => {
+            let r = rest.strip_prefix("adapter.net.")?;
+            let (layer, what) = r.split_once('.')?;
+            let fc = match layer {
+                "0" => "fc1",
+                "2" => "fc2",
+                _ => return None,
+            };
+            if what != "weight" && what != "bias" {
+                return None;
+            }
+            format!("adapter.{fc}.{what}")
+        }
+    })
+}
+
+fn bn_suffix(rest: &str) -> Option<&str> {
+    matches!(rest, "weight" | "bias" | "running_mean" | "running_var").then_some(rest)
+}
+
+/// The zoo name of a CIFAR ResNet parameter or buffer named `torch` in the reference, for
+/// `blocks` blocks per stage; `None` for names that do not belong to such a model.
+pub fn asq_name(torch: &str, blocks: usize) -> Option<String> {
+    if let Some(rest) = torch.strip_prefix("conv1.") {
+        return Some(format!("stem.conv.{}", conv_suffix(rest)?));
+    }
+    if let Some(rest) = torch.strip_prefix("bn1.") {
+        return Some(format!("stem.bn.{}", bn_suffix(rest)?));
+    }
+    if let Some(rest) = torch.strip_prefix("fc.") {
+        return Some(format!("fc.{}", conv_suffix(rest)?));
+    }
+    let rest = torch.strip_prefix("layers.")?;
+    let (i, rest) = rest.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    if blocks == 0 || i >= 3 * blocks {
+        return None;
+    }
+    let (stage, block) = (i / blocks + 1, i % blocks);
+    let tail = if let Some(r) = rest.strip_prefix("shortcut.0.") {
+        format!("shortcut.conv.{}", conv_suffix(r)?)
+    } else if let Some(r) = rest.strip_prefix("shortcut.1.") {
+        format!("shortcut.bn.{}", bn_suffix(r)?)
+    } else {
+        let (layer, r) = rest.split_once('.')?;
+        match layer {
+            "conv1" | "conv2" => format!("{layer}.{}", conv_suffix(r)?),
+            "bn1" | "bn2" => format!("{layer}.{}", bn_suffix(r)?),
+            _ => return None,
+        }
+    };
+    Some(format!("layer{stage}.{block}.{tail}"))
+}
+
+/// The reference's name of a zoo CIFAR ResNet parameter or buffer (inverse of [`asq_name`]);
+/// `weight_scale` needs to know whether the weights are LSQ (`wq.s`) or a level set
+/// (`wq.alpha`). `None` for the quantizers' "ready" flags, which PyTorch does not need.
+pub fn torch_name(asq: &str, blocks: usize, lsq_weights: bool) -> Option<String> {
+    let conv = |rest: &str| -> Option<String> {
+        Some(match rest {
+            "weight" | "bias" => rest.to_string(),
+            "weight_scale" => (if lsq_weights { "wq.s" } else { "wq.alpha" }).into(),
+            "act_step" => "aq.s".into(),
+            _ => {
+                let r = rest.strip_prefix("adapter.")?;
+                let (fc, what) = r.split_once('.')?;
+                let n = match fc {
+                    "fc1" => 0,
+                    "fc2" => 2,
+                    _ => return None,
+                };
+                format!("adapter.net.{n}.{what}")
+            }
+        })
+    };
+    if let Some(rest) = asq.strip_prefix("stem.conv.") {
+        return Some(format!("conv1.{}", conv(rest)?));
+    }
+    if let Some(rest) = asq.strip_prefix("stem.bn.") {
+        return Some(format!("bn1.{}", bn_suffix(rest)?));
+    }
+    if let Some(rest) = asq.strip_prefix("fc.") {
+        return Some(format!("fc.{}", conv(rest)?));
+    }
+    let rest = asq.strip_prefix("layer")?;
+    let (stage, rest) = rest.split_once('.')?;
+    let (block, rest) = rest.split_once('.')?;
+    let (stage, block): (usize, usize) = (stage.parse().ok()?, block.parse().ok()?);
+    if stage == 0 || block >= blocks {
+        return None;
+    }
+    let i = (stage - 1) * blocks + block;
+    let tail = if let Some(r) = rest.strip_prefix("shortcut.conv.") {
+        format!("shortcut.0.{}", conv(r)?)
+    } else if let Some(r) = rest.strip_prefix("shortcut.bn.") {
+        format!("shortcut.1.{}", bn_suffix(r)?)
+    } else {
+        let (layer, r) = rest.split_once('.')?;
+        match layer {
+            "conv1" | "conv2" => format!("{layer}.{}", conv(r)?),
+            "bn1" | "bn2" => format!("{layer}.{}", bn_suffix(r)?),
+            _ => return None,
+        }
+    };
+    Some(format!("layers.{i}.{tail}"))
+}
+
+/// Blocks per stage of a CIFAR ResNet named `arch` (`resnet20` -> 3), if it is one.
+pub fn cifar_blocks(arch: &str) -> Option<usize> {
+    let depth: usize = arch.strip_prefix("resnet")?.parse().ok()?;
+    // 18 and 34 are the basic-block ImageNet-style ResNets: 16 and 32 are not multiples of 6.
+    (depth >= 8 && (depth - 2).is_multiple_of(6)).then_some((depth - 2) / 6)
+}
+
+/// Fills `ps` (a freshly built zoo model) from a PyTorch state dict. Every tensor must map to a
+/// parameter or buffer of the same shape, and every float parameter and batch-norm statistic of
+/// the model must be in the file; quantizer parameters may be missing (they calibrate on the
+/// first batch), and those present mark their quantizer as initialised. Returns how many
+/// tensors were read. Errors name the tensor.
+pub fn import(
+    ps: &mut ParamStore,
+    tensors: &[NamedTensor],
+    blocks: usize,
+    path: &Path,
+) -> Result<usize> {
+    let mut filled: Vec<String> = Vec::new();
+    for t in tensors {
+        if t.name.ends_with("num_batches_tracked") {
+            continue;
+        }
+        let name = asq_name(&t.name, blocks).ok_or_else(|| {
+            format_error(path, format!("tensor {} is not part of this model", t.name))
+        })?;
+        let target = if let Some(id) = ps.find(&name) {
+            &mut ps.get_mut(id).value
+        } else if let Some((_, v)) = ps.buffers_mut().iter_mut().find(|(n, _)| *n == name) {
+            v
+        } else {
+            return Err(format_error(
+                path,
+                format!("tensor {} ({name}) is not part of this model", t.name),
+            ));
+        };
+        // PyTorch stores per-channel scales as [C, 1, 1, 1]; asq as [C].
+        let want: usize = target.len();
+        let same_shape = target.shape() == t.shape.as_slice()
+            || (name.ends_with("weight_scale") && t.data.len() == want)
+            || (name.ends_with("act_step") && t.data.len() == 1 && want == 1);
+        if !same_shape {
+            return Err(format_error(
+                path,
+                format!(
+                    "tensor {} has shape {:?}, the model's {name} is {:?}",
+                    t.name,
+                    t.shape,
+                    target.shape()
+                ),
+            ));
+        }
+        if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+            return Err(format_error(
+                path,
+                format!("tensor {} holds {} at {i}", t.name, t.data[i]),
+            ));
+        }
+        target.iter_mut().zip(&t.data).for_each(|(a, b)| *a = *b);
+        filled.push(name);
+    }
+    // Quantizers with imported scales are initialised.
+    for (n, v) in ps.buffers_mut() {
+        let layer = if let Some(l) = n.strip_suffix(".act_ready") {
+            format!("{l}.act_step")
+        } else if let Some(l) = n.strip_suffix(".weight_ready") {
+            format!("{l}.weight_scale")
+        } else {
+            continue;
+        };
+        if filled.contains(&layer) {
+            v.fill(1.0);
+        }
+    }
+    let quantizer =
+        |n: &str| n.ends_with("act_step") || n.ends_with("weight_scale") || n.contains(".adapter.");
+    let missing = ps
+        .params()
+        .iter()
+        .map(|p| p.name.clone())
+        .chain(ps.buffers().iter().map(|(n, _)| n.clone()))
+        .filter(|n| !n.ends_with("_ready") && !quantizer(n))
+        .find(|n| !filled.contains(n));
+    if let Some(n) = missing {
+        let torch = torch_name(&n, blocks, true).unwrap_or_default();
+        return Err(format_error(
+            path,
+            format!("the file has no {torch} (the model's {n})"),
+        ));
+    }
+    Ok(filled.len())
+}
+
+/// The float weights, batch-norm statistics and quantizer parameters of `ps` under the
+/// reference's names (see the module docs); per-channel scales as `[C, 1, 1, 1]` for convs,
+/// `[C, 1]` for linear layers, as PyTorch keeps them.
+pub fn export(ps: &ParamStore, blocks: usize, lsq_weights: bool) -> Result<Vec<NamedTensor>> {
+    let mut out = Vec::new();
+    let all = ps
+        .params()
+        .iter()
+        .map(|p| (p.name.as_str(), &p.value))
+        .chain(ps.buffers().iter().map(|(n, v)| (n.as_str(), v)));
+    for (name, value) in all {
+        if name.ends_with("_ready") {
+            continue;
+        }
+        let torch = torch_name(name, blocks, lsq_weights)
+            .ok_or_else(|| Error::Config(format!("{name} has no PyTorch name")))?;
+        let mut shape = value.shape().to_vec();
+        if name.ends_with("weight_scale") {
+            let weight = name.trim_end_matches("weight_scale").to_string() + "weight";
+            let rank = ps
+                .find(&weight)
+                .map_or(4, |id| ps.get(id).value.shape().len());
+            shape.extend(std::iter::repeat_n(1, rank.saturating_sub(1)));
+        }
+        out.push(NamedTensor {
+            name: torch,
+            shape,
+            data: value.iter().copied().collect(),
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways() {
+        for (torch, asq) in [
+            ("conv1.weight", "stem.conv.weight"),
+            ("bn1.running_var", "stem.bn.running_var"),
+            ("layers.4.conv2.conv.weight", "layer2.1.conv2.weight"),
+            (
+                "layers.3.shortcut.0.weight",
+                "layer2.0.shortcut.conv.weight",
+            ),
+            ("layers.3.shortcut.1.bias", "layer2.0.shortcut.bn.bias"),
+            ("layers.8.conv1.aq.s", "layer3.2.conv1.act_step"),
+            ("layers.8.conv1.wq.alpha", "layer3.2.conv1.weight_scale"),
+            (
+                "layers.0.conv1.adapter.net.2.bias",
+                "layer1.0.conv1.adapter.fc2.bias",
+            ),
+            ("fc.weight", "fc.weight"),
+        ] {
+            assert_eq!(asq_name(torch, 3).as_deref(), Some(asq), "{torch}");
+            let back = torch_name(asq, 3, false).unwrap();
+            assert_eq!(asq_name(&back, 3).as_deref(), Some(asq), "{back}");
+        }
+        for bad in [
+            "layers.9.conv1.weight",
+            "conv9.weight",
+            "layers.0.bn1.momentum",
+            "x",
+        ] {
+            assert_eq!(asq_name(bad, 3), None, "{bad}");
+        }
+        assert_eq!(cifar_blocks("resnet20"), Some(3));
+        assert_eq!(cifar_blocks("resnet18"), None);
+    }
+}
