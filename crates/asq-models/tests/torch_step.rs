@@ -63,46 +63,17 @@ fn fixture() -> Fixture {
     f
 }
 
-/// A parameter of the reference's `QConv2d` (or a plain conv) -> asq's `QConv2d` suffix.
-fn asq_conv_name(rest: &str) -> String {
-    let rest = rest.strip_prefix("conv.").unwrap_or(rest);
-    match rest {
-        "wq.s" | "wq.alpha" => "weight_scale".into(),
-        "aq.s" => "act_step".into(),
-        _ => rest
-            .replace("adapter.net.0.", "adapter.fc1.")
-            .replace("adapter.net.2.", "adapter.fc2."),
-    }
+/// PyTorch's parameter name (reference classes) -> asq-models' ResNet name (one block per stage).
+fn asq_name(torch: &str) -> String {
+    asq_models::torch::asq_name(torch, 1).unwrap_or_else(|| panic!("{torch} has no asq name"))
 }
 
-/// PyTorch's parameter name (reference classes) -> asq-models' ResNet name.
-fn asq_name(torch: &str) -> String {
-    let conv = asq_conv_name;
-    if let Some(rest) = torch.strip_prefix("conv1.") {
-        return format!("stem.conv.{}", conv(rest));
-    }
-    if let Some(rest) = torch.strip_prefix("bn1.") {
-        return format!("stem.bn.{rest}");
-    }
-    if let Some(rest) = torch.strip_prefix("layers.") {
-        let (i, rest) = rest.split_once('.').unwrap();
-        let stage = i.parse::<usize>().unwrap() + 1;
-        let rest = if let Some(r) = rest.strip_prefix("shortcut.0.") {
-            format!("shortcut.conv.{}", conv(r))
-        } else if let Some(r) = rest.strip_prefix("shortcut.1.") {
-            format!("shortcut.bn.{r}")
-        } else if let Some((layer, r)) = rest.split_once('.') {
-            if layer.starts_with("conv") {
-                format!("{layer}.{}", conv(r))
-            } else {
-                rest.to_string()
-            }
-        } else {
-            rest.to_string()
-        };
-        return format!("layer{stage}.0.{rest}");
-    }
-    torch.to_string()
+/// A parameter of the reference's `QConv2d` on its own -> asq's `QConv2d` suffix.
+fn asq_conv_name(rest: &str) -> String {
+    asq_name(&format!("conv1.{rest}"))
+        .strip_prefix("stem.conv.")
+        .expect("a conv parameter")
+        .to_string()
 }
 
 fn policy(variant: &str) -> QuantPolicy {
