@@ -3,7 +3,11 @@
 //! eval-mode logits; asq's export of a quantized model reads back exactly; hostile files are
 //! one-line errors.
 
+mod common;
+
 use std::path::Path;
+
+use common::rel;
 
 use asq_models::torch::{cifar_blocks, export, import, read_safetensors, write_safetensors};
 use asq_models::{QuantPolicy, ResNet};
@@ -37,16 +41,6 @@ fn logits(net: &ResNet, ps: &mut ParamStore, x: &[f32], training: bool) -> Vec<f
     let xv = g.input(t);
     let y = net.forward(&mut g, ps, xv).unwrap();
     g.value(y).iter().copied().collect()
-}
-
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let d: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (d / n).sqrt()
 }
 
 #[test]

@@ -7,7 +7,11 @@
 //! `tests/fixtures/torch_step/gen.py` (see its docstring).
 
 use std::collections::BTreeMap;
+mod common;
+
 use std::path::Path;
+
+use common::rel;
 
 use asq_models::{QuantPolicy, ResNet};
 use asq_train::nn::{Init, Module, QConv2d, StepGradScale};
@@ -134,16 +138,6 @@ fn model(f: &Fixture, variant: &str, step_grad: StepGradScale) -> (ResNet, Param
 fn images(f: &Fixture) -> Tensor {
     let (dims, x) = &f.tensors["x"];
     Tensor::from_shape_vec(ndarray::IxDyn(dims), x.clone()).unwrap()
-}
-
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let d: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (d / n.max(1e-30)).sqrt()
 }
 
 /// Step-0 loss and gradients of asq for `variant`, by asq parameter name.

@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests: the data, and how closely an integer model follows
 //! its fake-quant model.
+// Each test binary uses some of these helpers.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
@@ -87,4 +89,15 @@ pub fn train_briefly(
         ..Default::default()
     };
     fit(net, ps, &mut opt, data, &cfg, &mut state, &mut Silent).unwrap();
+}
+
+/// Relative L2 distance `|a - b| / |b|`, in f64.
+pub fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (d / n.max(1e-30)).sqrt()
 }

@@ -520,24 +520,19 @@ mod tests {
         run_with(config, |_| {})
     }
 
+    /// The test layer `c`: 3x3 conv, 8 -> 4 channels, registered in `ps`.
+    fn layer_c(ps: &mut ParamStore, config: &QuantConfig) -> QConv2d {
+        let spec = ConvSpec {
+            stride: 1,
+            pad: 1,
+            groups: 1,
+        };
+        QConv2d::new(ps, "c", 8, 4, 3, spec, config, &mut Init::from(1)).unwrap()
+    }
+
     fn run_with(config: &QuantConfig, tweak: impl Fn(&mut ParamStore)) -> (ParamStore, Vec<f32>) {
         let mut ps = ParamStore::new();
-        let mut init = Init::from(1);
-        let layer = QConv2d::new(
-            &mut ps,
-            "c",
-            8,
-            4,
-            3,
-            ConvSpec {
-                stride: 1,
-                pad: 1,
-                groups: 1,
-            },
-            config,
-            &mut init,
-        )
-        .unwrap();
+        let layer = layer_c(&mut ps, config);
         tweak(&mut ps);
         let mut g = Graph::new(true);
         let x = g.input(random(&[2, 8, 5, 5], 2).mapv(|v| v.abs()));
@@ -558,21 +553,7 @@ mod tests {
             },
         );
         let (mut ps, _) = run(&config);
-        let layer = QConv2d::new(
-            &mut ParamStore::new(),
-            "c",
-            8,
-            4,
-            3,
-            ConvSpec {
-                stride: 1,
-                pad: 1,
-                groups: 1,
-            },
-            &config,
-            &mut Init::from(1),
-        )
-        .unwrap();
+        let layer = layer_c(&mut ParamStore::new(), &config);
         let x = random(&[2, 8, 5, 5], 2).mapv(|v| v.abs());
         let mut g = Graph::new(false).observe();
         let xv = g.input(x.clone());
@@ -619,21 +600,7 @@ mod tests {
         let mut g = Graph::new(true);
         let mut bad = ps2.clone();
         bad.get_mut(step).value.fill(f32::NAN);
-        let layer = QConv2d::new(
-            &mut ParamStore::new(),
-            "c",
-            8,
-            4,
-            3,
-            ConvSpec {
-                stride: 1,
-                pad: 1,
-                groups: 1,
-            },
-            &config,
-            &mut Init::from(1),
-        )
-        .unwrap();
+        let layer = layer_c(&mut ParamStore::new(), &config);
         let x = g.input(random(&[2, 8, 5, 5], 2).mapv(|v| v.abs()));
         assert!(layer.forward(&mut g, &mut bad, x).is_err());
     }
