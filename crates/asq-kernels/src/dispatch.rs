@@ -233,7 +233,15 @@ impl Plan {
     /// panel for the portable and AVX2 kernels; for AVX-512 VNNI up to 8 rows x 4 panels, fewer
     /// panels when the layer has fewer channels).
     pub fn shape(&self, rows: usize, w: &PackedWeights) -> TileShape {
+        let two = matches!(w.form(), WeightForm::PostExact { .. });
         match self.path {
+            // Exact POST on 16-channel layers runs both products in one kernel (8 rows x 1
+            // panel x 2 = 16 accumulators); wider layers run the two products one after the
+            // other on 8 x 2 tiles (measured faster than a fused 4 x 2 tile on the Xeon).
+            Path::Avx512Vnni if two && w.panels() == 1 => TileShape {
+                rows: if rows > MR { 8 } else { 4 },
+                panels: 1,
+            },
             Path::Avx512Vnni => vnni_shape(rows, w.panels()),
             _ => TileShape {
                 rows: MR,
@@ -311,6 +319,62 @@ impl Plan {
                 acc[r * nc + q * NR..r * nc + (q + 1) * NR].copy_from_slice(row);
             }
         }
+    }
+
+    /// Both products of exact POST on one tile: [`Plan::tile`] for the even and the odd
+    /// expansion of the same panels (`panels[0]`, `panels[1]`), into `acc[0]` and `acc[1]`.
+    /// AVX-512 VNNI runs them in one pass on one-panel tiles, each activation broadcast feeding
+    /// both.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn tile2(
+        &self,
+        a: &QuantActivations,
+        m0: usize,
+        valid: usize,
+        tile: TileShape,
+        panels: [&[i8]; 2],
+        corr: [&[i32]; 2],
+        acc: [&mut [i32]; 2],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.path == Path::Avx512Vnni && tile.panels == 1 {
+            let lda = a.stride();
+            let rows = &a.codes()[m0 * lda..];
+            #[cfg(test)]
+            if self.emulated {
+                // SAFETY: the portable model has no CPU requirement.
+                unsafe {
+                    crate::x86::avx512::emulated::tile_block2(
+                        rows,
+                        lda,
+                        self.signed_a,
+                        tile,
+                        panels,
+                        lda / 4,
+                        corr,
+                        acc,
+                    )
+                };
+                return;
+            }
+            // SAFETY: VNNI paths are planned only when `Isa::Avx512Vnni.available()`.
+            unsafe {
+                crate::x86::avx512::native::tile_block2(
+                    rows,
+                    lda,
+                    self.signed_a,
+                    tile,
+                    panels,
+                    lda / 4,
+                    corr,
+                    acc,
+                )
+            };
+            return;
+        }
+        let [acc1, acc2] = acc;
+        self.tile(a, m0, valid, tile, panels[0], corr[0], acc1);
+        self.tile(a, m0, valid, tile, panels[1], corr[1], acc2);
     }
 
     /// The portable and AVX2 micro-kernels: 4 rows x one panel of 16 channels.

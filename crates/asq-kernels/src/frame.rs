@@ -403,9 +403,18 @@ fn run_panels(
                 rows: shape.rows,
                 panels: np,
             };
-            plan.tile(a, m0, valid, tile, b1, &corr1[..nc], &mut acc);
             if two {
-                plan.tile(a, m0, valid, tile, b2, &corr2[..nc], &mut acc2);
+                plan.tile2(
+                    a,
+                    m0,
+                    valid,
+                    tile,
+                    [&*b1, &*b2],
+                    [&corr1[..nc], &corr2[..nc]],
+                    [&mut acc, &mut acc2],
+                );
+            } else {
+                plan.tile(a, m0, valid, tile, b1, &corr1[..nc], &mut acc);
             }
             for r in 0..valid {
                 let m = m0 + r;

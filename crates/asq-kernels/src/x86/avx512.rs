@@ -138,6 +138,106 @@ macro_rules! vnni_kernels {
             }
         }
 
+        /// Exact POST's two products over one tile in one pass (`b[0]` even, `b[1]` odd
+        /// expansion of the same panels): each activation broadcast feeds both, 2·R·P
+        /// accumulators.
+        ///
+        /// # Safety
+        /// The CPU must support the instructions (see `Isa::Avx512Vnni`).
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) unsafe fn tile_block2(
+            a: &[u8],
+            lda: usize,
+            signed: bool,
+            tile: TileShape,
+            b: [&[i8]; 2],
+            groups: usize,
+            corr: [&[i32]; 2],
+            acc: [&mut [i32]; 2],
+        ) {
+            macro_rules! go {
+                ($r:literal, $p:literal) => {
+                    // SAFETY (both arms): features per the caller; `block2` checks the slices.
+                    if signed {
+                        unsafe { block2::<$r, $p, true>(a, lda, b, groups, corr, acc) }
+                    } else {
+                        unsafe { block2::<$r, $p, false>(a, lda, b, groups, corr, acc) }
+                    }
+                };
+            }
+            match (tile.rows, tile.panels) {
+                (8, 1) => go!(8, 1),
+                (4, 1) => go!(4, 1),
+                other => panic!("no exact-POST VNNI kernel for tile {other:?}"),
+            }
+        }
+
+        /// [`tile_block2`] for `R` rows and `P` panels.
+        ///
+        /// # Safety
+        /// As [`tile_block2`].
+        #[$feature]
+        #[inline]
+        unsafe fn block2<const R: usize, const P: usize, const SIGNED: bool>(
+            a: &[u8],
+            lda: usize,
+            b: [&[i8]; 2],
+            groups: usize,
+            corr: [&[i32]; 2],
+            acc: [&mut [i32]; 2],
+        ) {
+            let pb = groups * GROUP_BYTES;
+            assert!(
+                lda >= groups * 4
+                    && a.len() >= (R - 1) * lda + groups * 4
+                    && b.iter().all(|b| b.len() >= P * pb)
+                    && corr.iter().all(|c| c.len() >= P * 16)
+                    && acc.iter().all(|c| c.len() >= R * P * 16)
+            );
+            let (ap, bp) = (a.as_ptr(), [b[0].as_ptr(), b[1].as_ptr()]);
+            let mut c = [[[_mm512_setzero_si512(); P]; R]; 2];
+            for g in 0..groups {
+                let mut bv = [[_mm512_setzero_si512(); P]; 2];
+                for t in 0..2 {
+                    for q in 0..P {
+                        // SAFETY: q < P and g < groups: 64 bytes at q·pb + 64g lie inside b[t].
+                        bv[t][q] = unsafe {
+                            _mm512_loadu_si512(bp[t].add(q * pb + g * GROUP_BYTES) as *const __m512i)
+                        };
+                    }
+                }
+                for r in 0..R {
+                    // SAFETY: r < R and 4g + 4 <= 4·groups: inside `a` (checked).
+                    let word = unsafe { (ap.add(r * lda + g * 4) as *const i32).read_unaligned() };
+                    let av = if SIGNED {
+                        _mm512_set1_epi32(word ^ 0x8080_8080u32 as i32)
+                    } else {
+                        _mm512_set1_epi32(word)
+                    };
+                    for t in 0..2 {
+                        for q in 0..P {
+                            c[t][r][q] = _mm512_dpbusd_epi32(c[t][r][q], av, bv[t][q]);
+                        }
+                    }
+                }
+            }
+            let [acc0, acc1] = acc;
+            for (t, out) in [acc0, acc1].into_iter().enumerate() {
+                for q in 0..P {
+                    // SAFETY: q < P: 16 i32 at 16q lie inside corr[t] (checked).
+                    let cv =
+                        unsafe { _mm512_loadu_si512(corr[t].as_ptr().add(q * 16) as *const __m512i) };
+                    for r in 0..R {
+                        let v = _mm512_sub_epi32(c[t][r][q], cv);
+                        // SAFETY: (r·P + q)·16 + 16 <= R·P·16 <= out.len() (checked).
+                        unsafe {
+                            _mm512_storeu_si512(out.as_mut_ptr().add((r * P + q) * 16) as *mut __m512i, v)
+                        };
+                    }
+                }
+            }
+        }
+
         /// [`tile_block`] for `R` rows and `P` panels: `R · P` accumulators, each a chain of one
         /// `vpdpbusd` per group of 4 steps; per group `P` panel loads and `R` broadcasts.
         ///
