@@ -7,6 +7,7 @@
 //! the integer kernels; `asq info` reports what this CPU runs.
 
 mod bench;
+mod calibrate;
 mod common;
 mod demo;
 mod eval;
@@ -44,6 +45,9 @@ enum Command {
     /// Train a zoo model on Fashion-MNIST (full precision or quantization-aware) and save a
     /// checkpoint.
     Train(train::TrainArgs),
+    /// Post-training quantization: a full-precision checkpoint quantized with its step sizes
+    /// and alphas calibrated on training images; reports the PTQ accuracy.
+    Calibrate(calibrate::CalibrateArgs),
     /// Export a quantized checkpoint to an integer-engine model file (.asqm).
     Export(export::ExportArgs),
     /// Read a PyTorch state dict (safetensors) into a checkpoint.
@@ -96,6 +100,7 @@ fn main() {
         Command::Demo(args) => demo::run(&args),
         Command::Train(args) => train::train(&args),
         Command::Export(args) => export::export(&args),
+        Command::Calibrate(args) => calibrate::calibrate(&args),
         Command::Import(args) => import::import(&args),
         Command::ExportSafetensors(args) => export_safetensors::export_safetensors(&args),
         Command::Eval(args) => eval::eval(&args),

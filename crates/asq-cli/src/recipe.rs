@@ -159,3 +159,36 @@ pub(crate) fn is_model_file(path: &Path) -> Result<bool, Error> {
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(n == 8 && &magic == b"ASQMODL1")
 }
+
+/// Copies every parameter and buffer of `src` whose name and shape exist in `ps`; returns how
+/// many tensors were copied. The quantizers' "initialised" flags are copied only with
+/// `keep_quantizers` (a source of the same quantization); otherwise scales initialise on the
+/// first batch from the loaded weights.
+pub(crate) fn init_from(
+    ps: &mut ParamStore,
+    src: &asq_train::checkpoint::Checkpoint,
+    keep_quantizers: bool,
+) -> usize {
+    let mut copied = 0;
+    for t in &src.params {
+        if let Some(id) = ps.find(&t.name) {
+            let p = ps.get_mut(id);
+            if p.value.shape() == t.shape.as_slice() {
+                p.value.iter_mut().zip(&t.data).for_each(|(a, b)| *a = *b);
+                copied += 1;
+            }
+        }
+    }
+    for t in &src.buffers {
+        if t.name.ends_with("_ready") && !keep_quantizers {
+            continue;
+        }
+        if let Some((_, v)) = ps.buffers_mut().iter_mut().find(|(n, _)| *n == t.name) {
+            if v.shape() == t.shape.as_slice() {
+                v.iter_mut().zip(&t.data).for_each(|(a, b)| *a = *b);
+                copied += 1;
+            }
+        }
+    }
+    copied
+}

@@ -17,7 +17,7 @@ use asq_train::ParamStore;
 
 use crate::common::{check_output, Bar, Error};
 use crate::plot;
-use crate::recipe::{load_split, Recipe};
+use crate::recipe::{init_from, load_split, Recipe};
 
 /// Options of `asq train`.
 #[derive(clap::Args)]
@@ -101,34 +101,6 @@ pub struct TrainArgs {
     /// Also write the training curves (loss and accuracy per batch) to this SVG file.
     #[arg(long)]
     pub(crate) plot: Option<PathBuf>,
-}
-
-/// Copies every parameter and buffer of `src` whose name and shape exist in `ps`; returns how
-/// many tensors were copied. Quantizer flags stay unset, so scales initialise on the first
-/// batch from the loaded weights.
-fn init_from(ps: &mut ParamStore, src: &Checkpoint) -> usize {
-    let mut copied = 0;
-    for t in &src.params {
-        if let Some(id) = ps.find(&t.name) {
-            let p = ps.get_mut(id);
-            if p.value.shape() == t.shape.as_slice() {
-                p.value.iter_mut().zip(&t.data).for_each(|(a, b)| *a = *b);
-                copied += 1;
-            }
-        }
-    }
-    for t in &src.buffers {
-        if t.name.ends_with("_ready") {
-            continue;
-        }
-        if let Some((_, v)) = ps.buffers_mut().iter_mut().find(|(n, _)| *n == t.name) {
-            if v.shape() == t.shape.as_slice() {
-                v.iter_mut().zip(&t.data).for_each(|(a, b)| *a = *b);
-                copied += 1;
-            }
-        }
-    }
-    copied
 }
 
 /// `asq train`.
@@ -235,7 +207,13 @@ pub fn train(args: &TrainArgs) -> Result<(), Error> {
         );
     } else if let Some(init) = init_file {
         let src = Checkpoint::load(init)?;
-        let n = init_from(&mut ps, &src);
+        // A checkpoint of the same quantization (a calibrated or QAT model) keeps its
+        // quantizers; any other (a float model, other bits) lets them calibrate anew.
+        let same = Recipe::from_meta(&src.meta, init).is_ok_and(|r| {
+            (r.quant.as_str(), r.bits, r.ends.as_str())
+                == (recipe.quant.as_str(), recipe.bits, recipe.ends.as_str())
+        });
+        let n = init_from(&mut ps, &src, same);
         if n == 0 {
             return Err(format!(
                 "{}: no tensor matches {} (different architecture?)",

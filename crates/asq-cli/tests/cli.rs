@@ -191,6 +191,45 @@ fn train_export_eval_on_files() {
     assert!((a - b).abs() <= 1.0, "integer {a} % vs fake-quant {b} %");
     assert!(a > 50.0, "{int}");
 
+    // Post-training quantization from the float model, then fine-tuning that keeps it.
+    let ptq = p("ptq.ckpt");
+    let out = run(&[
+        "calibrate",
+        &fp,
+        "--quant",
+        "asq-post",
+        "--bits",
+        "4",
+        "--images",
+        "64",
+        "--test-images",
+        "100",
+        "--out",
+        &ptq,
+    ]);
+    assert!(
+        out.contains("after calibration on 64 images (PTQ)"),
+        "{out}"
+    );
+    let out = run(&[
+        &qat[..1],
+        &[
+            "--model",
+            "lenet5",
+            "--quant",
+            "asq-post",
+            "--init",
+            &ptq,
+            "--out",
+            &p("ft.ckpt"),
+            "--epochs",
+            "1",
+        ],
+        &small[..],
+    ]
+    .concat());
+    assert!(out.contains("initialised"), "{out}");
+
     // Pictures: ASQ's beta per layer over test images, weight histograms with the levels.
     let (betas, weights) = (p("betas.svg"), p("weights.svg"));
     let out = run(&[
@@ -247,6 +286,14 @@ fn train_export_eval_on_files() {
     };
     fails(&["export", &fp, "--out", &p("x.asqm")], "full-precision");
     fails(&["plot", &fp, "--betas", &p("b2.svg")], "no quantizers");
+    fails(
+        &["calibrate", &q, "--out", &p("c.ckpt")],
+        "already quantized",
+    );
+    fails(
+        &["calibrate", &fp, "--quant", "fp32", "--out", &p("c.ckpt")],
+        "nothing to calibrate",
+    );
     std::fs::write(
         p("x3.npy"),
         npy::to_bytes_f32(&[2, 3, 4], &[0.0; 24]).unwrap(),
