@@ -29,9 +29,13 @@ pub struct CalibrateArgs {
     /// Precision of the first conv and the classifier: int8 (exportable) or fp32.
     #[arg(long, default_value = "int8")]
     ends: String,
-    /// Calibration images: the first N of the training set.
+    /// Calibration images: the first N of the training set (or of --images-dir).
     #[arg(long, default_value_t = 256)]
     images: usize,
+    /// Calibrate on a folder of PNG/JPEG images instead (resized and centre-cropped to the
+    /// model's input, normalised with the checkpoint's mean/std).
+    #[arg(long)]
+    images_dir: Option<PathBuf>,
     /// Test images for the PTQ accuracy (0: none).
     #[arg(long, default_value_t = 2000)]
     test_images: usize,
@@ -79,7 +83,14 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(), Error> {
     let mut ps = ParamStore::new();
     let net = recipe.build(&mut ps, 0u64)?;
     init_from(&mut ps, &src, false);
-    let train = load_split(&args.data, true, Some(args.images))?;
+    let train = match &args.images_dir {
+        Some(dir) => {
+            let all = crate::images::load_folder(dir, recipe.chw)?;
+            let n = all.len().min(args.images);
+            all.take(n)
+        }
+        None => load_split(&args.data, true, Some(args.images))?,
+    };
     if (train.c, train.h, train.w) != recipe.chw {
         return Err(format!(
             "{} takes {}x{}x{} images, the data has {}x{}x{}",

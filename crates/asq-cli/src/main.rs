@@ -14,6 +14,7 @@ mod eval;
 mod export;
 mod export_safetensors;
 mod figures;
+mod images;
 mod import;
 mod info;
 mod inspect;

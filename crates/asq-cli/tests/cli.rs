@@ -230,6 +230,31 @@ fn train_export_eval_on_files() {
     .concat());
     assert!(out.contains("initialised"), "{out}");
 
+    // Calibration on a folder of the user's own images (PNG and JPEG, any size, gray or RGB).
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    for i in 0..6u32 {
+        let (w, h) = (40 + 3 * i, 30 + 5 * i);
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 7 + i) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
+        });
+        let ext = if i % 2 == 0 { "png" } else { "jpg" };
+        img.save(imgs.join(format!("im{i}.{ext}"))).unwrap();
+    }
+    std::fs::write(imgs.join("notes.txt"), "not an image").unwrap();
+    let out = run(&[
+        "calibrate",
+        &fp,
+        "--images-dir",
+        imgs.to_str().unwrap(),
+        "--test-images",
+        "100",
+        "--out",
+        &p("ptq2.ckpt"),
+    ]);
+    assert!(out.contains("after calibration on 6 images (PTQ)"), "{out}");
+    std::fs::write(imgs.join("broken.png"), b"\x89PNG not really").unwrap();
+
     // Pictures: ASQ's beta per layer over test images, weight histograms with the levels.
     let (betas, weights) = (p("betas.svg"), p("weights.svg"));
     let out = run(&[
