@@ -520,6 +520,64 @@ fn bench_models_compares_engines_in_one_run() {
     );
     let (ok, _, err) = asq(&["bench", "models", "--models", "vgg"]);
     assert!(!ok && err.contains("vgg"), "{err}");
+    // JSON lines for a one-command comparison with the peers, and the profile.
+    let (ok, out, err) = asq(&[
+        "bench",
+        "models",
+        "--models",
+        "lenet5",
+        "--batches",
+        "2",
+        "--threads",
+        "1,2",
+        "--seconds",
+        "0.02",
+        "--json",
+        "--profile",
+    ]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 4, "{out}"); // 2 thread counts x (fp32, int)
+    for key in [
+        "\"model\": \"lenet5\"",
+        "\"batch\": 2",
+        "\"engine\": \"int\"",
+        "\"isa\": ",
+        "\"images_per_s\": ",
+    ] {
+        assert!(out.contains(key), "{key}: {out}");
+    }
+    assert!(
+        out.contains("| node | op | quantize | im2col |") && out.contains("| all |"),
+        "{out}"
+    );
+    let (ok, out, err) = asq(&[
+        "bench",
+        "train",
+        "--model",
+        "lenet5",
+        "--quant",
+        "fp32,asq-post",
+        "--batch",
+        "8",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains("\"images_per_s\": "))
+            .count(),
+        2,
+        "{out}"
+    );
+    assert!(
+        out.contains("\"quant\": \"asq-post\", \"bits\": 4"),
+        "{out}"
+    );
 }
 
 #[test]
