@@ -79,7 +79,7 @@ impl Epilogue<'_> {
                     v.len()
                 )));
             }
-            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            if let Some(i) = first_non_finite(v) {
                 return Err(Error::Core(asq_core::Error::NonFinite {
                     what,
                     value: v[i],
@@ -98,6 +98,19 @@ impl Epilogue<'_> {
             self.residual.map_or(0.0, |r| r[row * n + col]),
         )
     }
+}
+
+/// The index of the first NaN or infinity in `v`. Blocks of 64 are tested without an early
+/// exit (a loop the compiler vectorizes); only a block that fails is searched.
+pub(crate) fn first_non_finite(v: &[f32]) -> Option<usize> {
+    let block = v
+        .chunks(64)
+        .position(|c| !c.iter().fold(true, |ok, x| ok & x.is_finite()))?;
+    let start = block * 64;
+    v[start..]
+        .iter()
+        .position(|x| !x.is_finite())
+        .map(|i| start + i)
 }
 
 /// Problems smaller than this many multiply-adds run on one thread.
@@ -500,4 +513,27 @@ pub(crate) fn gemv_supported(path: Path, w: &PackedWeights) -> bool {
         path,
         Path::Avx2Maddubs { .. } | Path::Avx2Widen | Path::Avx512Vnni
     ) && matches!(w.bits().get(), 2 | 3 | 4 | 8)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn first_non_finite_finds_the_first() {
+        let mut v = vec![1.0f32; 300];
+        assert_eq!(super::first_non_finite(&v), None);
+        assert_eq!(super::first_non_finite(&[]), None);
+        for (i, bad) in [
+            (0, f32::NAN),
+            (63, f32::INFINITY),
+            (64, f32::NEG_INFINITY),
+            (299, f32::NAN),
+        ] {
+            v[i] = bad;
+            assert_eq!(super::first_non_finite(&v), Some(i));
+            v[i] = 1.0;
+        }
+        v[200] = f32::NAN;
+        v[130] = f32::INFINITY;
+        assert_eq!(super::first_non_finite(&v), Some(130));
+    }
 }
