@@ -235,6 +235,12 @@ impl QuantActivations {
     pub(crate) fn set_scale(&mut self, r: usize, s: f32) {
         self.scales[r] = s;
     }
+
+    /// The row storage (`stride()` bytes a row, the first `rows()` rows) and the scales,
+    /// mutably, for layout transforms.
+    pub(crate) fn rows_and_scales_mut(&mut self) -> (&mut [u8], &mut [f32]) {
+        (&mut self.codes[..self.m * self.kp], &mut self.scales)
+    }
 }
 
 #[cfg(test)]

@@ -92,15 +92,17 @@ impl Conv2dShape {
 pub fn im2col(x: &QuantActivations, shape: &Conv2dShape) -> Result<QuantActivations> {
     shape.validate(x)?;
     let (oh, ow, c) = (shape.out_h(), shape.out_w(), shape.in_c);
-    let mut out =
-        QuantActivations::zeroed(shape.batch * oh * ow, shape.kh * shape.kw * c, x.range())?;
+    let k = shape.kh * shape.kw * c;
+    let mut out = QuantActivations::zeroed(shape.batch * oh * ow, k, x.range())?;
+    let kp = out.stride();
+    let (codes, scales) = out.rows_and_scales_mut();
     for n in 0..shape.batch {
         let src_row = x.row(n);
+        scales[n * oh * ow..(n + 1) * oh * ow].fill(x.scales()[n]);
         for oy in 0..oh {
             for ox in 0..ow {
                 let r = (n * oh + oy) * ow + ox;
-                out.set_scale(r, x.scales()[n]);
-                let row = out.row_mut(r);
+                let row = &mut codes[r * kp..r * kp + k];
                 // The window's columns kx_lo..kx_hi lie inside the input: in NHWC their pixels
                 // are one contiguous run per window row, on both sides.
                 let x0 = (ox * shape.stride) as isize - shape.pad as isize;
@@ -119,23 +121,38 @@ pub fn im2col(x: &QuantActivations, shape: &Conv2dShape) -> Result<QuantActivati
                     }
                     let src = (iy * shape.in_w) * c + (x0 + kx_lo as isize) as usize * c;
                     let dst = (ky * shape.kw + kx_lo) * c;
-                    // Runs are short (48 bytes for a 3x3 window over 16 channels): fixed 16-byte
-                    // blocks (one vector move each), then bytes; a memmove call would cost
-                    // more than the copy.
-                    let (d, v) = (&mut row[dst..dst + len], &src_row[src..src + len]);
-                    let mut d16 = d.chunks_exact_mut(16);
-                    let mut v16 = v.chunks_exact(16);
-                    for (a, b) in (&mut d16).zip(&mut v16) {
-                        a.copy_from_slice(b);
-                    }
-                    for (a, b) in d16.into_remainder().iter_mut().zip(v16.remainder()) {
-                        *a = *b;
-                    }
+                    copy_run(&mut row[dst..dst + len], &src_row[src..src + len]);
                 }
             }
         }
     }
     Ok(out)
+}
+
+/// Copies a window row. Runs are short (48 bytes for a 3x3 window over 16 channels): the
+/// lengths of 3-wide windows over 16/32/64 channels are fixed-size copies (a few vector moves,
+/// no loop), others go by 16-byte blocks; a memmove call would cost more than the copy.
+#[inline(always)]
+fn copy_run(d: &mut [u8], v: &[u8]) {
+    fn fixed<const N: usize>(d: &mut [u8], v: &[u8]) {
+        let d: &mut [u8; N] = d.try_into().expect("N bytes");
+        d.copy_from_slice(&v[..N]);
+    }
+    match d.len() {
+        48 => fixed::<48>(d, v),
+        96 => fixed::<96>(d, v),
+        192 => fixed::<192>(d, v),
+        _ => {
+            let mut d16 = d.chunks_exact_mut(16);
+            let mut v16 = v.chunks_exact(16);
+            for (a, b) in (&mut d16).zip(&mut v16) {
+                a.copy_from_slice(b);
+            }
+            for (a, b) in d16.into_remainder().iter_mut().zip(v16.remainder()) {
+                *a = *b;
+            }
+        }
+    }
 }
 
 /// Convolution (groups = 1): `out` is `[batch, OH, OW, C_out]` f32.
