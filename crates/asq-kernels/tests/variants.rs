@@ -184,9 +184,11 @@ fn threaded_large_problem_matches_the_reference() {
         .build()
         .unwrap();
     for kind in [Kind::Post(4), Kind::PostInt(4, 64), Kind::Uniform(8)] {
-        for (n, k, ms) in [(203, 301, [1, 37]), (16, 450, [1, 301])] {
+        // 203 x 301 x 80 = 4.9M multiply-adds (one task per thread), x 300 = 18M (four per
+        // thread); 16 x 450 x 600 = 4.3M with a single panel (split by rows).
+        for (n, k, ms) in [(203, 301, &[1, 80, 300][..]), (16, 450, &[1, 600][..])] {
             let (w, _) = weights(kind, n, k, 11);
-            for m in ms {
+            for &m in ms {
                 let (a, _) = activations(QuantRange::unsigned(8).unwrap(), m, k, 12);
                 pool.install(|| {
                     check_all_variants(
