@@ -12,7 +12,7 @@ use asq_train::nn::Module;
 use asq_train::train::evaluate;
 use asq_train::{Graph, ParamStore};
 
-use crate::common::{check_output, Error};
+use crate::common::{check_new_output, Error};
 use crate::recipe::{init_from, load_split, Recipe};
 
 /// Options of `asq calibrate`.
@@ -52,10 +52,7 @@ pub struct CalibrateArgs {
 
 /// `asq calibrate`.
 pub fn calibrate(args: &CalibrateArgs) -> Result<(), Error> {
-    check_output(&args.out)?;
-    if args.out.exists() && !args.force {
-        return Err(format!("{} exists: pass --force to replace it", args.out.display()).into());
-    }
+    check_new_output(&args.out, args.force)?;
     if args.quant == "fp32" {
         return Err(
             "--quant fp32 has nothing to calibrate; pick a quantization, e.g. asq-post".into(),

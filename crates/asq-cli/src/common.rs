@@ -201,3 +201,13 @@ pub fn check_output(path: &Path) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// [`check_output`], and an existing file is an error unless `force`: nothing the user had is
+/// replaced by accident.
+pub fn check_new_output(path: &Path, force: bool) -> Result<(), Error> {
+    check_output(path)?;
+    if path.exists() && !force {
+        return Err(format!("{} exists: pass --force to replace it", path.display()).into());
+    }
+    Ok(())
+}

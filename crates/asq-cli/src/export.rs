@@ -8,7 +8,7 @@ use asq_models::IntModel;
 use asq_train::checkpoint::Checkpoint;
 use asq_train::ParamStore;
 
-use crate::common::{check_output, Error};
+use crate::common::{check_new_output, Error};
 use crate::recipe::Recipe;
 
 /// Options of `asq export`.
@@ -26,10 +26,7 @@ pub struct ExportArgs {
 
 /// `asq export`.
 pub fn export(args: &ExportArgs) -> Result<(), Error> {
-    check_output(&args.out)?;
-    if args.out.exists() && !args.force {
-        return Err(format!("{} exists: pass --force to replace it", args.out.display()).into());
-    }
+    check_new_output(&args.out, args.force)?;
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let recipe = Recipe::from_meta(&ckpt.meta, &args.checkpoint)?;
     if recipe.quant == "fp32" || recipe.ends == "fp32" {

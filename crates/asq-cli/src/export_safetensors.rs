@@ -8,7 +8,7 @@ use asq_models::torch::{cifar_blocks, export, write_safetensors};
 use asq_train::checkpoint::{atomic_write, Checkpoint};
 use asq_train::ParamStore;
 
-use crate::common::{check_output, Error};
+use crate::common::{check_new_output, Error};
 use crate::recipe::Recipe;
 
 /// Options of `asq export-safetensors`.
@@ -26,10 +26,7 @@ pub struct ExportSafetensorsArgs {
 
 /// `asq export-safetensors`.
 pub fn export_safetensors(args: &ExportSafetensorsArgs) -> Result<(), Error> {
-    check_output(&args.out)?;
-    if args.out.exists() && !args.force {
-        return Err(format!("{} exists: pass --force to replace it", args.out.display()).into());
-    }
+    check_new_output(&args.out, args.force)?;
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let recipe = Recipe::from_meta(&ckpt.meta, &args.checkpoint)?;
     let blocks = cifar_blocks(&recipe.model).ok_or_else(|| {

@@ -16,7 +16,7 @@ use asq_train::data::loader::make_batch;
 use asq_train::nn::Module;
 use asq_train::{Graph, ParamStore};
 
-use crate::common::{check_output, Error};
+use crate::common::{check_new_output, Error};
 use crate::plot::{svg, Chart, Series};
 use crate::recipe::{load_split, Recipe};
 
@@ -86,10 +86,7 @@ pub fn plot(args: &PlotArgs) -> Result<(), Error> {
         return Err("nothing to draw: pass --betas FILE.svg and/or --weights FILE.svg".into());
     }
     for path in [&args.betas, &args.weights].into_iter().flatten() {
-        check_output(path)?;
-        if path.exists() && !args.force {
-            return Err(format!("{} exists: pass --force to replace it", path.display()).into());
-        }
+        check_new_output(path, args.force)?;
     }
     let mut loaded = Vec::new();
     for path in &args.checkpoints {

@@ -11,7 +11,7 @@ use asq_train::data::Normalize;
 use asq_train::nn::StepGradScale;
 use asq_train::ParamStore;
 
-use crate::common::{check_output, Error};
+use crate::common::{check_new_output, Error};
 use crate::recipe::Recipe;
 
 /// Options of `asq import`.
@@ -46,10 +46,7 @@ pub struct ImportArgs {
 
 /// `asq import`.
 pub fn import(args: &ImportArgs) -> Result<(), Error> {
-    check_output(&args.out)?;
-    if args.out.exists() && !args.force {
-        return Err(format!("{} exists: pass --force to replace it", args.out.display()).into());
-    }
+    check_new_output(&args.out, args.force)?;
     let blocks = cifar_blocks(&args.model).ok_or_else(|| {
         format!(
             "--model {}: import reads the CIFAR-style ResNets (resnet8, resnet20, ... 6n+2) for now; \

@@ -13,7 +13,7 @@ use asq_train::data::npy;
 use asq_train::nn::Module;
 use asq_train::{Graph, ParamStore, Tensor};
 
-use crate::common::{check_output, Error};
+use crate::common::{check_new_output, Error};
 use crate::recipe::{is_model_file, Recipe};
 
 /// Options of `asq predict`.
@@ -40,10 +40,7 @@ pub fn predict(args: &PredictArgs) -> Result<(), Error> {
     if args.batch == 0 {
         return Err("--batch must be positive".into());
     }
-    check_output(&args.out)?;
-    if args.out.exists() && !args.force {
-        return Err(format!("{} exists: pass --force to replace it", args.out.display()).into());
-    }
+    check_new_output(&args.out, args.force)?;
     let bytes = std::fs::read(&args.input).map_err(|e| format!("{}: {e}", args.input.display()))?;
     let (shape, x) = npy::parse_f32(&bytes, &args.input)?;
     let [n, c, h, w] = shape[..] else {
