@@ -102,18 +102,11 @@ impl Path {
     }
 }
 
-/// The AVX-512 VNNI tile for a layer of `panels` panels: as many panels as the layer has, up to
-/// four, and the rows that keep the accumulators (rows x panels zmm registers) within 16-24
-/// while the loads per `vpdpbusd` (rows broadcasts + panels B loads per rows x panels
-/// products) stay under the two load ports' rate.
+/// The AVX-512 VNNI tile for `rows` activation rows and a layer of `panels` panels: 8 rows x 2
+/// panels (16 accumulator registers; the two panels' B block stays in L1 up to K = 1536), 8 x 1
+/// for 16-channel layers, and 4 rows x up to 4 panels when the problem has at most 4 rows (its
+/// storage holds 4). Wider tiles were measured slower or spilled registers (docs/kernels.md).
 pub(crate) fn vnni_shape(rows: usize, panels: usize) -> TileShape {
-    if let Ok(v) = std::env::var("ASQ_VNNI_SHAPE") {
-        let v: Vec<usize> = v.split('x').map(|t| t.parse().unwrap()).collect();
-        return TileShape {
-            rows: if rows <= MR { MR } else { v[0] },
-            panels: v[1].min(panels),
-        };
-    }
     let panels = panels.min(4);
     if rows <= MR {
         // Storage holds 4 rows (`padded_rows`).
@@ -230,8 +223,8 @@ impl Plan {
     }
 
     /// The micro-kernel tile of this plan for weights `w`: the variant's own shape (4 rows x 1
-    /// panel for the portable and AVX2 kernels; for AVX-512 VNNI up to 8 rows x 4 panels, fewer
-    /// panels when the layer has fewer channels).
+    /// panel for the portable and AVX2 kernels; for AVX-512 VNNI 8 rows x 2 panels (see `vnni_shape`), or 8 x 1 for
+    /// exact POST on 16-channel layers, whose two products then run in one pass).
     pub fn shape(&self, rows: usize, w: &PackedWeights) -> TileShape {
         let two = matches!(w.form(), WeightForm::PostExact { .. });
         match self.path {

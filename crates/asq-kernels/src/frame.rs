@@ -8,7 +8,7 @@
 //! The weights are packed in panels of [`NR`] channels (the tile layout of [`crate::tile`]). The
 //! micro-kernel's tile is the variant's own: [`TileShape`] (`rows` x `panels · NR`), declared by
 //! the plan ([`crate::dispatch::Plan::shape`]): the portable and AVX2 kernels work on 4 rows x 1
-//! panel, the AVX-512 VNNI kernel on up to 8 rows x 4 panels (16-24 accumulator registers, enough
+//! panel, the AVX-512 VNNI kernel on 8 rows x 2 panels (16 accumulator registers, enough
 //! independent `vpdpbusd` chains to cover their latency at two per cycle). The driver expands the
 //! packed codes of a tile's panels into an int8 buffer once per task (the variant's `expand`),
 //! runs the micro-kernel over the rows and hands every finished row of 16 channels to the one
@@ -29,7 +29,7 @@ pub const MR: usize = 4;
 /// Output channels per packed panel (AVX2 computes one as two 8-channel halves).
 pub const NR: usize = 16;
 /// The largest tile any variant declares: rows and panels.
-pub const MAX_TILE_ROWS: usize = 16;
+pub const MAX_TILE_ROWS: usize = 8;
 /// See [`MAX_TILE_ROWS`].
 pub const MAX_TILE_PANELS: usize = 4;
 

@@ -2,9 +2,9 @@
 //! instruction, non-saturating) on the tile layout of [`crate::tile`], whose 64 codes are
 //! exactly one register with channel `j` in dword `j`.
 //!
-//! - GEMM micro-kernel: the plan's tile ([`crate::dispatch::vnni_shape`]: up to 8 rows x 4
-//!   panels of 16 channels) from expanded panels; one accumulator register per row and panel, so
-//!   16-24 independent `vpdpbusd` chains cover the instruction's latency at two per cycle, with
+//! - GEMM micro-kernel: the plan's tile ([`crate::dispatch::vnni_shape`]: 8 rows x 2 panels of
+//!   16 channels, or 4 rows x up to 4 panels) from expanded panels; one accumulator register per
+//!   row and panel, so 16 independent `vpdpbusd` chains cover the latency at two per cycle, with
 //!   one broadcast per row and one load per panel for every rows x panels products.
 //! - GEMV with in-register expansion: 2/3/4-bit tiles become int8 levels by one 512-bit
 //!   `vpshufb` (the 16-entry table in every 128-bit lane; 3-bit tiles add their bit plane with
@@ -117,23 +117,13 @@ macro_rules! vnni_kernels {
                 };
             }
             match (tile.rows, tile.panels) {
+                // The shapes `dispatch::vnni_shape` chooses.
                 (8, 1) => go!(8, 1),
                 (8, 2) => go!(8, 2),
-                (6, 3) => go!(6, 3),
-                (6, 4) => go!(6, 4),
-                (6, 1) => go!(6, 1),
-                (6, 2) => go!(6, 2),
                 (4, 1) => go!(4, 1),
                 (4, 2) => go!(4, 2),
                 (4, 3) => go!(4, 3),
                 (4, 4) => go!(4, 4),
-                (8, 3) => go!(8, 3),
-                (8, 4) => go!(8, 4),
-                (5, 4) => go!(5, 4),
-                (7, 3) => go!(7, 3),
-                (16, 1) => go!(16, 1),
-                (12, 1) => go!(12, 1),
-                (12, 2) => go!(12, 2),
                 other => panic!("no VNNI kernel for tile {other:?}"),
             }
         }
