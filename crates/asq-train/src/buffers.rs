@@ -66,6 +66,17 @@ pub fn take_zeroed(len: usize) -> Vec<f32> {
     v
 }
 
+/// A copy of `t` (standard layout, same shape) in a pooled buffer: what `t.clone()` does,
+/// without faulting fresh pages in on every step.
+pub fn copy(t: &Tensor) -> Tensor {
+    let mut v = take(t.len());
+    match t.as_slice() {
+        Some(s) => v.copy_from_slice(s),
+        None => v.iter_mut().zip(t.iter()).for_each(|(d, s)| *d = *s),
+    }
+    Tensor::from_shape_vec(t.raw_dim(), v).expect("same element count")
+}
+
 /// Returns a buffer for reuse (dropped if the pool is full or the buffer small).
 pub fn give(v: Vec<f32>) {
     let bytes = v.capacity() * 4;
@@ -110,6 +121,10 @@ mod tests {
         }
         let z = take_zeroed(1 << 15);
         assert!(z.iter().all(|&x| x == 0.0));
+        let t = Tensor::from_shape_vec(ndarray::IxDyn(&[2, 3]), vec![1., 2., 3., 4., 5., 6.])
+            .unwrap();
+        assert_eq!(copy(&t), t);
+        assert_eq!(copy(&t.t().to_owned()), t.t());
         give(w);
         give(z);
         release();
