@@ -121,8 +121,8 @@ mod tests {
         }
         let z = take_zeroed(1 << 15);
         assert!(z.iter().all(|&x| x == 0.0));
-        let t = Tensor::from_shape_vec(ndarray::IxDyn(&[2, 3]), vec![1., 2., 3., 4., 5., 6.])
-            .unwrap();
+        let t =
+            Tensor::from_shape_vec(ndarray::IxDyn(&[2, 3]), vec![1., 2., 3., 4., 5., 6.]).unwrap();
         assert_eq!(copy(&t), t);
         assert_eq!(copy(&t.t().to_owned()), t.t());
         give(w);

@@ -1,5 +1,6 @@
-//! 2-D convolution on NCHW tensors: stride, zero padding, groups (depthwise included), via
-//! im2col and GEMM, parallel over samples.
+//! 2-D convolution on NCHW tensors: stride, zero padding, groups (depthwise included), parallel
+//! over samples. Three paths: a direct kernel for stride-1 convolutions with few channels
+//! ([`super::direct`], no im2col), direct loops for depthwise ones, and im2col + GEMM for the rest.
 //!
 //! Weight gradients are reduced over a fixed number of sample chunks combined in order, so the
 //! result does not depend on the thread count.
@@ -11,6 +12,7 @@ use rayon::prelude::*;
 use crate::buffers;
 use crate::error::{shape, Result};
 use crate::graph::{Backward, Graph, Var};
+use crate::ops::direct::{self, Grid};
 use crate::ops::scratch;
 use crate::Tensor;
 
@@ -172,11 +174,21 @@ fn bias_grad(gy: &[f32], n: usize, channels: usize, opix: usize) -> Tensor {
         .expect("bias")
 }
 
+/// Which kernels compute a convolution (forward and backward alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// im2col + GEMM (the general path, and the reference of the others).
+    Gemm,
+    /// Direct per-plane loops for depthwise convolutions.
+    Depthwise,
+    /// The direct stride-1 kernels of [`super::direct`].
+    Direct,
+}
+
 struct ConvOp {
     geo: Geo,
     bias: bool,
-    /// Computed by the direct depthwise kernels rather than im2col + GEMM.
-    depthwise: bool,
+    path: Path,
 }
 
 impl Backward for ConvOp {
@@ -188,10 +200,10 @@ impl Backward for ConvOp {
             grad.as_standard_layout(),
         );
         let [x, w, gy] = [&xs, &ws, &gs].map(|t| t.as_slice().expect("standard layout"));
-        let (dx, dw) = if self.depthwise {
-            depthwise_grads(&geo, x, w, gy)
-        } else {
-            gemm_grads(&geo, x, w, gy)
+        let (dx, dw) = match self.path {
+            Path::Depthwise => depthwise_grads(&geo, x, w, gy),
+            Path::Direct => direct_grads(&geo, x, w, gy),
+            Path::Gemm => gemm_grads(&geo, x, w, gy),
         };
         let mut out = vec![
             Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("input shape")),
@@ -308,8 +320,13 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
         ow: (wd + 2 * spec.pad - kw) / spec.stride + 1,
         spec,
     };
-    if geo.spec.groups == c && co == c && !FORCE_IM2COL.with(|f| f.get()) {
-        return Ok(depthwise(g, x, w, b, geo));
+    if !FORCE_IM2COL.with(|f| f.get()) {
+        if geo.spec.groups == c && co == c {
+            return Ok(depthwise(g, x, w, b, geo));
+        }
+        if direct_fits(&geo) {
+            return Ok(direct_conv(g, x, w, b, geo));
+        }
     }
     let (xs, ws) = (
         g.value(x).as_standard_layout(),
@@ -379,13 +396,153 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
         ConvOp {
             geo,
             bias: b.is_some(),
-            depthwise: false,
+            path: Path::Gemm,
         },
     ))
 }
 
+/// Whether the direct stride-1 kernels take this convolution: stride 1, no groups, a kernel
+/// larger than 1x1 with padding below its size (the input gradient is then the same kernel on
+/// the padded output gradient), and channel counts where im2col + GEMM spends its time copying
+/// (up to 128; measured on ResNet-20's 16-64).
+fn direct_fits(geo: &Geo) -> bool {
+    geo.spec.stride == 1
+        && geo.spec.groups == 1
+        && geo.kh * geo.kw > 1
+        && geo.spec.pad < geo.kh
+        && geo.spec.pad < geo.kw
+        && geo.c <= 128
+        && geo.co <= 128
+}
+
+/// The forward grid of a direct convolution.
+fn forward_grid(geo: &Geo) -> Grid {
+    let p = geo.spec.pad;
+    Grid::new(geo.h, geo.w, p, p, geo.kh, geo.kw).expect("checked by conv2d")
+}
+
+/// Forward pass on the direct stride-1 kernels (see [`direct_fits`]).
+fn direct_conv(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
+    let (xs, ws) = (
+        g.value(x).as_standard_layout(),
+        g.value(w).as_standard_layout(),
+    );
+    let (xv, wv) = (
+        xs.as_slice().expect("standard"),
+        ws.as_slice().expect("standard"),
+    );
+    let bias: Option<Vec<f32>> = b.map(|b| g.value(b).iter().copied().collect());
+    let grid = forward_grid(&geo);
+    let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
+    let wk = direct::pack_weights(wv, geo.co, geo.c, taps, false);
+    let offs = grid.offsets();
+    let co_pad = direct::padded_channels(geo.co);
+    let mut y = buffers::take(geo.n * out_len);
+    y.par_chunks_mut(out_len)
+        .zip(xv.par_chunks(in_len))
+        .for_each(|(yn, xn)| {
+            let mut xp = scratch::take(0, geo.c * grid.plane);
+            let mut tmp = scratch::take(1, co_pad * grid.nq);
+            grid.pad(xn, geo.c, &mut xp);
+            direct::forward(&xp, grid.plane, geo.c, &offs, grid.nq, &wk, &mut tmp);
+            grid.extract(&tmp, geo.co, yn, bias.as_deref());
+            scratch::give(0, xp);
+            scratch::give(1, tmp);
+        });
+    drop((xs, ws));
+    let y =
+        Tensor::from_shape_vec(IxDyn(&[geo.n, geo.co, geo.oh, geo.ow]), y).expect("output shape");
+    let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
+    g.record(
+        y,
+        &inputs,
+        ConvOp {
+            geo,
+            bias: b.is_some(),
+            path: Path::Direct,
+        },
+    )
+}
+
+/// `(dx, dw)` on the direct kernels: `dx` is the forward kernel run on the output gradient
+/// padded by `k - 1 - pad` with the kernel transposed and flipped; `dw` is reduced over fixed
+/// sample chunks in order, as on the GEMM path.
+fn direct_grads(geo: &Geo, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let geo = *geo;
+    let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
+    let fwd = forward_grid(&geo);
+    let back = Grid::new(
+        geo.oh,
+        geo.ow,
+        geo.kh - 1 - geo.spec.pad,
+        geo.kw - 1 - geo.spec.pad,
+        geo.kh,
+        geo.kw,
+    )
+    .expect("the transposed kernel fits the padded output gradient");
+    debug_assert_eq!((back.oh, back.ow), (geo.h, geo.w));
+    let wt = direct::pack_weights(w, geo.co, geo.c, taps, true);
+    let (offs_f, offs_b) = (fwd.offsets(), back.offsets());
+    let (ci_pad, co_pad) = (
+        direct::padded_channels(geo.c),
+        direct::padded_channels(geo.co),
+    );
+    let pixels = geo.oh * fwd.wp;
+    let mut dx = buffers::take(geo.n * in_len);
+    let per_chunk = geo.n.div_ceil(CHUNKS.min(geo.n));
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(per_chunk * in_len)
+        .enumerate()
+        .map(|(chunk, dxc)| {
+            let samples = dxc.len() / in_len;
+            let n0 = chunk * per_chunk;
+            // Input gradient, sample by sample.
+            let mut gp = scratch::take(0, geo.co * back.plane);
+            let mut tmp = scratch::take(1, ci_pad * back.nq);
+            for (j, dxn) in dxc.chunks_exact_mut(in_len).enumerate() {
+                let gyn = &gy[(n0 + j) * out_len..][..out_len];
+                back.pad(gyn, geo.co, &mut gp);
+                direct::forward(&gp, back.plane, geo.co, &offs_b, back.nq, &wt, &mut tmp);
+                back.extract(&tmp, geo.c, dxn, None);
+            }
+            scratch::give(0, gp);
+            scratch::give(1, tmp);
+            // Weight gradient over the chunk's samples.
+            let mut xp = scratch::take(0, samples * geo.c * fwd.plane);
+            let mut gyt = scratch::take(2, samples * pixels * co_pad);
+            for j in 0..samples {
+                let n = n0 + j;
+                fwd.pad(
+                    &x[n * in_len..][..in_len],
+                    geo.c,
+                    &mut xp[j * geo.c * fwd.plane..][..geo.c * fwd.plane],
+                );
+                fwd.transpose_out(
+                    &gy[n * out_len..][..out_len],
+                    geo.co,
+                    co_pad,
+                    &mut gyt[j * pixels * co_pad..][..pixels * co_pad],
+                );
+            }
+            let mut dwp = vec![0.0f32; co_pad * geo.c * taps];
+            direct::weight_grad(
+                &xp, fwd.plane, geo.c, &offs_f, pixels, &gyt, co_pad, samples, &mut dwp,
+            );
+            scratch::give(0, xp);
+            scratch::give(2, gyt);
+            dwp.truncate(w.len());
+            dwp
+        })
+        .collect();
+    let mut dw = vec![0.0f32; w.len()];
+    for p in &partials {
+        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    (dx, dw)
+}
+
 thread_local! {
-    /// Tests only: route depthwise convolutions through im2col + GEMM (the reference).
+    /// Tests only: route every convolution through im2col + GEMM (the reference).
     static FORCE_IM2COL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -463,7 +620,7 @@ fn depthwise(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
         ConvOp {
             geo,
             bias: b.is_some(),
-            depthwise: true,
+            path: Path::Depthwise,
         },
     )
 }
@@ -580,38 +737,122 @@ mod tests {
                 25,
                 |g, v| conv2d(g, v[0], v[1], Some(v[2]), spec).unwrap(),
             );
-            // Forward values and all gradients against the im2col + GEMM path.
-            let run = |force: bool| {
-                FORCE_IM2COL.with(|f| f.set(force));
-                let mut g = Graph::new(true);
-                let (xv, wv, bv) = (
-                    g.input_with_grad(x.clone()),
-                    g.input_with_grad(wt.clone()),
-                    g.input_with_grad(b.clone()),
+            compare_with_im2col(&x, &wt, &b, spec);
+        }
+    }
+
+    /// Forward values and all gradients of `conv2d` against the im2col + GEMM path.
+    fn compare_with_im2col(x: &Tensor, wt: &Tensor, b: &Tensor, spec: ConvSpec) {
+        let run = |force: bool| {
+            FORCE_IM2COL.with(|f| f.set(force));
+            let mut g = Graph::new(true);
+            let (xv, wv, bv) = (
+                g.input_with_grad(x.clone()),
+                g.input_with_grad(wt.clone()),
+                g.input_with_grad(b.clone()),
+            );
+            let y = conv2d(&mut g, xv, wv, Some(bv), spec).unwrap();
+            let yv = g.value(y).clone();
+            // A loss with a different weight per output element, so that every gradient
+            // element is exercised.
+            let r = random(yv.shape(), 77);
+            let rv = g.input(r);
+            let l = crate::ops::basic::mul(&mut g, y, rv).unwrap();
+            let l = crate::ops::basic::sum(&mut g, l);
+            let all = g.gradients(l).unwrap();
+            let grads: Vec<Tensor> = [xv, wv, bv]
+                .iter()
+                .map(|v| all[v.0].clone().expect("gradient"))
+                .collect();
+            FORCE_IM2COL.with(|f| f.set(false));
+            (yv, grads)
+        };
+        let (y1, g1) = run(false);
+        let (y2, g2) = run(true);
+        assert_eq!(y1.shape(), y2.shape());
+        for (a, b) in y1.iter().zip(y2.iter()) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "{spec:?}: {a} vs {b}"
+            );
+        }
+        for (ga, gb) in g1.iter().zip(&g2) {
+            assert_eq!(ga.shape(), gb.shape());
+            for (a, b) in ga.iter().zip(gb.iter()) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{spec:?}: grad {a} vs {b}"
                 );
-                let y = conv2d(&mut g, xv, wv, Some(bv), spec).unwrap();
-                let yv = g.value(y).clone();
+            }
+        }
+    }
+
+    #[test]
+    fn direct_path_matches_im2col_and_finite_differences() {
+        for (n, c, co, h, w, k, pad, seed) in [
+            (3, 3, 5, 7, 9, 3, 1, 1),
+            (2, 16, 16, 28, 28, 3, 1, 2),
+            (5, 17, 33, 6, 4, 3, 0, 3),
+            (2, 2, 4, 5, 11, 5, 2, 4),
+            (1, 4, 3, 1, 1, 3, 1, 5),
+            (4, 64, 64, 7, 7, 3, 1, 6),
+            (19, 8, 24, 5, 5, 2, 1, 7),
+            (2, 1, 16, 9, 3, 3, 2, 8),
+        ] {
+            let spec = ConvSpec {
+                stride: 1,
+                pad,
+                groups: 1,
+            };
+            let geo = Geo {
+                n,
+                c,
+                h,
+                w,
+                co,
+                kh: k,
+                kw: k,
+                oh: h + 2 * pad + 1 - k,
+                ow: w + 2 * pad + 1 - k,
+                spec,
+            };
+            assert!(direct_fits(&geo));
+            let x = random(&[n, c, h, w], seed);
+            let wt = random(&[co, c, k, k], seed + 100);
+            let b = random(&[co], seed + 200);
+            compare_with_im2col(&x, &wt, &b, spec);
+            if n * c * h * w < 400 {
+                check(&[x, wt, b], 1e-2, 1e-2, 25, |g, v| {
+                    conv2d(g, v[0], v[1], Some(v[2]), spec).unwrap()
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn direct_path_is_independent_of_the_thread_count() {
+        let spec = ConvSpec {
+            stride: 1,
+            pad: 1,
+            groups: 1,
+        };
+        let (x, wt) = (random(&[37, 16, 9, 9], 1), random(&[32, 16, 3, 3], 2));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut g = Graph::new(true);
+                let (xv, wv) = (g.input_with_grad(x.clone()), g.input_with_grad(wt.clone()));
+                let y = conv2d(&mut g, xv, wv, None, spec).unwrap();
                 let l = crate::ops::basic::sum(&mut g, y);
                 let l = crate::ops::basic::mul(&mut g, l, l).unwrap();
                 let all = g.gradients(l).unwrap();
-                let grads: Vec<Tensor> = [xv, wv, bv]
-                    .iter()
-                    .map(|v| all[v.0].clone().expect("gradient"))
-                    .collect();
-                FORCE_IM2COL.with(|f| f.set(false));
-                (yv, grads)
-            };
-            let (y1, g1) = run(false);
-            let (y2, g2) = run(true);
-            for (a, b) in y1.iter().zip(y2.iter()) {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
-            }
-            for (ga, gb) in g1.iter().zip(&g2) {
-                for (a, b) in ga.iter().zip(gb.iter()) {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "grad {a} vs {b}");
-                }
-            }
-        }
+                (all[xv.0].clone().unwrap(), all[wv.0].clone().unwrap())
+            })
+        };
+        assert_eq!(run(1), run(3));
     }
 
     #[test]

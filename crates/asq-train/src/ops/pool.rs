@@ -1,6 +1,9 @@
 //! Pooling on `[N, C, H, W]`: max, average (no padding) and global average.
 
 use ndarray::IxDyn;
+use rayon::prelude::*;
+
+use crate::buffers;
 
 use crate::error::{shape, Result};
 use crate::graph::{Backward, Graph, Var};
@@ -22,7 +25,7 @@ struct MaxPoolOp {
 
 impl Backward for MaxPoolOp {
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
-        let mut dx = vec![0.0f32; inputs[0].len()];
+        let mut dx = buffers::take_zeroed(inputs[0].len());
         for (&i, &gv) in self.argmax.iter().zip(grad.iter()) {
             dx[i] += gv;
         }
@@ -36,7 +39,7 @@ impl Backward for MaxPoolOp {
 pub fn max_pool2d(g: &mut Graph, x: Var, k: usize, stride: usize) -> Result<Var> {
     let s = g.shape(x).to_vec();
     let (oh, ow) = out_size("max_pool2d", &s, k, stride)?;
-    let xv = g.value(x).as_standard_layout().into_owned();
+    let xv = g.value(x).as_standard_layout();
     let xs = xv.as_slice().expect("std");
     let mut y = Vec::with_capacity(s[0] * s[1] * oh * ow);
     let mut argmax = Vec::with_capacity(y.capacity());
@@ -60,6 +63,7 @@ pub fn max_pool2d(g: &mut Graph, x: Var, k: usize, stride: usize) -> Result<Var>
             }
         }
     }
+    drop(xv);
     let y = Tensor::from_shape_vec(IxDyn(&[s[0], s[1], oh, ow]), y).expect("shape");
     Ok(g.record(y, &[x], MaxPoolOp { argmax }))
 }
@@ -75,7 +79,7 @@ impl Backward for AvgPoolOp {
         let (oh, ow) = (out.shape()[2], out.shape()[3]);
         let gs = grad.as_standard_layout();
         let gy = gs.as_slice().expect("std");
-        let mut dx = vec![0.0f32; inputs[0].len()];
+        let mut dx = buffers::take_zeroed(inputs[0].len());
         let inv = 1.0 / (self.k * self.k) as f32;
         for plane in 0..s[0] * s[1] {
             for oy in 0..oh {
@@ -102,7 +106,7 @@ impl Backward for AvgPoolOp {
 pub fn avg_pool2d(g: &mut Graph, x: Var, k: usize, stride: usize) -> Result<Var> {
     let s = g.shape(x).to_vec();
     let (oh, ow) = out_size("avg_pool2d", &s, k, stride)?;
-    let xv = g.value(x).as_standard_layout().into_owned();
+    let xv = g.value(x).as_standard_layout();
     let xs = xv.as_slice().expect("std");
     let inv = 1.0 / (k * k) as f32;
     let mut y = Vec::with_capacity(s[0] * s[1] * oh * ow);
@@ -120,6 +124,7 @@ pub fn avg_pool2d(g: &mut Graph, x: Var, k: usize, stride: usize) -> Result<Var>
             }
         }
     }
+    drop(xv);
     let y = Tensor::from_shape_vec(IxDyn(&[s[0], s[1], oh, ow]), y).expect("shape");
     Ok(g.record(y, &[x], AvgPoolOp { k, stride }))
 }
@@ -133,7 +138,10 @@ impl Backward for GapOp {
         let inv = 1.0 / hw as f32;
         let gs = grad.as_standard_layout();
         let gy = gs.as_slice().expect("std");
-        let dx: Vec<f32> = (0..inputs[0].len()).map(|i| gy[i / hw] * inv).collect();
+        let mut dx = buffers::take(inputs[0].len());
+        dx.par_chunks_mut(hw)
+            .zip(gy.par_iter())
+            .for_each(|(plane, &g)| plane.fill(g * inv));
         vec![Some(
             Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape"),
         )]
@@ -147,13 +155,14 @@ pub fn global_avg_pool(g: &mut Graph, x: Var) -> Result<Var> {
         return Err(shape("global_avg_pool", format!("input {s:?}")));
     }
     let hw = s[2] * s[3];
-    let xv = g.value(x).as_standard_layout().into_owned();
+    let xv = g.value(x).as_standard_layout();
     let y: Vec<f32> = xv
         .as_slice()
         .expect("std")
-        .chunks(hw)
+        .par_chunks(hw)
         .map(|p| (p.iter().map(|&v| v as f64).sum::<f64>() / hw as f64) as f32)
         .collect();
+    drop(xv);
     let y = Tensor::from_shape_vec(IxDyn(&[s[0], s[1]]), y).expect("shape");
     Ok(g.record(y, &[x], GapOp))
 }

@@ -50,10 +50,7 @@ impl Backward for LsqOp {
 /// `x` viewed as `[C, -1]`, i.e. per output channel of a weight).
 pub fn lsq(g: &mut Graph, x: Var, s: Var, range: QuantRange, grad_scale: f32) -> Result<Var> {
     let lsq = Lsq::new(range);
-    let (xv, sv) = (
-        slice(g.value(x)).into_owned(),
-        slice(g.value(s)).into_owned(),
-    );
+    let (xv, sv) = (slice(g.value(x)), slice(g.value(s)));
     if sv.is_empty() || xv.len() % sv.len() != 0 {
         return Err(shape(
             "lsq",
@@ -62,6 +59,7 @@ pub fn lsq(g: &mut Graph, x: Var, s: Var, range: QuantRange, grad_scale: f32) ->
     }
     let mut out = buffers::take(xv.len());
     lsq.fake_quant(&xv, &sv, &mut out)?;
+    drop((xv, sv));
     let y = tensor(g.value(x), out);
     Ok(g.record(y, &[x, s], LsqOp { lsq, grad_scale }))
 }
@@ -116,12 +114,13 @@ pub fn asq(
         ));
     }
     let (xv, sv, bv) = (
-        slice(g.value(x)).into_owned(),
+        slice(g.value(x)),
         slice(g.value(s))[0],
-        slice(g.value(beta)).into_owned(),
+        slice(g.value(beta)),
     );
     let mut out = buffers::take(xv.len());
     asq.fake_quant(&xv, sv, &bv, &mut out)?;
+    drop((xv, bv));
     let y = tensor(g.value(x), out);
     Ok(g.record(y, &[x, s, beta], AsqOp { asq, grad_scale }))
 }
@@ -153,10 +152,7 @@ pub fn level_weights(
     grad_scale: f32,
 ) -> Result<Var> {
     let q = LevelQuantizer::new(levels.clone());
-    let (wv, av) = (
-        slice(g.value(w)).into_owned(),
-        slice(g.value(alpha)).into_owned(),
-    );
+    let (wv, av) = (slice(g.value(w)), slice(g.value(alpha)));
     if av.is_empty() || wv.len() % av.len() != 0 {
         return Err(shape(
             "level_weights",
@@ -165,6 +161,7 @@ pub fn level_weights(
     }
     let mut out = buffers::take(wv.len());
     q.fake_quant(&wv, &av, &mut out)?;
+    drop((wv, av));
     let y = tensor(g.value(w), out);
     Ok(g.record(y, &[w, alpha], LevelOp { q, grad_scale }))
 }
@@ -186,10 +183,11 @@ impl Backward for UniformOp {
 
 /// Uniform affine min-max fake quantization (statistics observed on this tensor).
 pub fn uniform(g: &mut Graph, x: Var, bits: u32) -> Result<Var> {
-    let xv = slice(g.value(x)).into_owned();
+    let xv = slice(g.value(x));
     let u = Uniform::affine(&xv, bits)?;
     let mut out = buffers::take(xv.len());
     u.fake_quant(&xv, &mut out)?;
+    drop(xv);
     let y = tensor(g.value(x), out);
     Ok(g.record(y, &[x], UniformOp { u }))
 }

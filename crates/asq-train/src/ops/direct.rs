@@ -1,0 +1,637 @@
+//! Direct stride-1 convolution without im2col, for the small-channel layers of CIFAR-style
+//! networks (ResNet-20's 16/32/64 channels), where im2col + GEMM spends more time copying than
+//! multiplying.
+//!
+//! Every input plane is copied once into a zero-padded plane of width `wp = w + 2·pw`, and the
+//! output is computed on the same flat grid: output position `q = oy·wp + ox` reads input
+//! `q + ky·wp + kx` for tap `(ky, kx)`, so each tap is a plain shifted vector load. Positions with
+//! `ox >= ow` are computed and thrown away (2 of every `wp` for a 3x3 kernel). Three products:
+//! - forward: `out[o][q] = Σ_{i,t} w[o][i][t] · x[i][q + off_t]`, vectorised along `q`, 16 output
+//!   channels per register block;
+//! - input gradient: the same product on the zero-padded output gradient with the kernel
+//!   transposed and flipped;
+//! - weight gradient: `dw[o][i][t] = Σ_q gy[q][o] · x[i][q + off_t]`, vectorised along the output
+//!   channels of a pixel-major copy of the output gradient, reduced over pixels in registers.
+//!
+//! The kernels are written once over `pulp`'s safe SIMD abstraction and dispatched at run time
+//! (AVX-512, AVX2 + FMA, or scalar): no `unsafe` here. Every multiply-add is fused and every sum
+//! runs in the same order whatever the vector width, so all three paths give bit-identical
+//! results (tested), independent of the thread count; they differ from the im2col path only by
+//! rounding.
+
+use pulp::{Simd, WithSimd};
+
+/// Output channels per register block of the forward kernel (and the channel padding unit).
+pub(crate) const CO_BLOCK: usize = 16;
+
+/// The widest vector the dispatch may pick (AVX-512: 16 f32): grids are padded to it.
+const MAX_LANES: usize = 16;
+
+/// Geometry of one stride-1 correlation on the padded flat grid.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Grid {
+    /// Input height and width.
+    pub h: usize,
+    pub w: usize,
+    /// Zero padding, rows and columns.
+    pub ph: usize,
+    pub pw: usize,
+    /// Kernel height and width.
+    pub kh: usize,
+    pub kw: usize,
+    /// Padded width (the grid's row length).
+    pub wp: usize,
+    /// Output height and width.
+    pub oh: usize,
+    pub ow: usize,
+    /// Grid positions computed per output plane (`oh·wp` rounded up to [`MAX_LANES`]).
+    pub nq: usize,
+    /// Length of one padded input plane (every read of every kernel stays inside it).
+    pub plane: usize,
+}
+
+impl Grid {
+    /// `None` when the kernel does not fit the padded input.
+    pub(crate) fn new(
+        h: usize,
+        w: usize,
+        ph: usize,
+        pw: usize,
+        kh: usize,
+        kw: usize,
+    ) -> Option<Self> {
+        let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+        if kh == 0 || kw == 0 || hp < kh || wp < kw {
+            return None;
+        }
+        let (oh, ow) = (hp - kh + 1, wp - kw + 1);
+        let nq = (oh * wp).div_ceil(MAX_LANES) * MAX_LANES;
+        let plane = (nq + (kh - 1) * wp + kw - 1).max(hp * wp);
+        Some(Self {
+            h,
+            w,
+            ph,
+            pw,
+            kh,
+            kw,
+            wp,
+            oh,
+            ow,
+            nq,
+            plane,
+        })
+    }
+
+    /// Grid offset of each tap, `ky·wp + kx`, row-major over the kernel.
+    pub(crate) fn offsets(&self) -> Vec<usize> {
+        (0..self.kh * self.kw)
+            .map(|t| (t / self.kw) * self.wp + t % self.kw)
+            .collect()
+    }
+
+    /// Copies `c` planes of `h x w` into zero-padded planes of length [`Grid::plane`].
+    pub(crate) fn pad(&self, src: &[f32], c: usize, dst: &mut [f32]) {
+        let (h, w) = (self.h, self.w);
+        for (s, d) in src
+            .chunks_exact(h * w)
+            .zip(dst.chunks_exact_mut(self.plane))
+            .take(c)
+        {
+            d.fill(0.0);
+            for (y, row) in s.chunks_exact(w).enumerate() {
+                d[(y + self.ph) * self.wp + self.pw..][..w].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// Copies the valid `oh x ow` part of `c` grid planes (length [`Grid::nq`]) out, adding
+    /// `bias[i]` to plane `i` when given.
+    pub(crate) fn extract(&self, src: &[f32], c: usize, dst: &mut [f32], bias: Option<&[f32]>) {
+        let (oh, ow) = (self.oh, self.ow);
+        for (i, (s, d)) in src
+            .chunks_exact(self.nq)
+            .zip(dst.chunks_exact_mut(oh * ow))
+            .take(c)
+            .enumerate()
+        {
+            let b = bias.map_or(0.0, |b| b[i]);
+            for (y, row) in d.chunks_exact_mut(ow).enumerate() {
+                let from = &s[y * self.wp..][..ow];
+                if b == 0.0 {
+                    row.copy_from_slice(from);
+                } else {
+                    row.iter_mut().zip(from).for_each(|(r, v)| *r = v + b);
+                }
+            }
+        }
+    }
+
+    /// A pixel-major copy `[oh·wp][co_pad]` of `co` planes of `oh x ow`, zero at the thrown-away
+    /// grid columns and the padding channels (the weight gradient's layout).
+    pub(crate) fn transpose_out(&self, src: &[f32], co: usize, co_pad: usize, dst: &mut [f32]) {
+        let (oh, ow) = (self.oh, self.ow);
+        dst[..oh * self.wp * co_pad].fill(0.0);
+        for (o, s) in src.chunks_exact(oh * ow).take(co).enumerate() {
+            for (y, row) in s.chunks_exact(ow).enumerate() {
+                for (x, &v) in row.iter().enumerate() {
+                    dst[(y * self.wp + x) * co_pad + o] = v;
+                }
+            }
+        }
+    }
+}
+
+/// `co` rounded up to [`CO_BLOCK`].
+pub(crate) fn padded_channels(co: usize) -> usize {
+    co.div_ceil(CO_BLOCK) * CO_BLOCK
+}
+
+/// Weights `[co][ci][taps]` in the forward kernel's layout `[co_pad / 16][ci][taps][16]`,
+/// padding channels zero. With `transpose_flip`, the kernel of the input gradient instead:
+/// output channel `ci`, input channel `co`, taps reversed.
+pub(crate) fn pack_weights(
+    w: &[f32],
+    co: usize,
+    ci: usize,
+    taps: usize,
+    transpose_flip: bool,
+) -> Vec<f32> {
+    let (outs, ins) = if transpose_flip { (ci, co) } else { (co, ci) };
+    let outs_pad = padded_channels(outs);
+    let mut p = vec![0.0f32; outs_pad * ins * taps];
+    for o in 0..outs {
+        for i in 0..ins {
+            for t in 0..taps {
+                let v = if transpose_flip {
+                    w[(i * ci + o) * taps + taps - 1 - t]
+                } else {
+                    w[(o * ci + i) * taps + t]
+                };
+                let (b, l) = (o / CO_BLOCK, o % CO_BLOCK);
+                p[((b * ins + i) * taps + t) * CO_BLOCK + l] = v;
+            }
+        }
+    }
+    p
+}
+
+/// Which instruction set the kernels run on (tests pin each one in turn).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))] // only tests pin a level
+pub(crate) enum Level {
+    /// The best the CPU has (pulp's run-time dispatch).
+    Auto,
+    /// Portable scalar code, one lane (the reference of the vector paths).
+    Scalar,
+    /// AVX2 + FMA, 8 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// AVX-512, 16 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Level {
+    /// Whether this CPU can run the level.
+    #[cfg(test)]
+    pub(crate) fn available(self) -> bool {
+        match self {
+            Level::Auto | Level::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => pulp::x86::V3::try_new().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => pulp::x86::V4::try_new().is_some(),
+        }
+    }
+}
+
+thread_local! {
+    static LEVEL: std::cell::Cell<Level> = const { std::cell::Cell::new(Level::Auto) };
+}
+
+/// Tests only: runs the kernels of this thread on `level` (falls back to auto when absent).
+#[cfg(test)]
+pub(crate) fn set_level(level: Level) {
+    LEVEL.with(|l| l.set(level));
+}
+
+fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
+    match LEVEL.with(|l| l.get()) {
+        Level::Scalar => Simd::vectorize(pulp::Scalar, op),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => match pulp::x86::V3::try_new() {
+            Some(simd) => Simd::vectorize(simd, op),
+            None => pulp::Arch::new().dispatch(op),
+        },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => match pulp::x86::V4::try_new() {
+            Some(simd) => Simd::vectorize(simd, op),
+            None => pulp::Arch::new().dispatch(op),
+        },
+        Level::Auto => pulp::Arch::new().dispatch(op),
+    }
+}
+
+#[inline(always)]
+fn load<S: Simd>(s: &[f32]) -> S::f32s {
+    bytemuck::pod_read_unaligned(bytemuck::cast_slice(&s[..S::F32_LANES]))
+}
+
+#[inline(always)]
+fn store<S: Simd>(d: &mut [f32], v: S::f32s) {
+    d[..S::F32_LANES].copy_from_slice(bytemuck::cast_slice(std::slice::from_ref(&v)));
+}
+
+struct Forward<'a> {
+    x: &'a [f32],
+    plane: usize,
+    ci: usize,
+    offs: &'a [usize],
+    nq: usize,
+    w: &'a [f32],
+    out: &'a mut [f32],
+}
+
+impl WithSimd for Forward<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let lanes = S::F32_LANES;
+        let Self {
+            x,
+            plane,
+            ci,
+            offs,
+            nq,
+            w,
+            out,
+        } = self;
+        let taps = offs.len();
+        let block = ci * taps * CO_BLOCK;
+        for (wb, ob) in w
+            .chunks_exact(block)
+            .zip(out.chunks_exact_mut(CO_BLOCK * nq))
+        {
+            for q0 in (0..nq).step_by(lanes) {
+                let mut acc = [simd.splat_f32s(0.0); CO_BLOCK];
+                for (xp, wc) in x.chunks_exact(plane).zip(wb.chunks_exact(taps * CO_BLOCK)) {
+                    let xp = &xp[q0..];
+                    for (&off, wt) in offs.iter().zip(wc.chunks_exact(CO_BLOCK)) {
+                        let xs = load::<S>(&xp[off..]);
+                        let wt: &[f32; CO_BLOCK] = wt.try_into().expect("block");
+                        for (a, &wv) in acc.iter_mut().zip(wt) {
+                            *a = simd.mul_add_f32s(simd.splat_f32s(wv), xs, *a);
+                        }
+                    }
+                }
+                for (o, a) in acc.into_iter().enumerate() {
+                    store::<S>(&mut ob[o * nq + q0..], a);
+                }
+            }
+        }
+    }
+}
+
+/// `out[o][q] = Σ_{i,t} w[o][i][t] · x[i][q + offs[t]]` for one sample: `x` holds `ci` padded
+/// planes of length `plane`, `w` is [`pack_weights`]' layout, `out` holds the padded output
+/// channels as planes of `nq`.
+pub(crate) fn forward(
+    x: &[f32],
+    plane: usize,
+    ci: usize,
+    offs: &[usize],
+    nq: usize,
+    w: &[f32],
+    out: &mut [f32],
+) {
+    debug_assert!(x.len() >= ci * plane && nq.is_multiple_of(MAX_LANES));
+    dispatch(Forward {
+        x: &x[..ci * plane],
+        plane,
+        ci,
+        offs,
+        nq,
+        w,
+        out,
+    });
+}
+
+struct WeightGrad<'a, const R: usize, const V: usize> {
+    x: &'a [f32],
+    plane: usize,
+    ci: usize,
+    offs: &'a [usize],
+    pixels: usize,
+    gyt: &'a [f32],
+    co_pad: usize,
+    samples: usize,
+    dw: &'a mut [f32],
+}
+
+impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let lanes = S::F32_LANES;
+        let Self {
+            x,
+            plane,
+            ci,
+            offs,
+            pixels,
+            gyt,
+            co_pad,
+            samples,
+            dw,
+        } = self;
+        let taps = offs.len();
+        let kt = ci * taps;
+        let width = V * lanes;
+        let (xs, gs) = (ci * plane, pixels * co_pad);
+        for c0 in (0..co_pad).step_by(width) {
+            for k0 in (0..kt).step_by(R) {
+                let rows = R.min(kt - k0);
+                // Rows past the end repeat the last one (computed, not stored).
+                let xo: [usize; R] = std::array::from_fn(|r| {
+                    let k = (k0 + r).min(kt - 1);
+                    (k / taps) * plane + offs[k % taps]
+                });
+                let mut acc = [[simd.splat_f32s(0.0); V]; R];
+                for s in 0..samples {
+                    let (x, g) = (&x[s * xs..][..xs], &gyt[s * gs..][..gs]);
+                    let xr: [&[f32]; R] = std::array::from_fn(|r| &x[xo[r]..][..pixels]);
+                    for (q, gr) in g.chunks_exact(co_pad).enumerate() {
+                        let gr = &gr[c0..][..width];
+                        let gv: [S::f32s; V] = std::array::from_fn(|v| load::<S>(&gr[v * lanes..]));
+                        for (a, xrow) in acc.iter_mut().zip(&xr) {
+                            let xb = simd.splat_f32s(xrow[q]);
+                            for (av, &g) in a.iter_mut().zip(&gv) {
+                                *av = simd.mul_add_f32s(xb, g, *av);
+                            }
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate().take(rows) {
+                    for (v, av) in a.iter().enumerate() {
+                        let vals: &[f32] = bytemuck::cast_slice(std::slice::from_ref(av));
+                        for (l, &val) in vals.iter().enumerate() {
+                            dw[(c0 + v * lanes + l) * kt + k0 + r] += val;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dw[o][i·taps + t] += Σ_{s,q} gyt[s][q][o] · x[s][i][q + offs[t]]` over `samples` samples:
+/// `x` as for [`forward`] (samples back to back), `gyt` from [`Grid::transpose_out`] with
+/// `pixels = oh·wp`, `dw` `[co_pad][ci·taps]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn weight_grad(
+    x: &[f32],
+    plane: usize,
+    ci: usize,
+    offs: &[usize],
+    pixels: usize,
+    gyt: &[f32],
+    co_pad: usize,
+    samples: usize,
+    dw: &mut [f32],
+) {
+    struct Pick<'a>(WeightGrad<'a, 1, 1>);
+    impl WithSimd for Pick<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, simd: S) {
+            let WeightGrad {
+                x,
+                plane,
+                ci,
+                offs,
+                pixels,
+                gyt,
+                co_pad,
+                samples,
+                dw,
+            } = self.0;
+            // Register block: R rows (input channel x tap) by V vectors of output channels,
+            // measured on a Xeon: 12x1, 8x2, 4x4 vectors.
+            let vectors = co_pad / S::F32_LANES;
+            macro_rules! run {
+                ($r:literal, $v:literal) => {
+                    WeightGrad::<$r, $v> {
+                        x,
+                        plane,
+                        ci,
+                        offs,
+                        pixels,
+                        gyt,
+                        co_pad,
+                        samples,
+                        dw,
+                    }
+                    .with_simd(simd)
+                };
+            }
+            if vectors.is_multiple_of(4) {
+                run!(4, 4)
+            } else if vectors.is_multiple_of(2) {
+                run!(8, 2)
+            } else {
+                run!(12, 1)
+            }
+        }
+    }
+    debug_assert!(co_pad.is_multiple_of(CO_BLOCK));
+    dispatch(Pick(WeightGrad {
+        x,
+        plane,
+        ci,
+        offs,
+        pixels,
+        gyt,
+        co_pad,
+        samples,
+        dw,
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed);
+        (0..n).map(|_| r.uniform() * 2.0 - 1.0).collect()
+    }
+
+    /// Plain loops: `y[o][oy][ox] = Σ w[o][i][ky][kx] · x[i][oy + ky - ph][ox + kx - pw]`.
+    fn reference(x: &[f32], w: &[f32], g: &Grid, ci: usize, co: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; co * g.oh * g.ow];
+        for o in 0..co {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    let mut s = 0.0f64;
+                    for i in 0..ci {
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                let (iy, ix) = (oy + ky, ox + kx);
+                                if iy < g.ph || ix < g.pw || iy - g.ph >= g.h || ix - g.pw >= g.w {
+                                    continue;
+                                }
+                                s += (w[((o * ci + i) * g.kh + ky) * g.kw + kx]
+                                    * x[(i * g.h + iy - g.ph) * g.w + ix - g.pw])
+                                    as f64;
+                            }
+                        }
+                    }
+                    y[(o * g.oh + oy) * g.ow + ox] = s as f32;
+                }
+            }
+        }
+        y
+    }
+
+    /// Forward and weight-gradient outputs of one run on `level`.
+    fn run_kernels(
+        level: Level,
+        ci: usize,
+        co: usize,
+        g: &Grid,
+        seed: u64,
+    ) -> (Vec<f32>, Vec<f32>) {
+        set_level(level);
+        let samples = 3;
+        let taps = g.kh * g.kw;
+        let (x, wt) = (
+            rand(samples * ci * g.h * g.w, seed),
+            rand(co * ci * taps, seed + 1),
+        );
+        let gy = rand(samples * co * g.oh * g.ow, seed + 2);
+        let mut xp = vec![0.0f32; samples * ci * g.plane];
+        for s in 0..samples {
+            g.pad(&x[s * ci * g.h * g.w..], ci, &mut xp[s * ci * g.plane..]);
+        }
+        let cop = padded_channels(co);
+        let mut out = vec![0.0f32; cop * g.nq];
+        forward(
+            &xp,
+            g.plane,
+            ci,
+            &g.offsets(),
+            g.nq,
+            &pack_weights(&wt, co, ci, taps, false),
+            &mut out,
+        );
+        let pixels = g.oh * g.wp;
+        let mut gyt = vec![0.0f32; samples * pixels * cop];
+        for s in 0..samples {
+            g.transpose_out(
+                &gy[s * co * g.oh * g.ow..],
+                co,
+                cop,
+                &mut gyt[s * pixels * cop..],
+            );
+        }
+        let mut dw = vec![0.0f32; cop * ci * taps];
+        weight_grad(
+            &xp,
+            g.plane,
+            ci,
+            &g.offsets(),
+            pixels,
+            &gyt,
+            cop,
+            samples,
+            &mut dw,
+        );
+        set_level(Level::Auto);
+        (out, dw)
+    }
+
+    #[test]
+    fn every_simd_level_is_bit_identical_to_scalar() {
+        let mut ran = vec![];
+        for (i, (ci, co, h, w, k, p)) in [
+            (3, 5, 7, 9, 3, 1),
+            (16, 16, 28, 28, 3, 1),
+            (5, 33, 6, 4, 3, 0),
+            (2, 64, 7, 7, 3, 1),
+            (7, 20, 5, 11, 5, 2),
+            (1, 3, 1, 2, 2, 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let g = Grid::new(h, w, p, p, k, k).unwrap();
+            let want = run_kernels(Level::Scalar, ci, co, &g, i as u64);
+            for level in [
+                Level::Auto,
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx2,
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx512,
+            ] {
+                if !level.available() {
+                    continue;
+                }
+                let got = run_kernels(level, ci, co, &g, i as u64);
+                assert!(
+                    got.0 == want.0,
+                    "{level:?} forward differs from scalar ({ci} {co} {h}x{w} k{k})"
+                );
+                assert!(
+                    got.1 == want.1,
+                    "{level:?} weight gradient differs from scalar ({ci} {co} {h}x{w} k{k})"
+                );
+                if !ran.contains(&level) {
+                    ran.push(level);
+                }
+            }
+        }
+        // Which vector paths this machine checked against the scalar one.
+        eprintln!("direct conv: checked {ran:?} against Scalar");
+    }
+
+    #[test]
+    fn forward_matches_plain_loops_on_odd_shapes() {
+        for (ci, co, h, w, k, p) in [
+            (1, 16, 28, 28, 3, 1),
+            (3, 5, 7, 9, 3, 1),
+            (5, 17, 6, 4, 3, 0),
+            (2, 33, 5, 11, 5, 2),
+            (4, 3, 1, 1, 3, 1),
+            (6, 8, 9, 3, 1, 0),
+            (2, 4, 4, 6, 2, 1),
+        ] {
+            let g = Grid::new(h, w, p, p, k, k).unwrap();
+            let (x, wt) = (rand(ci * h * w, 1), rand(co * ci * k * k, 2));
+            let mut xp = vec![1.0f32; ci * g.plane];
+            g.pad(&x, ci, &mut xp);
+            let cop = padded_channels(co);
+            let mut out = vec![0.0f32; cop * g.nq];
+            forward(
+                &xp,
+                g.plane,
+                ci,
+                &g.offsets(),
+                g.nq,
+                &pack_weights(&wt, co, ci, k * k, false),
+                &mut out,
+            );
+            let mut y = vec![0.0f32; co * g.oh * g.ow];
+            g.extract(&out, co, &mut y, None);
+            let want = reference(&x, &wt, &g, ci, co);
+            for (a, b) in y.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{ci} {co} {h}x{w} k{k}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
