@@ -5,8 +5,6 @@
 //! which op it is. Leaves are inputs (no gradient) or parameters (gradient accumulated into the
 //! [`ParamStore`] on [`Graph::backward`]).
 
-use ndarray::Zip;
-
 use crate::buffers;
 use crate::error::{shape, Result};
 use crate::params::{ParamId, ParamStore};
@@ -212,7 +210,7 @@ impl Graph {
                     }
                     match &mut grads[v.0] {
                         Some(acc) => {
-                            Zip::from(acc).and(&gi).par_for_each(|a, &b| *a += b);
+                            crate::ops::ew::add_assign(acc, &gi);
                             buffers::recycle(gi);
                         }
                         slot => *slot = Some(gi),

@@ -1,9 +1,7 @@
 //! Activations: ReLU, ReLU6, clamp from below.
 
-use ndarray::Zip;
-
-use crate::buffers;
 use crate::graph::{Backward, Graph, Var};
+use crate::ops::ew;
 use crate::Tensor;
 
 /// Gradient passes where `lo < x < hi` (at the kinks: not passed, as PyTorch does for ReLU).
@@ -15,23 +13,18 @@ struct ClampOp {
 impl Backward for ClampOp {
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
         let (lo, hi) = (self.lo, self.hi);
-        let mut gx =
-            Tensor::from_shape_vec(grad.raw_dim(), buffers::take(grad.len())).expect("shape");
-        Zip::from(&mut gx)
-            .and(grad)
-            .and(inputs[0])
-            .par_for_each(|o, &g, &x| *o = if x > lo && x < hi { g } else { 0.0 });
+        let gx = ew::map2(
+            grad,
+            inputs[0],
+            |g, x| if x > lo && x < hi { g } else { 0.0 },
+        );
         vec![Some(gx)]
     }
 }
 
 /// `clamp(x, lo, hi)`.
 pub fn clamp(g: &mut Graph, x: Var, lo: f32, hi: f32) -> Var {
-    let xv = g.value(x);
-    let mut v = Tensor::from_shape_vec(xv.raw_dim(), buffers::take(xv.len())).expect("shape");
-    Zip::from(&mut v)
-        .and(xv)
-        .par_for_each(|o, &a| *o = a.max(lo).min(hi));
+    let v = ew::map(g.value(x), |a| a.max(lo).min(hi));
     g.record(v, &[x], ClampOp { lo, hi })
 }
 

@@ -1,11 +1,12 @@
 //! Element-wise arithmetic, reductions and reshapes.
 
-use ndarray::{IxDyn, Zip};
+use ndarray::IxDyn;
 
 use crate::buffers;
 
 use crate::error::{shape, Result};
 use crate::graph::{Backward, Graph, Var};
+use crate::ops::ew;
 use crate::Tensor;
 
 fn same_shape(op: &'static str, g: &Graph, a: Var, b: Var) -> Result<()> {
@@ -25,12 +26,7 @@ impl Backward for AddOp {
 /// `a + b` (same shape; also the residual connection).
 pub fn add(g: &mut Graph, a: Var, b: Var) -> Result<Var> {
     same_shape("add", g, a, b)?;
-    let (av, bv) = (g.value(a), g.value(b));
-    let mut v = Tensor::from_shape_vec(av.raw_dim(), buffers::take(av.len())).expect("shape");
-    Zip::from(&mut v)
-        .and(av)
-        .and(bv)
-        .par_for_each(|o, &x, &y| *o = x + y);
+    let v = ew::map2(g.value(a), g.value(b), |x, y| x + y);
     Ok(g.record(v, &[a, b], AddOp))
 }
 

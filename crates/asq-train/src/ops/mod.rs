@@ -35,6 +35,118 @@ pub(crate) mod scratch {
     }
 }
 
+/// Element-wise kernels on tensors as flat slices, split over threads in fixed chunks, writing
+/// into pooled buffers ([`crate::buffers`]), each chunk compiled for the CPU's widest vectors
+/// (pulp's run-time dispatch of an inlined closure). ndarray's `Zip` over dynamic-rank arrays
+/// ran these as 4-wide SSE or scalar loops (15 % of a ResNet-20 step).
+pub(crate) mod ew {
+    use rayon::prelude::*;
+
+    use crate::buffers;
+    use crate::Tensor;
+
+    /// Elements per parallel task.
+    const CHUNK: usize = 1 << 14;
+
+    /// `f(a[i])`, shaped like `a`.
+    pub(crate) fn map(a: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Tensor {
+        let a_std = a.as_standard_layout();
+        let av = a_std.as_slice().expect("standard layout");
+        let mut out = buffers::take(av.len());
+        let arch = pulp::Arch::new();
+        out.par_chunks_mut(CHUNK)
+            .zip(av.par_chunks(CHUNK))
+            .for_each(|(o, a)| {
+                arch.dispatch(
+                    #[inline(always)]
+                    || o.iter_mut().zip(a).for_each(|(o, &a)| *o = f(a)),
+                )
+            });
+        Tensor::from_shape_vec(a.raw_dim(), out).expect("same element count")
+    }
+
+    /// `f(a[i], b[i])`, shaped like `a` (`b` has the same shape).
+    pub(crate) fn map2(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Tensor {
+        debug_assert_eq!(a.shape(), b.shape());
+        let (a_std, b_std) = (a.as_standard_layout(), b.as_standard_layout());
+        let (av, bv) = (
+            a_std.as_slice().expect("standard layout"),
+            b_std.as_slice().expect("standard layout"),
+        );
+        let mut out = buffers::take(av.len());
+        let arch = pulp::Arch::new();
+        out.par_chunks_mut(CHUNK)
+            .zip(av.par_chunks(CHUNK).zip(bv.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| {
+                arch.dispatch(
+                    #[inline(always)]
+                    || {
+                        o.iter_mut()
+                            .zip(a.iter().zip(b))
+                            .for_each(|(o, (&a, &b))| *o = f(a, b))
+                    },
+                )
+            });
+        Tensor::from_shape_vec(a.raw_dim(), out).expect("same element count")
+    }
+
+    /// `acc[i] += b[i]` (same shapes).
+    pub(crate) fn add_assign(acc: &mut Tensor, b: &Tensor) {
+        debug_assert_eq!(acc.shape(), b.shape());
+        let b_std = b.as_standard_layout();
+        match (acc.as_slice_mut(), b_std.as_slice()) {
+            (Some(a), Some(bv)) => {
+                let arch = pulp::Arch::new();
+                a.par_chunks_mut(CHUNK)
+                    .zip(bv.par_chunks(CHUNK))
+                    .for_each(|(a, b)| {
+                        arch.dispatch(
+                            #[inline(always)]
+                            || a.iter_mut().zip(b).for_each(|(a, &b)| *a += b),
+                        )
+                    })
+            }
+            _ => acc.zip_mut_with(b, |a, &b| *a += b),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use ndarray::IxDyn;
+
+        #[test]
+        fn element_wise_on_any_layout() {
+            let n = 3 * CHUNK + 7;
+            let a = Tensor::from_shape_fn(IxDyn(&[n]), |i| i[0] as f32);
+            let b = Tensor::from_shape_fn(IxDyn(&[n]), |i| 2.0 * i[0] as f32 - 5.0);
+            let m = map(&a, |x| x * 3.0);
+            assert!(m.iter().zip(a.iter()).all(|(m, a)| *m == a * 3.0));
+            let m2 = map2(&a, &b, |x, y| x - y);
+            assert!(m2
+                .iter()
+                .zip(b.iter())
+                .enumerate()
+                .all(|(i, (m, b))| *m == i as f32 - b));
+            let mut acc = a.clone();
+            add_assign(&mut acc, &b);
+            assert!(acc
+                .iter()
+                .zip(b.iter())
+                .enumerate()
+                .all(|(i, (s, b))| *s == i as f32 + b));
+            // Transposed (not standard layout) inputs.
+            let t = Tensor::from_shape_fn(IxDyn(&[5, 7]), |i| (i[0] * 7 + i[1]) as f32);
+            let tt = t.t().to_owned();
+            assert_eq!(map(&tt, |x| x + 1.0), tt.mapv(|x| x + 1.0));
+            assert_eq!(map2(&tt, &tt, |x, y| x * y), tt.mapv(|x| x * x));
+            let mut acc = tt.clone();
+            add_assign(&mut acc, &tt);
+            assert_eq!(acc, tt.mapv(|x| 2.0 * x));
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod gradcheck {
     //! Central finite differences against the tape's analytic gradients.

@@ -14,6 +14,66 @@ fn dims(t: &Tensor) -> (usize, usize, usize) {
     (s[0], s[1], s[2] * s[3])
 }
 
+/// f64 lanes of the per-channel sums: wide enough to vectorise, summed in a fixed order.
+const LANES: usize = 8;
+
+/// `(Σ x, Σ x²)` in f64.
+fn value_sums(x: &[f32]) -> (f64, f64) {
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || value_sums_impl(x),
+    )
+}
+
+#[inline(always)]
+fn value_sums_impl(x: &[f32]) -> (f64, f64) {
+    let (mut s, mut s2) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for ch in chunks {
+        for l in 0..LANES {
+            let v = ch[l] as f64;
+            s[l] += v;
+            s2[l] += v * v;
+        }
+    }
+    let (mut a, mut a2) = (s.iter().sum::<f64>(), s2.iter().sum::<f64>());
+    for &v in tail {
+        a += v as f64;
+        a2 += v as f64 * v as f64;
+    }
+    (a, a2)
+}
+
+/// `(Σ g, Σ g·(x - mu))` in f64.
+fn grad_sums(g: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || grad_sums_impl(g, x, mu),
+    )
+}
+
+#[inline(always)]
+fn grad_sums_impl(g: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
+    let mu = mu as f64;
+    let (mut s, mut sx) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let (gc, xc) = (g.chunks_exact(LANES), x.chunks_exact(LANES));
+    let (gt, xt) = (gc.remainder(), xc.remainder());
+    for (gch, xch) in gc.zip(xc) {
+        for l in 0..LANES {
+            let gv = gch[l] as f64;
+            s[l] += gv;
+            sx[l] += gv * (xch[l] as f64 - mu);
+        }
+    }
+    let (mut a, mut b) = (s.iter().sum::<f64>(), sx.iter().sum::<f64>());
+    for (&gv, &xv) in gt.iter().zip(xt) {
+        a += gv as f64;
+        b += gv as f64 * (xv as f64 - mu);
+    }
+    (a, b)
+}
+
 struct BnTrainOp {
     mean: Vec<f32>,
     inv_std: Vec<f32>,
@@ -30,36 +90,50 @@ impl Backward for BnTrainOp {
             inputs[1],
         );
         let m = (n * hw) as f64;
-        // Per-channel sums in parallel over channels (each sequential in f64: deterministic).
+        // Per-channel sums in parallel over channels (each in a fixed order in f64 lanes:
+        // deterministic).
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let (mu, is) = (self.mean[ch] as f64, self.inv_std[ch] as f64);
+                let mu = self.mean[ch];
                 let (mut sg, mut sgx) = (0.0f64, 0.0f64);
                 for s in 0..n {
                     let o = (s * c + ch) * hw;
-                    for i in o..o + hw {
-                        sg += gy[i] as f64;
-                        sgx += gy[i] as f64 * (x[i] as f64 - mu) * is;
-                    }
+                    let (a, b) = grad_sums(&gy[o..o + hw], &x[o..o + hw], mu);
+                    sg += a;
+                    sgx += b;
                 }
-                (sg, sgx)
+                (sg, sgx * self.inv_std[ch] as f64)
             })
             .collect();
         let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
         let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+        // dx = gamma·is/m · (m·gy - Σgy - x̂·Σgy·x̂) = A·gy + B·(x - mu) + C per channel.
+        let coef: Vec<(f32, f32, f32, f32)> = (0..c)
+            .map(|ch| {
+                let (is, (sg, sgx)) = (self.inv_std[ch] as f64, sums[ch]);
+                let a = gamma[ch] as f64 * is;
+                (
+                    a as f32,
+                    (-a * is * sgx / m) as f32,
+                    (-a * sg / m) as f32,
+                    self.mean[ch],
+                )
+            })
+            .collect();
         let mut dx = buffers::take(x.len());
-        dx.par_chunks_mut(c * hw).enumerate().for_each(|(s, dxs)| {
-            for ch in 0..c {
-                let (mu, is) = (self.mean[ch] as f64, self.inv_std[ch] as f64);
-                let (sg, sgx) = sums[ch];
-                let k = gamma[ch] as f64 * is / m;
-                let o = (s * c + ch) * hw;
-                for (j, d) in dxs[ch * hw..(ch + 1) * hw].iter_mut().enumerate() {
-                    let xh = (x[o + j] as f64 - mu) * is;
-                    *d = (k * (m * gy[o + j] as f64 - sg - xh * sgx)) as f32;
-                }
-            }
+        let arch = pulp::Arch::new();
+        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, d)| {
+            let (a, b, cc, mu) = coef[plane % c];
+            let o = plane * hw;
+            arch.dispatch(
+                #[inline(always)]
+                || {
+                    for ((d, &g), &xv) in d.iter_mut().zip(&gy[o..o + hw]).zip(&x[o..o + hw]) {
+                        *d = a * g + (b * (xv - mu) + cc);
+                    }
+                },
+            )
         });
         vec![
             Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape")),
@@ -103,10 +177,9 @@ pub fn batch_norm2d_train(
         .map(|ch| {
             let (mut s, mut s2) = (0.0f64, 0.0f64);
             for b in 0..n {
-                for &v in &xs[(b * c + ch) * hw..][..hw] {
-                    s += v as f64;
-                    s2 += v as f64 * v as f64;
-                }
+                let (a, a2) = value_sums(&xs[(b * c + ch) * hw..][..hw]);
+                s += a;
+                s2 += a2;
             }
             let mu = s / m;
             (mu as f32, (s2 / m - mu * mu).max(0.0) as f32)
@@ -117,14 +190,18 @@ pub fn batch_norm2d_train(
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let (gm, bt) = (g.value(gamma), g.value(beta));
     let mut y = buffers::take(xs.len());
-    y.par_chunks_mut(c * hw).enumerate().for_each(|(b, ys)| {
-        for ch in 0..c {
-            let o = (b * c + ch) * hw;
-            let (mu, is, ga, be) = (mean[ch], inv_std[ch], gm[ch], bt[ch]);
-            for (j, yv) in ys[ch * hw..(ch + 1) * hw].iter_mut().enumerate() {
-                *yv = (xs[o + j] - mu) * is * ga + be;
-            }
-        }
+    let arch = pulp::Arch::new();
+    y.par_chunks_mut(hw).enumerate().for_each(|(plane, ys)| {
+        let ch = plane % c;
+        let (mu, k, be) = (mean[ch], inv_std[ch] * gm[ch], bt[ch]);
+        arch.dispatch(
+            #[inline(always)]
+            || {
+                for (yv, &xv) in ys.iter_mut().zip(&xs[plane * hw..][..hw]) {
+                    *yv = (xv - mu) * k + be;
+                }
+            },
+        )
     });
     let y = Tensor::from_shape_vec(g.value(x).raw_dim(), y).expect("shape");
     drop(xv);
