@@ -36,10 +36,11 @@ pub(crate) mod scratch {
 }
 
 /// Element-wise kernels on tensors as flat slices, split over threads in fixed chunks, writing
-/// into pooled buffers ([`crate::buffers`]), each chunk compiled for the CPU's widest vectors
-/// (pulp's run-time dispatch of an inlined closure). ndarray's `Zip` over dynamic-rank arrays
-/// ran these as 4-wide SSE or scalar loops (15 % of a ResNet-20 step).
+/// into pooled buffers ([`crate::buffers`]), each chunk compiled for the CPU's widest vectors.
+/// ndarray's `Zip` over dynamic-rank arrays ran these as 4-wide SSE or scalar loops (15 % of a
+/// ResNet-20 step).
 pub(crate) mod ew {
+    use pulp::{Simd, WithSimd};
     use rayon::prelude::*;
 
     use crate::buffers;
@@ -47,6 +48,35 @@ pub(crate) mod ew {
 
     /// Elements per parallel task.
     const CHUNK: usize = 1 << 14;
+
+    /// One chunk of an element-wise loop. pulp's dispatch instantiates `with_simd` once per
+    /// instruction set, so the loop (and the small op inlined into it) is compiled for each; a
+    /// closure handed to the dispatch directly stays compiled for the baseline. The ops are
+    /// single IEEE operations, so every path gives the same result.
+    enum Chunk<'a, F, G> {
+        Map(&'a mut [f32], &'a [f32], &'a F),
+        Map2(&'a mut [f32], &'a [f32], &'a [f32], &'a G),
+        AddAssign(&'a mut [f32], &'a [f32]),
+    }
+
+    impl<F: Fn(f32) -> f32, G: Fn(f32, f32) -> f32> WithSimd for Chunk<'_, F, G> {
+        type Output = ();
+
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, _simd: S) {
+            match self {
+                Chunk::Map(o, a, f) => o.iter_mut().zip(a).for_each(|(o, &a)| *o = f(a)),
+                Chunk::Map2(o, a, b, f) => o
+                    .iter_mut()
+                    .zip(a.iter().zip(b))
+                    .for_each(|(o, (&a, &b))| *o = f(a, b)),
+                Chunk::AddAssign(o, b) => o.iter_mut().zip(b).for_each(|(o, &b)| *o += b),
+            }
+        }
+    }
+
+    type NoMap = fn(f32) -> f32;
+    type NoMap2 = fn(f32, f32) -> f32;
 
     /// `f(a[i])`, shaped like `a`.
     pub(crate) fn map(a: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Tensor {
@@ -56,12 +86,7 @@ pub(crate) mod ew {
         let arch = pulp::Arch::new();
         out.par_chunks_mut(CHUNK)
             .zip(av.par_chunks(CHUNK))
-            .for_each(|(o, a)| {
-                arch.dispatch(
-                    #[inline(always)]
-                    || o.iter_mut().zip(a).for_each(|(o, &a)| *o = f(a)),
-                )
-            });
+            .for_each(|(o, a)| arch.dispatch(Chunk::<_, NoMap2>::Map(o, a, &f)));
         Tensor::from_shape_vec(a.raw_dim(), out).expect("same element count")
     }
 
@@ -77,16 +102,7 @@ pub(crate) mod ew {
         let arch = pulp::Arch::new();
         out.par_chunks_mut(CHUNK)
             .zip(av.par_chunks(CHUNK).zip(bv.par_chunks(CHUNK)))
-            .for_each(|(o, (a, b))| {
-                arch.dispatch(
-                    #[inline(always)]
-                    || {
-                        o.iter_mut()
-                            .zip(a.iter().zip(b))
-                            .for_each(|(o, (&a, &b))| *o = f(a, b))
-                    },
-                )
-            });
+            .for_each(|(o, (a, b))| arch.dispatch(Chunk::<NoMap, _>::Map2(o, a, b, &f)));
         Tensor::from_shape_vec(a.raw_dim(), out).expect("same element count")
     }
 
@@ -99,12 +115,7 @@ pub(crate) mod ew {
                 let arch = pulp::Arch::new();
                 a.par_chunks_mut(CHUNK)
                     .zip(bv.par_chunks(CHUNK))
-                    .for_each(|(a, b)| {
-                        arch.dispatch(
-                            #[inline(always)]
-                            || a.iter_mut().zip(b).for_each(|(a, &b)| *a += b),
-                        )
-                    })
+                    .for_each(|(a, b)| arch.dispatch(Chunk::<NoMap, NoMap2>::AddAssign(a, b)))
             }
             _ => acc.zip_mut_with(b, |a, &b| *a += b),
         }

@@ -14,64 +14,86 @@ fn dims(t: &Tensor) -> (usize, usize, usize) {
     (s[0], s[1], s[2] * s[3])
 }
 
-/// f64 lanes of the per-channel sums: wide enough to vectorise, summed in a fixed order.
-const LANES: usize = 8;
+/// f32 lanes of a plane's partial sums: fixed, so that the order (and result) is the same on
+/// every instruction set; each plane's lanes are combined in f64, planes summed in f64.
+const LANES: usize = 16;
 
-/// `(Σ x, Σ x²)` in f64.
+/// Per-plane kernels of batch norm, compiled for the CPU's widest vectors by pulp's dispatch
+/// (`with_simd` is instantiated per instruction set; the arithmetic is identical on each).
+enum Plane<'a> {
+    /// `(Σ x, Σ x²)`.
+    ValueSums(&'a [f32]),
+    /// `(Σ g, Σ g·(x - mu))` of `(g, x, mu)`.
+    GradSums(&'a [f32], &'a [f32], f32),
+    /// `out = (x - mu)·k + b` of `(out, x, mu, k, b)`.
+    Normalise(&'a mut [f32], &'a [f32], f32, f32, f32),
+    /// `out = a·g + (b·(x - mu) + c)` of `(out, g, x, (a, b, c, mu))`.
+    InputGrad(&'a mut [f32], &'a [f32], &'a [f32], (f32, f32, f32, f32)),
+}
+
+impl pulp::WithSimd for Plane<'_> {
+    type Output = (f64, f64);
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> (f64, f64) {
+        let combine = |l: [f32; LANES]| l.iter().map(|&v| v as f64).sum::<f64>();
+        match self {
+            Plane::ValueSums(x) => {
+                let (mut s, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
+                let chunks = x.chunks_exact(LANES);
+                let tail = chunks.remainder();
+                for ch in chunks {
+                    for l in 0..LANES {
+                        s[l] += ch[l];
+                        s2[l] += ch[l] * ch[l];
+                    }
+                }
+                let (mut a, mut a2) = (combine(s), combine(s2));
+                for &v in tail {
+                    a += v as f64;
+                    a2 += v as f64 * v as f64;
+                }
+                (a, a2)
+            }
+            Plane::GradSums(g, x, mu) => {
+                let (mut s, mut sx) = ([0.0f32; LANES], [0.0f32; LANES]);
+                let (gc, xc) = (g.chunks_exact(LANES), x.chunks_exact(LANES));
+                let (gt, xt) = (gc.remainder(), xc.remainder());
+                for (gch, xch) in gc.zip(xc) {
+                    for l in 0..LANES {
+                        s[l] += gch[l];
+                        sx[l] += gch[l] * (xch[l] - mu);
+                    }
+                }
+                let (mut a, mut b) = (combine(s), combine(sx));
+                for (&gv, &xv) in gt.iter().zip(xt) {
+                    a += gv as f64;
+                    b += gv as f64 * (xv - mu) as f64;
+                }
+                (a, b)
+            }
+            Plane::Normalise(out, x, mu, k, b) => {
+                for (o, &xv) in out.iter_mut().zip(x) {
+                    *o = (xv - mu) * k + b;
+                }
+                (0.0, 0.0)
+            }
+            Plane::InputGrad(out, g, x, (a, b, c, mu)) => {
+                for ((o, &gv), &xv) in out.iter_mut().zip(g).zip(x) {
+                    *o = a * gv + (b * (xv - mu) + c);
+                }
+                (0.0, 0.0)
+            }
+        }
+    }
+}
+
 fn value_sums(x: &[f32]) -> (f64, f64) {
-    pulp::Arch::new().dispatch(
-        #[inline(always)]
-        || value_sums_impl(x),
-    )
+    pulp::Arch::new().dispatch(Plane::ValueSums(x))
 }
 
-#[inline(always)]
-fn value_sums_impl(x: &[f32]) -> (f64, f64) {
-    let (mut s, mut s2) = ([0.0f64; LANES], [0.0f64; LANES]);
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for ch in chunks {
-        for l in 0..LANES {
-            let v = ch[l] as f64;
-            s[l] += v;
-            s2[l] += v * v;
-        }
-    }
-    let (mut a, mut a2) = (s.iter().sum::<f64>(), s2.iter().sum::<f64>());
-    for &v in tail {
-        a += v as f64;
-        a2 += v as f64 * v as f64;
-    }
-    (a, a2)
-}
-
-/// `(Σ g, Σ g·(x - mu))` in f64.
 fn grad_sums(g: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
-    pulp::Arch::new().dispatch(
-        #[inline(always)]
-        || grad_sums_impl(g, x, mu),
-    )
-}
-
-#[inline(always)]
-fn grad_sums_impl(g: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
-    let mu = mu as f64;
-    let (mut s, mut sx) = ([0.0f64; LANES], [0.0f64; LANES]);
-    let (gc, xc) = (g.chunks_exact(LANES), x.chunks_exact(LANES));
-    let (gt, xt) = (gc.remainder(), xc.remainder());
-    for (gch, xch) in gc.zip(xc) {
-        for l in 0..LANES {
-            let gv = gch[l] as f64;
-            s[l] += gv;
-            sx[l] += gv * (xch[l] as f64 - mu);
-        }
-    }
-    let (mut a, mut b) = (s.iter().sum::<f64>(), sx.iter().sum::<f64>());
-    for (&gv, &xv) in gt.iter().zip(xt) {
-        a += gv as f64;
-        b += gv as f64 * (xv as f64 - mu);
-    }
-    (a, b)
+    pulp::Arch::new().dispatch(Plane::GradSums(g, x, mu))
 }
 
 struct BnTrainOp {
@@ -126,14 +148,12 @@ impl Backward for BnTrainOp {
         dx.par_chunks_mut(hw).enumerate().for_each(|(plane, d)| {
             let (a, b, cc, mu) = coef[plane % c];
             let o = plane * hw;
-            arch.dispatch(
-                #[inline(always)]
-                || {
-                    for ((d, &g), &xv) in d.iter_mut().zip(&gy[o..o + hw]).zip(&x[o..o + hw]) {
-                        *d = a * g + (b * (xv - mu) + cc);
-                    }
-                },
-            )
+            arch.dispatch(Plane::InputGrad(
+                d,
+                &gy[o..o + hw],
+                &x[o..o + hw],
+                (a, b, cc, mu),
+            ));
         });
         vec![
             Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape")),
@@ -194,14 +214,7 @@ pub fn batch_norm2d_train(
     y.par_chunks_mut(hw).enumerate().for_each(|(plane, ys)| {
         let ch = plane % c;
         let (mu, k, be) = (mean[ch], inv_std[ch] * gm[ch], bt[ch]);
-        arch.dispatch(
-            #[inline(always)]
-            || {
-                for (yv, &xv) in ys.iter_mut().zip(&xs[plane * hw..][..hw]) {
-                    *yv = (xv - mu) * k + be;
-                }
-            },
-        )
+        arch.dispatch(Plane::Normalise(ys, &xs[plane * hw..][..hw], mu, k, be));
     });
     let y = Tensor::from_shape_vec(g.value(x).raw_dim(), y).expect("shape");
     drop(xv);
