@@ -434,7 +434,7 @@ fn direct_conv(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
     let bias: Option<Vec<f32>> = b.map(|b| g.value(b).iter().copied().collect());
     let grid = forward_grid(&geo);
     let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
-    let wk = direct::pack_weights(wv, geo.co, geo.c, taps, false);
+    let wk = direct::pack_weights(wv, geo.co, geo.c, taps, false, grid.co_block());
     let offs = grid.offsets();
     let co_pad = direct::padded_channels(geo.co);
     let mut y = buffers::take(geo.n * out_len);
@@ -444,7 +444,7 @@ fn direct_conv(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
             let mut xp = scratch::take(0, geo.c * grid.plane);
             let mut tmp = scratch::take(1, co_pad * grid.nq);
             grid.pad(xn, geo.c, &mut xp);
-            direct::forward(&xp, grid.plane, geo.c, &offs, grid.nq, &wk, &mut tmp);
+            direct::forward(&grid, &xp, grid.plane, geo.c, &offs, &wk, &mut tmp);
             grid.extract(&tmp, geo.co, yn, bias.as_deref());
             scratch::give(0, xp);
             scratch::give(1, tmp);
@@ -481,7 +481,7 @@ fn direct_grads(geo: &Geo, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f
     )
     .expect("the transposed kernel fits the padded output gradient");
     debug_assert_eq!((back.oh, back.ow), (geo.h, geo.w));
-    let wt = direct::pack_weights(w, geo.co, geo.c, taps, true);
+    let wt = direct::pack_weights(w, geo.co, geo.c, taps, true, back.co_block());
     let (offs_f, offs_b) = (fwd.offsets(), back.offsets());
     let (ci_pad, co_pad) = (
         direct::padded_channels(geo.c),
@@ -502,7 +502,7 @@ fn direct_grads(geo: &Geo, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f
             for (j, dxn) in dxc.chunks_exact_mut(in_len).enumerate() {
                 let gyn = &gy[(n0 + j) * out_len..][..out_len];
                 back.pad(gyn, geo.co, &mut gp);
-                direct::forward(&gp, back.plane, geo.co, &offs_b, back.nq, &wt, &mut tmp);
+                direct::forward(&back, &gp, back.plane, geo.co, &offs_b, &wt, &mut tmp);
                 back.extract(&tmp, geo.c, dxn, None);
             }
             scratch::give(0, gp);
