@@ -26,6 +26,20 @@ pub trait Backward: Send + Sync {
     /// Gradients w.r.t. each input (same order as recorded), given the inputs' values, the
     /// output value and the gradient of the loss w.r.t. the output. `None`: no gradient.
     fn backward(&self, inputs: &[&Tensor], output: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>>;
+
+    /// [`Backward::backward`] told which inputs need a gradient (`needed[i]`); an op may skip
+    /// the others' work and return `None` for them (a convolution on the input images does not
+    /// compute the images' gradient). Default: every gradient.
+    fn backward_needed(
+        &self,
+        inputs: &[&Tensor],
+        output: &Tensor,
+        grad: &Tensor,
+        needed: &[bool],
+    ) -> Vec<Option<Tensor>> {
+        let _ = needed;
+        self.backward(inputs, output, grad)
+    }
 }
 
 struct Node {
@@ -192,7 +206,12 @@ impl Graph {
             if let Some(op) = &node.op {
                 let inputs: Vec<&Tensor> =
                     node.inputs.iter().map(|v| &self.nodes[v.0].value).collect();
-                let gin = op.backward(&inputs, &node.value, &g);
+                let needed: Vec<bool> = node
+                    .inputs
+                    .iter()
+                    .map(|v| self.nodes[v.0].needs_grad)
+                    .collect();
+                let gin = op.backward_needed(&inputs, &node.value, &g, &needed);
                 for (v, gi) in node.inputs.iter().zip(gin) {
                     let Some(gi) = gi else { continue };
                     if !self.nodes[v.0].needs_grad {

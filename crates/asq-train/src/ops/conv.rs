@@ -192,8 +192,19 @@ struct ConvOp {
 }
 
 impl Backward for ConvOp {
-    fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
+    fn backward(&self, inputs: &[&Tensor], out: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
+        self.backward_needed(inputs, out, grad, &[true; 3])
+    }
+
+    fn backward_needed(
+        &self,
+        inputs: &[&Tensor],
+        _: &Tensor,
+        grad: &Tensor,
+        needed: &[bool],
+    ) -> Vec<Option<Tensor>> {
         let geo = self.geo;
+        let want_dx = needed.first().copied().unwrap_or(true);
         let (xs, ws, gs) = (
             inputs[0].as_standard_layout(),
             inputs[1].as_standard_layout(),
@@ -201,12 +212,15 @@ impl Backward for ConvOp {
         );
         let [x, w, gy] = [&xs, &ws, &gs].map(|t| t.as_slice().expect("standard layout"));
         let (dx, dw) = match self.path {
-            Path::Depthwise => depthwise_grads(&geo, x, w, gy),
-            Path::Direct => direct_grads(&geo, x, w, gy),
-            Path::Gemm => gemm_grads(&geo, x, w, gy),
+            Path::Depthwise => {
+                let (dx, dw) = depthwise_grads(&geo, x, w, gy);
+                (Some(dx), dw)
+            }
+            Path::Direct => direct_grads(&geo, x, w, gy, want_dx),
+            Path::Gemm => gemm_grads(&geo, x, w, gy, want_dx),
         };
         let mut out = vec![
-            Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("input shape")),
+            dx.map(|dx| Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("input shape")),
             Some(Tensor::from_shape_vec(inputs[1].raw_dim(), dw).expect("weight shape")),
         ];
         if self.bias {
@@ -216,19 +230,38 @@ impl Backward for ConvOp {
     }
 }
 
-/// `(dx, dw)` through im2col + GEMM, weight gradients reduced over fixed sample chunks.
-fn gemm_grads(geo: &Geo, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+/// `(dx, dw)` through im2col + GEMM, weight gradients reduced over fixed sample chunks; no `dx`
+/// unless `want_dx`.
+fn gemm_grads(
+    geo: &Geo,
+    x: &[f32],
+    w: &[f32],
+    gy: &[f32],
+    want_dx: bool,
+) -> (Option<Vec<f32>>, Vec<f32>) {
     let geo = *geo;
     let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
     let (krows, opix, cog) = (geo.krows(), geo.opix(), geo.cog());
-    let mut dx = buffers::take_zeroed(geo.n * in_len);
+    // Without `dx`, a zero-length stand-in still splits the samples into the same chunks.
+    let mut dx = if want_dx {
+        buffers::take_zeroed(geo.n * in_len)
+    } else {
+        Vec::new()
+    };
     let per_chunk = geo.n.div_ceil(CHUNKS.min(geo.n));
-    let partials: Vec<Vec<f32>> = dx
-        .par_chunks_mut(per_chunk * in_len)
-        .enumerate()
-        .map(|(chunk, dxc)| {
-            let samples = dxc.len() / in_len;
-            let n0 = chunk * per_chunk;
+    let chunks: Vec<(usize, usize)> = (0..geo.n)
+        .step_by(per_chunk.max(1))
+        .map(|n0| (n0, per_chunk.min(geo.n - n0)))
+        .collect();
+    let mut dx_chunks: Vec<&mut [f32]> = if want_dx {
+        dx.chunks_mut(per_chunk * in_len).collect()
+    } else {
+        chunks.iter().map(|_| Default::default()).collect()
+    };
+    let partials: Vec<Vec<f32>> = dx_chunks
+        .par_iter_mut()
+        .zip(chunks.par_iter())
+        .map(|(dxc, &(n0, samples))| {
             let ld = samples * opix;
             let mut dw = vec![0.0f32; w.len()];
             let mut cols = scratch::take(0, krows * ld);
@@ -253,10 +286,12 @@ fn gemm_grads(geo: &Geo, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32
                 let wg = view(&w[grp * cog * krows..][..cog * krows], cog, krows);
                 let mut dwg = view_mut(&mut dw[grp * cog * krows..][..cog * krows], cog, krows);
                 general_mat_mul(1.0, &gyg, &view(&cols, krows, ld).t(), 1.0, &mut dwg);
-                let mut dcols = view_mut(&mut cols, krows, ld);
-                general_mat_mul(1.0, &wg.t(), &gyg, 0.0, &mut dcols);
-                for (j, dxn) in dxc.chunks_mut(in_len).enumerate() {
-                    col2im(&cols, &geo, grp, dxn, ld, j * opix);
+                if want_dx {
+                    let mut dcols = view_mut(&mut cols, krows, ld);
+                    general_mat_mul(1.0, &wg.t(), &gyg, 0.0, &mut dcols);
+                    for (j, dxn) in dxc.chunks_mut(in_len).enumerate() {
+                        col2im(&cols, &geo, grp, dxn, ld, j * opix);
+                    }
                 }
             }
             scratch::give(0, cols);
@@ -268,7 +303,7 @@ fn gemm_grads(geo: &Geo, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32
     for p in &partials {
         dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
     }
-    (dx, dw)
+    (want_dx.then_some(dx), dw)
 }
 
 /// Convolution of `x` `[N, C, H, W]` with `w` `[C_out, C / groups, KH, KW]` and an optional
@@ -464,10 +499,16 @@ fn direct_conv(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
     )
 }
 
-/// `(dx, dw)` on the direct kernels: `dx` is the forward kernel run on the output gradient
-/// padded by `k - 1 - pad` with the kernel transposed and flipped; `dw` is reduced over fixed
-/// sample chunks in order, as on the GEMM path.
-fn direct_grads(geo: &Geo, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+/// `(dx, dw)` on the direct kernels: `dx` (only if `want_dx`) is the forward kernel run on the
+/// output gradient padded by `k - 1 - pad` with the kernel transposed and flipped; `dw` is
+/// reduced over fixed sample chunks in order, as on the GEMM path.
+fn direct_grads(
+    geo: &Geo,
+    x: &[f32],
+    w: &[f32],
+    gy: &[f32],
+    want_dx: bool,
+) -> (Option<Vec<f32>>, Vec<f32>) {
     let geo = *geo;
     let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
     let fwd = forward_grid(&geo);
@@ -488,15 +529,26 @@ fn direct_grads(geo: &Geo, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f
         direct::padded_channels(geo.co),
     );
     let pixels = geo.oh * fwd.wp;
-    let mut dx = buffers::take(geo.n * in_len);
+    let mut dx = if want_dx {
+        buffers::take(geo.n * in_len)
+    } else {
+        Vec::new()
+    };
     let per_chunk = geo.n.div_ceil(CHUNKS.min(geo.n));
-    let partials: Vec<Vec<f32>> = dx
-        .par_chunks_mut(per_chunk * in_len)
-        .enumerate()
-        .map(|(chunk, dxc)| {
-            let samples = dxc.len() / in_len;
-            let n0 = chunk * per_chunk;
-            // Input gradient, sample by sample.
+    let chunks: Vec<(usize, usize)> = (0..geo.n)
+        .step_by(per_chunk.max(1))
+        .map(|n0| (n0, per_chunk.min(geo.n - n0)))
+        .collect();
+    let mut dx_chunks: Vec<&mut [f32]> = if want_dx {
+        dx.chunks_mut(per_chunk * in_len).collect()
+    } else {
+        chunks.iter().map(|_| Default::default()).collect()
+    };
+    let partials: Vec<Vec<f32>> = dx_chunks
+        .par_iter_mut()
+        .zip(chunks.par_iter())
+        .map(|(dxc, &(n0, samples))| {
+            // Input gradient, sample by sample (nothing when not wanted: `dxc` is empty).
             let mut gp = scratch::take(0, geo.co * back.plane);
             let mut tmp = scratch::take(1, ci_pad * back.nq);
             for (j, dxn) in dxc.chunks_exact_mut(in_len).enumerate() {
@@ -538,7 +590,7 @@ fn direct_grads(geo: &Geo, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f
     for p in &partials {
         dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
     }
-    (dx, dw)
+    (want_dx.then_some(dx), dw)
 }
 
 thread_local! {
@@ -826,6 +878,41 @@ mod tests {
                     conv2d(g, v[0], v[1], Some(v[2]), spec).unwrap()
                 });
             }
+        }
+    }
+
+    #[test]
+    fn weight_gradients_do_not_depend_on_whether_the_input_needs_one() {
+        // The op skips the input gradient of a constant input (the images); the weight
+        // gradient must not change, on the direct and the GEMM path.
+        for (stride, seed) in [(1, 1), (2, 2)] {
+            let spec = ConvSpec {
+                stride,
+                pad: 1,
+                groups: 1,
+            };
+            let (x, wt) = (
+                random(&[5, 3, 8, 7], seed),
+                random(&[16, 3, 3, 3], seed + 9),
+            );
+            let run = |input_grad: bool| {
+                let mut g = Graph::new(true);
+                let xv = if input_grad {
+                    g.input_with_grad(x.clone())
+                } else {
+                    g.input(x.clone())
+                };
+                let wv = g.input_with_grad(wt.clone());
+                let y = conv2d(&mut g, xv, wv, None, spec).unwrap();
+                let l = crate::ops::basic::sum(&mut g, y);
+                let l = crate::ops::basic::mul(&mut g, l, l).unwrap();
+                let all = g.gradients(l).unwrap();
+                (all[xv.0].is_some(), all[wv.0].clone().unwrap())
+            };
+            let (with, dw1) = run(true);
+            let (without, dw2) = run(false);
+            assert!(with && !without);
+            assert_eq!(dw1, dw2);
         }
     }
 
