@@ -120,10 +120,17 @@ impl Grid {
             .zip(dst.chunks_exact_mut(self.plane))
             .take(c)
         {
-            d.fill(0.0);
-            for (y, row) in s.chunks_exact(w).enumerate() {
-                d[(y + self.ph) * self.wp + self.pw..][..w].copy_from_slice(row);
+            // Zero only what no row covers: the top rows with the first left pad, the gap
+            // between consecutive rows (right pad + next left pad), and everything after.
+            let mut at = self.ph * self.wp + self.pw;
+            d[..at].fill(0.0);
+            for row in s.chunks_exact(w) {
+                d[at..at + w].copy_from_slice(row);
+                let next = (at + self.wp).min(d.len());
+                d[at + w..next].fill(0.0);
+                at = next;
             }
+            d[at..].fill(0.0);
         }
     }
 
@@ -152,13 +159,18 @@ impl Grid {
     /// A pixel-major copy `[oh·wp][co_pad]` of `co` planes of `oh x ow`, zero at the thrown-away
     /// grid columns and the padding channels (the weight gradient's layout).
     pub(crate) fn transpose_out(&self, src: &[f32], co: usize, co_pad: usize, dst: &mut [f32]) {
-        let (oh, ow) = (self.oh, self.ow);
-        dst[..oh * self.wp * co_pad].fill(0.0);
-        for (o, s) in src.chunks_exact(oh * ow).take(co).enumerate() {
-            for (y, row) in s.chunks_exact(ow).enumerate() {
-                for (x, &v) in row.iter().enumerate() {
-                    dst[(y * self.wp + x) * co_pad + o] = v;
+        let (oh, ow, wp) = (self.oh, self.ow, self.wp);
+        let dst = &mut dst[..oh * wp * co_pad];
+        // Pixel-major walk: contiguous writes, one read per plane and pixel.
+        for (y, rows) in dst.chunks_exact_mut(wp * co_pad).enumerate() {
+            let (valid, garbage) = rows.split_at_mut(ow * co_pad);
+            garbage.fill(0.0);
+            for (x, px) in valid.chunks_exact_mut(co_pad).enumerate() {
+                let (live, pad) = px.split_at_mut(co);
+                for (o, d) in live.iter_mut().enumerate() {
+                    *d = src[(o * oh + y) * ow + x];
                 }
+                pad.fill(0.0);
             }
         }
     }
