@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use asq_models::torch::{cifar_blocks, export, write_safetensors};
+use asq_models::torch::{export, naming, write_safetensors};
 use asq_train::checkpoint::{atomic_write, Checkpoint};
 use asq_train::ParamStore;
 
@@ -29,9 +29,10 @@ pub fn export_safetensors(args: &ExportSafetensorsArgs) -> Result<(), Error> {
     check_new_output(&args.out, args.force)?;
     let ckpt = Checkpoint::load(&args.checkpoint)?;
     let recipe = Recipe::from_meta(&ckpt.meta, &args.checkpoint)?;
-    let blocks = cifar_blocks(&recipe.model).ok_or_else(|| {
+    let blocks = naming(&recipe.model).ok_or_else(|| {
         format!(
-            "{}: PyTorch names are defined for the CIFAR-style ResNets only, not {}",
+            "{}: PyTorch names are defined for the CIFAR-style ResNets and torchvision's \
+             ResNet-18/34, not {}",
             args.checkpoint.display(),
             recipe.model
         )

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use asq_models::torch::{cifar_blocks, import as import_tensors, read_safetensors};
+use asq_models::torch::{import as import_tensors, naming, read_safetensors};
 use asq_train::checkpoint::{Checkpoint, TrainState};
 use asq_train::data::Normalize;
 use asq_train::nn::StepGradScale;
@@ -47,10 +47,11 @@ pub struct ImportArgs {
 /// `asq import`.
 pub fn import(args: &ImportArgs) -> Result<(), Error> {
     check_new_output(&args.out, args.force)?;
-    let blocks = cifar_blocks(&args.model).ok_or_else(|| {
+    let blocks = naming(&args.model).ok_or_else(|| {
         format!(
-            "--model {}: import reads the CIFAR-style ResNets (resnet8, resnet20, ... 6n+2) for now; \
-             torchvision's ResNet-18/34 and MobileNetV2 names are not supported yet",
+            "--model {}: import reads the CIFAR-style ResNets (resnet8, resnet20, ... 6n+2, the \
+             reference's names) and torchvision's resnet18 / resnet34; MobileNetV2 names are not \
+             supported yet",
             args.model
         )
     })?;

@@ -93,6 +93,11 @@ pub fn inspect(args: &InspectArgs) -> Result<(), Error> {
             Op::MaxPool { size, stride } => {
                 (format!("max pool {size} s{stride}"), String::new(), "")
             }
+            Op::MaxPoolPadded { size, stride, pad } => (
+                format!("max pool {size} s{stride} pad {pad}"),
+                String::new(),
+                "",
+            ),
             Op::GlobalAvgPool => ("global average pool".into(), String::new(), ""),
         };
         println!(

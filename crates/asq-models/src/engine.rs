@@ -50,7 +50,7 @@ impl Op {
                 if *depthwise { "dw" } else { "conv" }
             ),
             Op::Linear { .. } => "linear".into(),
-            Op::MaxPool { size, .. } => format!("maxpool{size}"),
+            Op::MaxPool { size, .. } | Op::MaxPoolPadded { size, .. } => format!("maxpool{size}"),
             Op::GlobalAvgPool => "gap".into(),
         }
     }
@@ -222,6 +222,28 @@ pub enum Op {
     },
     /// Mean over the spatial positions.
     GlobalAvgPool,
+    /// Max pooling over the input padded by `pad` on every side; padding never wins a window
+    /// (PyTorch's `MaxPool2d(size, stride, pad)`, as after torchvision's ResNet stem). A
+    /// separate variant, appended, so that files written before it still read.
+    MaxPoolPadded {
+        /// Window size (square).
+        size: usize,
+        /// Stride.
+        stride: usize,
+        /// Padding on every side (at most `size / 2`).
+        pad: usize,
+    },
+}
+
+impl Op {
+    /// `(size, stride, pad)` of a max pooling node.
+    fn max_pool(&self) -> Option<(usize, usize, usize)> {
+        match *self {
+            Op::MaxPool { size, stride } => Some((size, stride, 0)),
+            Op::MaxPoolPadded { size, stride, pad } => Some((size, stride, pad)),
+            _ => None,
+        }
+    }
 }
 
 /// A node: an operation on one earlier value.
@@ -451,16 +473,18 @@ impl IntModel {
                     let shape = [1, 1, pw.rows()];
                     (Kernel::Gemm(pw), shape)
                 }
-                Op::MaxPool { size, stride } => {
-                    if *size == 0 || *stride == 0 || h < *size || w < *size {
+                Op::MaxPool { .. } | Op::MaxPoolPadded { .. } => {
+                    let (size, stride, pad) = node.op.max_pool().expect("a max pool");
+                    let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+                    if size == 0 || stride == 0 || hp < size || wp < size || 2 * pad > size {
                         return Err(format!(
-                            "{}: window {size}, stride {stride} over {h}x{w}",
+                            "{}: window {size}, stride {stride}, padding {pad} over {h}x{w}",
                             at("max pool")
                         ));
                     }
                     (
                         Kernel::None,
-                        [(h - size) / stride + 1, (w - size) / stride + 1, c],
+                        [(hp - size) / stride + 1, (wp - size) / stride + 1, c],
                     )
                 }
                 Op::GlobalAvgPool => (Kernel::None, [1, 1, c]),
@@ -735,15 +759,26 @@ impl IntModel {
                     out.iter_mut().for_each(|v| *v = v.min(6.0));
                 }
             }
-            (Op::MaxPool { size, stride }, _) => {
+            (Op::MaxPool { .. } | Op::MaxPoolPadded { .. }, _) => {
+                let (size, stride, pad) = node.op.max_pool().expect("a max pool");
                 for b in 0..n {
                     for y in 0..oh {
                         for xx in 0..ow {
                             let o = &mut out[((b * oh + y) * ow + xx) * c..][..c];
                             o.fill(f32::NEG_INFINITY);
-                            for ky in 0..*size {
-                                for kx in 0..*size {
-                                    let (iy, ix) = (y * stride + ky, xx * stride + kx);
+                            for ky in 0..size {
+                                // Padding never wins: skip taps outside the input.
+                                let Some(iy) =
+                                    (y * stride + ky).checked_sub(pad).filter(|&v| v < h)
+                                else {
+                                    continue;
+                                };
+                                for kx in 0..size {
+                                    let Some(ix) =
+                                        (xx * stride + kx).checked_sub(pad).filter(|&v| v < w)
+                                    else {
+                                        continue;
+                                    };
                                     let src = &x[((b * h + iy) * w + ix) * c..][..c];
                                     o.iter_mut().zip(src).for_each(|(m, v)| *m = m.max(*v));
                                 }

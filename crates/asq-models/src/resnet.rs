@@ -1,12 +1,18 @@
-//! CIFAR-style ResNets (He et al. 2016): a 3x3 stem, three stages of basic blocks with 16, 32
-//! and 64 channels (stride 2 at the start of stages 2 and 3, 1x1 projection shortcuts there),
-//! global average pooling and a linear classifier. Depth `6n + 2`: ResNet-20 is `n = 3`.
+//! ResNets of basic blocks (He et al. 2016).
+//!
+//! - CIFAR-style ([`ResNet::cifar`]): a 3x3 stem, three stages with 16, 32 and 64 channels
+//!   (stride 2 at the start of stages 2 and 3, 1x1 projection shortcuts there), global average
+//!   pooling and a linear classifier. Depth `6n + 2`: ResNet-20 is `n = 3`.
+//! - torchvision's ResNet-18/34 ([`ResNet::basic`]): a 7x7 stride-2 stem, batch norm, ReLU and
+//!   a 3x3 stride-2 max pool (padding 1), then four stages of 64/128/256/512 channels; the same
+//!   modules in the same order as `torchvision.models.resnet18/34`, for any input size and class
+//!   count, so that its state dicts import (`crate::torch`).
 
 use asq_train::nn::{BatchNorm2d, Init, Module, QConv2d, QLinear};
 use asq_train::ops::act::relu;
 use asq_train::ops::basic::add;
 use asq_train::ops::conv::ConvSpec;
-use asq_train::ops::pool::global_avg_pool;
+use asq_train::ops::pool::{global_avg_pool, max_pool2d_padded};
 use asq_train::{Error, Graph, ParamStore, Result, Var};
 
 use crate::engine::{Act, InputSpec, IntModel, ModelSpec, Node, Op};
@@ -41,10 +47,15 @@ impl Block {
     }
 }
 
-/// A CIFAR-style ResNet.
+/// torchvision's stem pooling: `MaxPool2d(3, stride 2, padding 1)`.
+const STEM_POOL: (usize, usize, usize) = (3, 2, 1);
+
+/// A ResNet of basic blocks (CIFAR-style or torchvision's ResNet-18/34).
 pub struct ResNet {
     stem: QConv2d,
     stem_bn: BatchNorm2d,
+    /// torchvision's 7x7 stride-2 stem followed by a max pool (`false`: the 3x3 small stem).
+    imagenet_stem: bool,
     blocks: Vec<Block>,
     fc: QLinear,
     classes: usize,
@@ -77,8 +88,9 @@ impl ResNet {
         )
     }
 
-    /// ResNet-18 or -34 with basic blocks (64, 128, 256, 512 channels; 2-2-2-2 or 3-4-6-3
-    /// blocks) and the 3x3 stride-1 stem used for small images (CIFAR, Fashion-MNIST).
+    /// torchvision's ResNet-18 or -34: the 7x7 stride-2 stem (padding 3), batch norm, ReLU and
+    /// a 3x3 stride-2 max pool (padding 1), then basic blocks of 64, 128, 256, 512 channels
+    /// (2-2-2-2 or 3-4-6-3). Inputs of any size from 32x32 up (a 28x28 image ends stage 4 at 1x1).
     pub fn basic(
         ps: &mut ParamStore,
         depth: usize,
@@ -97,7 +109,7 @@ impl ResNet {
             }
         };
         let stages: Vec<(usize, usize)> = [64, 128, 256, 512].into_iter().zip(blocks).collect();
-        Self::new(ps, &stages, in_channels, classes, policy, init)
+        Self::build(ps, &stages, in_channels, classes, policy, init.into(), true)
     }
 
     /// A ResNet of basic blocks: a 3x3 stem with the first stage's width, then `(width,
@@ -111,22 +123,45 @@ impl ResNet {
         policy: &QuantPolicy,
         init: impl Into<Init>,
     ) -> Result<Self> {
+        Self::build(ps, stages, in_channels, classes, policy, init.into(), false)
+    }
+
+    fn build(
+        ps: &mut ParamStore,
+        stages: &[(usize, usize)],
+        in_channels: usize,
+        classes: usize,
+        policy: &QuantPolicy,
+        mut init: Init,
+        imagenet_stem: bool,
+    ) -> Result<Self> {
         let Some(&(stem_width, _)) = stages.first() else {
             return Err(Error::Config("a ResNet needs at least one stage".into()));
         };
-        let mut init: Init = init.into();
         let same = ConvSpec {
             stride: 1,
             pad: 1,
             groups: 1,
+        };
+        let (stem_kernel, stem_spec) = if imagenet_stem {
+            (
+                7,
+                ConvSpec {
+                    stride: 2,
+                    pad: 3,
+                    groups: 1,
+                },
+            )
+        } else {
+            (3, same)
         };
         let stem = QConv2d::new(
             ps,
             "stem.conv",
             in_channels,
             stem_width,
-            3,
-            same,
+            stem_kernel,
+            stem_spec,
             &policy.first,
             &mut init,
         )?;
@@ -201,6 +236,7 @@ impl ResNet {
         Ok(Self {
             stem,
             stem_bn,
+            imagenet_stem,
             blocks,
             fc,
             classes,
@@ -232,6 +268,10 @@ impl ResNet {
             conv_node(ps, &self.stem, Some(&self.stem_bn), None, Act::Relu)?,
             0,
         );
+        if self.imagenet_stem {
+            let (size, stride, pad) = STEM_POOL;
+            cur = push(Op::MaxPoolPadded { size, stride, pad }, cur);
+        }
         for b in &self.blocks {
             let mid = push(conv_node(ps, &b.conv1, Some(&b.bn1), None, Act::Relu)?, cur);
             let skip = match &b.shortcut {
@@ -254,6 +294,10 @@ impl Module for ResNet {
         let h = self.stem.forward(g, ps, x)?;
         let h = self.stem_bn.forward(g, ps, h)?;
         let mut h = relu(g, h);
+        if self.imagenet_stem {
+            let (size, stride, pad) = STEM_POOL;
+            h = max_pool2d_padded(g, h, size, stride, pad)?;
+        }
         for b in &self.blocks {
             h = b.forward(g, ps, h)?;
         }

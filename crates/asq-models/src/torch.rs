@@ -14,6 +14,19 @@
 //! | `{conv}.adapter.net.0.*`, `.net.2.*` | `{conv}.adapter.fc1.*`, `.fc2.*` (ASQ) |
 //! | `fc.weight`, `fc.bias` | the same |
 //!
+//! torchvision's ResNet-18/34 (`resnet18`, `resnet34`: [`Naming::Torchvision`]) keep the zoo's
+//! stage/block layout, so only the stem and the shortcut differ:
+//!
+//! | torchvision | asq |
+//! |---|---|
+//! | `conv1.weight`, `bn1.*` | `stem.conv.weight`, `stem.bn.*` |
+//! | `layer{s}.{b}.conv1.weight`, `.bn1.*`, `.conv2.weight`, `.bn2.*` | the same |
+//! | `layer{s}.{b}.downsample.0.weight`, `.downsample.1.*` | `layer{s}.{b}.shortcut.conv.weight`, `.shortcut.bn.*` |
+//! | `fc.weight`, `fc.bias` | the same |
+//!
+//! with the quantizer parameters of a quantized layer as above (`{conv}.aq.s`, `{conv}.wq.s` or
+//! `{conv}.wq.alpha`, `{conv}.adapter.net.{0,2}.*`).
+//!
 //! Batch-norm statistics (`running_mean`, `running_var`) are buffers on both sides;
 //! `num_batches_tracked` is ignored. Quantizer parameters are optional on import (a float
 //! model's are calibrated on the first batch); exported ones are read back exactly.
@@ -127,9 +140,77 @@ fn bn_suffix(rest: &str) -> Option<&str> {
     matches!(rest, "weight" | "bias" | "running_mean" | "running_var").then_some(rest)
 }
 
-/// The zoo name of a CIFAR ResNet parameter or buffer named `torch` in the reference, for
-/// `blocks` blocks per stage; `None` for names that do not belong to such a model.
-pub fn asq_name(torch: &str, blocks: usize) -> Option<String> {
+/// How a PyTorch state dict names a zoo model's tensors (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    /// The accuracy protocol's reference CIFAR ResNets: `layers.{i}`, `blocks` per stage.
+    Reference {
+        /// Blocks per stage (`resnet20`: 3).
+        blocks: usize,
+    },
+    /// torchvision's `resnet18` / `resnet34`: `layer{s}.{b}`, `downsample.{0,1}`.
+    Torchvision,
+}
+
+impl From<usize> for Naming {
+    /// A reference CIFAR ResNet with `blocks` blocks per stage.
+    fn from(blocks: usize) -> Self {
+        Naming::Reference { blocks }
+    }
+}
+
+/// The naming of the zoo architecture `arch`, if PyTorch names are defined for it.
+pub fn naming(arch: &str) -> Option<Naming> {
+    match arch {
+        "resnet18" | "resnet34" => Some(Naming::Torchvision),
+        _ => cifar_blocks(arch).map(|blocks| Naming::Reference { blocks }),
+    }
+}
+
+/// The zoo name of a parameter or buffer named `torch` in a PyTorch state dict of `naming`;
+/// `None` for names that do not belong to such a model.
+pub fn asq_name(torch: &str, naming: impl Into<Naming>) -> Option<String> {
+    match naming.into() {
+        Naming::Reference { blocks } => reference_asq_name(torch, blocks),
+        Naming::Torchvision => torchvision_asq_name(torch),
+    }
+}
+
+/// [`asq_name`] for torchvision's ResNets.
+fn torchvision_asq_name(torch: &str) -> Option<String> {
+    if let Some(rest) = torch.strip_prefix("conv1.") {
+        return Some(format!("stem.conv.{}", conv_suffix(rest)?));
+    }
+    if let Some(rest) = torch.strip_prefix("bn1.") {
+        return Some(format!("stem.bn.{}", bn_suffix(rest)?));
+    }
+    if let Some(rest) = torch.strip_prefix("fc.") {
+        return Some(format!("fc.{}", conv_suffix(rest)?));
+    }
+    let rest = torch.strip_prefix("layer")?;
+    let (stage, rest) = rest.split_once('.')?;
+    let (block, rest) = rest.split_once('.')?;
+    let (stage, block): (usize, usize) = (stage.parse().ok()?, block.parse().ok()?);
+    if stage == 0 {
+        return None;
+    }
+    let tail = if let Some(r) = rest.strip_prefix("downsample.0.") {
+        format!("shortcut.conv.{}", conv_suffix(r)?)
+    } else if let Some(r) = rest.strip_prefix("downsample.1.") {
+        format!("shortcut.bn.{}", bn_suffix(r)?)
+    } else {
+        let (layer, r) = rest.split_once('.')?;
+        match layer {
+            "conv1" | "conv2" => format!("{layer}.{}", conv_suffix(r)?),
+            "bn1" | "bn2" => format!("{layer}.{}", bn_suffix(r)?),
+            _ => return None,
+        }
+    };
+    Some(format!("layer{stage}.{block}.{tail}"))
+}
+
+/// [`asq_name`] for the reference CIFAR ResNets with `blocks` blocks per stage.
+fn reference_asq_name(torch: &str, blocks: usize) -> Option<String> {
     if let Some(rest) = torch.strip_prefix("conv1.") {
         return Some(format!("stem.conv.{}", conv_suffix(rest)?));
     }
@@ -161,10 +242,10 @@ pub fn asq_name(torch: &str, blocks: usize) -> Option<String> {
     Some(format!("layer{stage}.{block}.{tail}"))
 }
 
-/// The reference's name of a zoo CIFAR ResNet parameter or buffer (inverse of [`asq_name`]);
+/// The PyTorch name of a zoo parameter or buffer under `naming` (inverse of [`asq_name`]);
 /// `weight_scale` needs to know whether the weights are LSQ (`wq.s`) or a level set
 /// (`wq.alpha`). `None` for the quantizers' "ready" flags, which PyTorch does not need.
-pub fn torch_name(asq: &str, blocks: usize, lsq_weights: bool) -> Option<String> {
+pub fn torch_name(asq: &str, naming: impl Into<Naming>, lsq_weights: bool) -> Option<String> {
     let conv = |rest: &str| -> Option<String> {
         Some(match rest {
             "weight" | "bias" => rest.to_string(),
@@ -195,14 +276,30 @@ pub fn torch_name(asq: &str, blocks: usize, lsq_weights: bool) -> Option<String>
     let (stage, rest) = rest.split_once('.')?;
     let (block, rest) = rest.split_once('.')?;
     let (stage, block): (usize, usize) = (stage.parse().ok()?, block.parse().ok()?);
-    if stage == 0 || block >= blocks {
-        return None;
-    }
-    let i = (stage - 1) * blocks + block;
+    let naming = naming.into();
+    let (prefix, short_conv, short_bn) = match naming {
+        Naming::Reference { blocks } => {
+            if stage == 0 || block >= blocks {
+                return None;
+            }
+            let i = (stage - 1) * blocks + block;
+            (format!("layers.{i}"), "shortcut.0", "shortcut.1")
+        }
+        Naming::Torchvision => {
+            if stage == 0 {
+                return None;
+            }
+            (
+                format!("layer{stage}.{block}"),
+                "downsample.0",
+                "downsample.1",
+            )
+        }
+    };
     let tail = if let Some(r) = rest.strip_prefix("shortcut.conv.") {
-        format!("shortcut.0.{}", conv(r)?)
+        format!("{short_conv}.{}", conv(r)?)
     } else if let Some(r) = rest.strip_prefix("shortcut.bn.") {
-        format!("shortcut.1.{}", bn_suffix(r)?)
+        format!("{short_bn}.{}", bn_suffix(r)?)
     } else {
         let (layer, r) = rest.split_once('.')?;
         match layer {
@@ -211,7 +308,7 @@ pub fn torch_name(asq: &str, blocks: usize, lsq_weights: bool) -> Option<String>
             _ => return None,
         }
     };
-    Some(format!("layers.{i}.{tail}"))
+    Some(format!("{prefix}.{tail}"))
 }
 
 /// Blocks per stage of a CIFAR ResNet named `arch` (`resnet20` -> 3), if it is one.
@@ -229,15 +326,16 @@ pub fn cifar_blocks(arch: &str) -> Option<usize> {
 pub fn import(
     ps: &mut ParamStore,
     tensors: &[NamedTensor],
-    blocks: usize,
+    naming: impl Into<Naming>,
     path: &Path,
 ) -> Result<usize> {
+    let naming = naming.into();
     let mut filled: Vec<String> = Vec::new();
     for t in tensors {
         if t.name.ends_with("num_batches_tracked") {
             continue;
         }
-        let name = asq_name(&t.name, blocks).ok_or_else(|| {
+        let name = asq_name(&t.name, naming).ok_or_else(|| {
             format_error(path, format!("tensor {} is not part of this model", t.name))
         })?;
         let target = if let Some(id) = ps.find(&name) {
@@ -298,7 +396,7 @@ pub fn import(
         .filter(|n| !n.ends_with("_ready") && !quantizer(n))
         .find(|n| !filled.contains(n));
     if let Some(n) = missing {
-        let torch = torch_name(&n, blocks, true).unwrap_or_default();
+        let torch = torch_name(&n, naming, true).unwrap_or_default();
         return Err(format_error(
             path,
             format!("the file has no {torch} (the model's {n})"),
@@ -310,7 +408,12 @@ pub fn import(
 /// The float weights, batch-norm statistics and quantizer parameters of `ps` under the
 /// reference's names (see the module docs); per-channel scales as `[C, 1, 1, 1]` for convs,
 /// `[C, 1]` for linear layers, as PyTorch keeps them.
-pub fn export(ps: &ParamStore, blocks: usize, lsq_weights: bool) -> Result<Vec<NamedTensor>> {
+pub fn export(
+    ps: &ParamStore,
+    naming: impl Into<Naming>,
+    lsq_weights: bool,
+) -> Result<Vec<NamedTensor>> {
+    let naming = naming.into();
     let mut out = Vec::new();
     let all = ps
         .params()
@@ -321,7 +424,7 @@ pub fn export(ps: &ParamStore, blocks: usize, lsq_weights: bool) -> Result<Vec<N
         if name.ends_with("_ready") {
             continue;
         }
-        let torch = torch_name(name, blocks, lsq_weights)
+        let torch = torch_name(name, naming, lsq_weights)
             .ok_or_else(|| Error::Config(format!("{name} has no PyTorch name")))?;
         let mut shape = value.shape().to_vec();
         if name.ends_with("weight_scale") {
@@ -378,5 +481,42 @@ mod tests {
         }
         assert_eq!(cifar_blocks("resnet20"), Some(3));
         assert_eq!(cifar_blocks("resnet18"), None);
+        assert_eq!(naming("resnet18"), Some(Naming::Torchvision));
+        assert_eq!(naming("resnet20"), Some(Naming::Reference { blocks: 3 }));
+        assert_eq!(naming("mlp"), None);
+    }
+
+    #[test]
+    fn torchvision_names_map_both_ways() {
+        let tv = Naming::Torchvision;
+        for (torch, asq) in [
+            ("conv1.weight", "stem.conv.weight"),
+            ("bn1.running_mean", "stem.bn.running_mean"),
+            ("layer1.0.conv1.weight", "layer1.0.conv1.weight"),
+            ("layer4.1.bn2.bias", "layer4.1.bn2.bias"),
+            (
+                "layer2.0.downsample.0.weight",
+                "layer2.0.shortcut.conv.weight",
+            ),
+            (
+                "layer3.0.downsample.1.running_var",
+                "layer3.0.shortcut.bn.running_var",
+            ),
+            ("layer3.5.conv2.aq.s", "layer3.5.conv2.act_step"),
+            ("layer1.0.conv1.wq.s", "layer1.0.conv1.weight_scale"),
+            ("fc.bias", "fc.bias"),
+        ] {
+            assert_eq!(asq_name(torch, tv).as_deref(), Some(asq), "{torch}");
+            assert_eq!(torch_name(asq, tv, true).as_deref(), Some(torch), "{asq}");
+        }
+        for bad in [
+            "layer0.0.conv1.weight",
+            "layer1.0.downsample.2.weight",
+            "layer1.0.relu.weight",
+            "layers.0.conv1.weight",
+            "features.0.0.weight",
+        ] {
+            assert_eq!(asq_name(bad, tv), None, "{bad}");
+        }
     }
 }

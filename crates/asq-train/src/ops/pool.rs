@@ -37,8 +37,28 @@ impl Backward for MaxPoolOp {
 
 /// Max pooling with a `k x k` window (first maximum wins ties).
 pub fn max_pool2d(g: &mut Graph, x: Var, k: usize, stride: usize) -> Result<Var> {
+    max_pool2d_padded(g, x, k, stride, 0)
+}
+
+/// Max pooling with a `k x k` window over the input padded by `pad` on every side with `-inf`
+/// (PyTorch's `MaxPool2d(k, stride, pad)`: padding never wins; first maximum wins ties). `pad`
+/// must be at most `k / 2`, so that every window holds an input element.
+pub fn max_pool2d_padded(
+    g: &mut Graph,
+    x: Var,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Result<Var> {
     let s = g.shape(x).to_vec();
-    let (oh, ow) = out_size("max_pool2d", &s, k, stride)?;
+    if s.len() != 4 || 2 * pad > k {
+        return Err(shape(
+            "max_pool2d",
+            format!("input {s:?} with window {k} and padding {pad} (at most half the window)"),
+        ));
+    }
+    let padded = [s[0], s[1], s[2] + 2 * pad, s[3] + 2 * pad];
+    let (oh, ow) = out_size("max_pool2d", &padded, k, stride)?;
     let xv = g.value(x).as_standard_layout();
     let xs = xv.as_slice().expect("std");
     let mut y = Vec::with_capacity(s[0] * s[1] * oh * ow);
@@ -47,12 +67,18 @@ pub fn max_pool2d(g: &mut Graph, x: Var, k: usize, stride: usize) -> Result<Var>
         let base = plane * s[2] * s[3];
         for oy in 0..oh {
             for ox in 0..ow {
-                let (mut best, mut at) =
-                    (f32::NEG_INFINITY, base + oy * stride * s[3] + ox * stride);
+                let (mut best, mut at) = (f32::NEG_INFINITY, usize::MAX);
                 for ky in 0..k {
+                    let Some(iy) = (oy * stride + ky).checked_sub(pad).filter(|&v| v < s[2]) else {
+                        continue;
+                    };
                     for kx in 0..k {
-                        let i = base + (oy * stride + ky) * s[3] + ox * stride + kx;
-                        if xs[i] > best {
+                        let Some(ix) = (ox * stride + kx).checked_sub(pad).filter(|&v| v < s[3])
+                        else {
+                            continue;
+                        };
+                        let i = base + iy * s[3] + ix;
+                        if at == usize::MAX || xs[i] > best {
                             best = xs[i];
                             at = i;
                         }
@@ -180,6 +206,9 @@ mod tests {
             *v = (i as f32 * 0.37).sin() + i as f32 * 0.01;
         }
         check(&[x.clone()], 1e-3, 1e-2, 40, |g, v| {
+            max_pool2d_padded(g, v[0], 3, 2, 1).unwrap()
+        });
+        check(&[x.clone()], 1e-3, 1e-2, 40, |g, v| {
             max_pool2d(g, v[0], 2, 2).unwrap()
         });
         check(&[x.clone()], 1e-2, 1e-2, 40, |g, v| {
@@ -188,6 +217,22 @@ mod tests {
         check(&[x], 1e-2, 1e-2, 40, |g, v| {
             global_avg_pool(g, v[0]).unwrap()
         });
+    }
+
+    #[test]
+    fn padding_never_wins_a_window() {
+        // All-negative input: zero padding would win every border window, -inf padding never.
+        let mut g = Graph::new(false);
+        let vals: Vec<f32> = (0..9).map(|i| -1.0 - i as f32).collect();
+        let x = g.input(Tensor::from_shape_vec(IxDyn(&[1, 1, 3, 3]), vals).unwrap());
+        let y = max_pool2d_padded(&mut g, x, 3, 2, 1).unwrap();
+        // Windows centred on (0,0), (0,2), (2,0), (2,2): the best of each 2x2 corner.
+        assert_eq!(
+            g.value(y).iter().copied().collect::<Vec<_>>(),
+            [-1.0, -2.0, -4.0, -5.0]
+        );
+        assert_eq!(g.shape(y), &[1, 1, 2, 2]);
+        assert!(max_pool2d_padded(&mut g, x, 3, 2, 2).is_err());
     }
 
     #[test]
