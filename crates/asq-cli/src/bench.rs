@@ -172,7 +172,7 @@ pub struct ModelArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "lenet5,resnet20,mobilenetv2-0.5"
+        default_value = "lenet5,resnet20,mobilenetv2-cifar-0.5"
     )]
     models: Vec<String>,
     /// Quantization of the integer model (any `--quant` of `asq train`).

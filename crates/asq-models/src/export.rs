@@ -5,6 +5,7 @@
 use asq_core::quant::Steps;
 use asq_core::QuantRange;
 use asq_kernels::{PackedWeights, QuantActivations};
+use asq_train::nn::quant::effective_scale;
 use asq_train::nn::{ActQuant, BatchNorm2d, QConv2d, QLinear, WeightQuant};
 use asq_train::ops::basic::reshape;
 use asq_train::{Error, Graph, ParamStore, Result, Tensor};
@@ -40,7 +41,13 @@ fn pack_weights(
     let scale = wq
         .scale()
         .ok_or_else(|| Error::Config("export: float weights have no integer form".into()))?;
-    let scales: Vec<f32> = ps.get(scale).value.iter().copied().collect();
+    // As the fake-quant forward pass uses them (a scale an SGD step pushed through zero).
+    let scales: Vec<f32> = ps
+        .get(scale)
+        .value
+        .iter()
+        .map(|&v| effective_scale(v))
+        .collect();
     match wq.kind() {
         WeightQuant::Levels(levels) => {
             PackedWeights::quantize_levels(flat, out, inp, levels, &scales)
@@ -75,7 +82,7 @@ fn input_grid(
             };
             Ok((
                 range,
-                ps.get(iq.step().expect("quantized input has a step")).value[0],
+                effective_scale(ps.get(iq.step().expect("quantized input has a step")).value[0]),
             ))
         }
         ActQuant::Float => Err(Error::Config(

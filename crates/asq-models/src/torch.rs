@@ -150,6 +150,49 @@ pub enum Naming {
     },
     /// torchvision's `resnet18` / `resnet34`: `layer{s}.{b}`, `downsample.{0,1}`.
     Torchvision,
+    /// torchvision's `mobilenet_v2` (any width): `features.{i}`, `classifier.1`.
+    TorchvisionMobileNetV2,
+}
+
+/// Blocks of MobileNetV2's inverted-residual table (1 + 2 + 3 + 4 + 3 + 3 + 1).
+const MOBILENET_BLOCKS: usize = 17;
+
+/// `(torchvision prefix, zoo prefix, is a conv)` of every layer of MobileNetV2: `features.0` is
+/// the stem, `features.{i + 1}` block `i` (block 0 has no expansion: its depthwise conv is
+/// `conv.0`), `features.18` the 1x1 head, `classifier.1` the classifier.
+fn mobilenet_layers() -> Vec<(String, String, bool)> {
+    let mut t = vec![
+        ("features.0.0".to_string(), "stem.conv".to_string(), true),
+        ("features.0.1".into(), "stem.bn".into(), false),
+    ];
+    for i in 0..MOBILENET_BLOCKS {
+        let (f, b) = (format!("features.{}.conv", i + 1), format!("blocks.{i}"));
+        let layers: &[(&str, &str, bool)] = if i == 0 {
+            &[
+                ("0.0", "dw", true),
+                ("0.1", "dw_bn", false),
+                ("1", "project", true),
+                ("2", "project_bn", false),
+            ]
+        } else {
+            &[
+                ("0.0", "expand", true),
+                ("0.1", "expand_bn", false),
+                ("1.0", "dw", true),
+                ("1.1", "dw_bn", false),
+                ("2", "project", true),
+                ("3", "project_bn", false),
+            ]
+        };
+        for (tv, zoo, conv) in layers {
+            t.push((format!("{f}.{tv}"), format!("{b}.{zoo}"), *conv));
+        }
+    }
+    let head = format!("features.{}", MOBILENET_BLOCKS + 1);
+    t.push((format!("{head}.0"), "head.conv".into(), true));
+    t.push((format!("{head}.1"), "head.bn".into(), false));
+    t.push(("classifier.1".into(), "fc".into(), true));
+    t
 }
 
 impl From<usize> for Naming {
@@ -161,6 +204,13 @@ impl From<usize> for Naming {
 
 /// The naming of the zoo architecture `arch`, if PyTorch names are defined for it.
 pub fn naming(arch: &str) -> Option<Naming> {
+    if arch == "mobilenetv2"
+        || arch
+            .strip_prefix("mobilenetv2-")
+            .is_some_and(|w| w.parse::<f32>().is_ok())
+    {
+        return Some(Naming::TorchvisionMobileNetV2);
+    }
     match arch {
         "resnet18" | "resnet34" => Some(Naming::Torchvision),
         _ => cifar_blocks(arch).map(|blocks| Naming::Reference { blocks }),
@@ -173,6 +223,21 @@ pub fn asq_name(torch: &str, naming: impl Into<Naming>) -> Option<String> {
     match naming.into() {
         Naming::Reference { blocks } => reference_asq_name(torch, blocks),
         Naming::Torchvision => torchvision_asq_name(torch),
+        Naming::TorchvisionMobileNetV2 => {
+            mobilenet_layers().into_iter().find_map(|(tv, zoo, conv)| {
+                let rest = torch.strip_prefix(&tv)?.strip_prefix('.')?;
+                if conv {
+                    // The quantizer suffixes of a quantized layer, but not `conv.` (a prefix of
+                    // the block's own names here).
+                    if rest.starts_with("conv.") {
+                        return None;
+                    }
+                    Some(format!("{zoo}.{}", conv_suffix(rest)?))
+                } else {
+                    Some(format!("{zoo}.{}", bn_suffix(rest)?))
+                }
+            })
+        }
     }
 }
 
@@ -263,6 +328,19 @@ pub fn torch_name(asq: &str, naming: impl Into<Naming>, lsq_weights: bool) -> Op
             }
         })
     };
+    let naming = naming.into();
+    if naming == Naming::TorchvisionMobileNetV2 {
+        return mobilenet_layers()
+            .into_iter()
+            .find_map(|(tv, zoo, is_conv)| {
+                let rest = asq.strip_prefix(&zoo)?.strip_prefix('.')?;
+                Some(if is_conv {
+                    format!("{tv}.{}", conv(rest)?)
+                } else {
+                    format!("{tv}.{}", bn_suffix(rest)?)
+                })
+            });
+    }
     if let Some(rest) = asq.strip_prefix("stem.conv.") {
         return Some(format!("conv1.{}", conv(rest)?));
     }
@@ -276,7 +354,6 @@ pub fn torch_name(asq: &str, naming: impl Into<Naming>, lsq_weights: bool) -> Op
     let (stage, rest) = rest.split_once('.')?;
     let (block, rest) = rest.split_once('.')?;
     let (stage, block): (usize, usize) = (stage.parse().ok()?, block.parse().ok()?);
-    let naming = naming.into();
     let (prefix, short_conv, short_bn) = match naming {
         Naming::Reference { blocks } => {
             if stage == 0 || block >= blocks {
@@ -295,6 +372,7 @@ pub fn torch_name(asq: &str, naming: impl Into<Naming>, lsq_weights: bool) -> Op
                 "downsample.1",
             )
         }
+        Naming::TorchvisionMobileNetV2 => return None, // mapped above
     };
     let tail = if let Some(r) = rest.strip_prefix("shortcut.conv.") {
         format!("{short_conv}.{}", conv(r)?)

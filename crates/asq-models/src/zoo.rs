@@ -16,7 +16,7 @@ use crate::resnet::ResNet;
 
 /// The architectures [`Model::build`] knows, for help texts.
 pub const ARCH_NAMES: &str =
-    "mlp, lenet5, resnet20 (resnet32, resnet44, ... 6n+2), resnet18, resnet34, mobilenetv2, mobilenetv2-0.5 (any width)";
+    "mlp, lenet5, resnet20 (resnet32, resnet44, ... 6n+2), resnet18, resnet34 (torchvision's), mobilenetv2, mobilenetv2-0.5 (torchvision's, any width), mobilenetv2-cifar, mobilenetv2-cifar-0.5 (small-image strides)";
 
 /// The same configuration with signed activations: for layers whose input can be negative
 /// (the output of a batch norm without ReLU, e.g. MobileNetV2's block outputs).
@@ -230,11 +230,14 @@ struct Inverted {
     residual: bool,
 }
 
-/// MobileNetV2 (Sandler et al. 2018) for small images: 3x3 stride-1 stem, the paper's
-/// inverted-residual table with strides 1, 1, 2, 2, 1, 2, 1 (as CIFAR variants use), a 1x1
-/// conv to 1280, global pooling and a classifier; ReLU6 throughout, channels scaled by a width
-/// multiplier (rounded to multiples of 8). Block outputs (batch norm, no ReLU) are signed, so
-/// the layers reading them quantize signed activations.
+/// MobileNetV2 (Sandler et al. 2018) as torchvision builds it (`mobilenetv2`): 3x3 stride-2
+/// stem, the paper's inverted-residual table with strides 1, 2, 2, 2, 1, 2, 1, a 1x1 conv to
+/// 1280, global pooling and a classifier; ReLU6 throughout, channels scaled by a width multiplier
+/// (rounded to multiples of 8 as torchvision's `_make_divisible`). The small-image variant
+/// (`mobilenetv2-cifar`, [`MobileNetV2::small`]) has a stride-1 stem and strides 1, 1, 2, 2,
+/// 1, 2, 1, as CIFAR variants use. Block outputs (batch norm, no ReLU) are signed, so the layers
+/// reading them quantize signed activations. torchvision's classifier dropout (p = 0.2, training
+/// only) is not applied: eval-mode outputs are torchvision's, fine-tuning runs without it.
 pub struct MobileNetV2 {
     stem: QConv2d,
     stem_bn: BatchNorm2d,
@@ -254,7 +257,7 @@ fn divisible(v: f32) -> usize {
 }
 
 impl MobileNetV2 {
-    /// With width multiplier `width` (1.0 is the paper's network).
+    /// torchvision's MobileNetV2 with width multiplier `width` (1.0 is the paper's network).
     pub fn new(
         ps: &mut ParamStore,
         in_channels: usize,
@@ -263,12 +266,35 @@ impl MobileNetV2 {
         policy: &QuantPolicy,
         init: impl Into<Init>,
     ) -> Result<Self> {
+        Self::build(ps, in_channels, classes, width, policy, init.into(), false)
+    }
+
+    /// The small-image variant: stride-1 stem, no downsampling in the second stage.
+    pub fn small(
+        ps: &mut ParamStore,
+        in_channels: usize,
+        classes: usize,
+        width: f32,
+        policy: &QuantPolicy,
+        init: impl Into<Init>,
+    ) -> Result<Self> {
+        Self::build(ps, in_channels, classes, width, policy, init.into(), true)
+    }
+
+    fn build(
+        ps: &mut ParamStore,
+        in_channels: usize,
+        classes: usize,
+        width: f32,
+        policy: &QuantPolicy,
+        mut init: Init,
+        small: bool,
+    ) -> Result<Self> {
         if !(0.1..=4.0).contains(&width) {
             return Err(Error::Config(format!(
                 "MobileNetV2 width multiplier {width} outside 0.1..=4"
             )));
         }
-        let mut init: Init = init.into();
         let stem_c = divisible(32.0 * width);
         let stem = QConv2d::new(
             ps,
@@ -276,14 +302,14 @@ impl MobileNetV2 {
             in_channels,
             stem_c,
             3,
-            spec(1, 1, 1),
+            spec(if small { 1 } else { 2 }, 1, 1),
             &policy.first,
             &mut init,
         )?;
         let stem_bn = BatchNorm2d::new(ps, "stem.bn", stem_c)?;
         let table = [
             (1, 16, 1, 1),
-            (6, 24, 2, 1),
+            (6, 24, 2, if small { 1 } else { 2 }),
             (6, 32, 3, 2),
             (6, 64, 4, 2),
             (6, 96, 3, 1),
@@ -476,8 +502,14 @@ impl Model {
             "mobilenetv2" => {
                 Model::MobileNetV2(MobileNetV2::new(ps, chw.0, classes, 1.0, policy, init)?)
             }
+            "mobilenetv2-cifar" => {
+                Model::MobileNetV2(MobileNetV2::small(ps, chw.0, classes, 1.0, policy, init)?)
+            }
             _ => {
-                if let Some(w) = arch.strip_prefix("mobilenetv2-") {
+                if let Some(w) = arch.strip_prefix("mobilenetv2-cifar-") {
+                    let width: f32 = w.parse().map_err(|_| unknown())?;
+                    Model::MobileNetV2(MobileNetV2::small(ps, chw.0, classes, width, policy, init)?)
+                } else if let Some(w) = arch.strip_prefix("mobilenetv2-") {
                     let width: f32 = w.parse().map_err(|_| unknown())?;
                     Model::MobileNetV2(MobileNetV2::new(ps, chw.0, classes, width, policy, init)?)
                 } else if let Some(d) = arch.strip_prefix("resnet") {

@@ -1,12 +1,14 @@
-//! torchvision's ResNet-18/34 state dicts import into the zoo's `resnet18` / `resnet34` and give
-//! torchvision's eval-mode logits: the same modules in the same order (7x7 stride-2 stem, max
-//! pool with padding, `downsample` shortcuts), on a non-square input. The weights are a formula
-//! (`tests/fixtures/torchvision/gen.py`), so the fixture holds only the names, shapes and logits.
+//! torchvision's ResNet-18/34 and MobileNetV2 state dicts import into the zoo's `resnet18`,
+//! `resnet34`, `mobilenetv2` and `mobilenetv2-0.5` and give torchvision's eval-mode logits: the
+//! same modules in the same order (ResNets: 7x7 stride-2 stem, max pool with padding,
+//! `downsample` shortcuts; MobileNetV2: stride-2 stem, torchvision's strides and widths), on a
+//! non-square input. The weights are a formula (`tests/fixtures/torchvision/gen.py`), so the
+//! fixture holds only the names, shapes and logits.
 
 use std::path::Path;
 
 use asq_models::torch::{export, import, naming, Naming};
-use asq_models::{QuantPolicy, ResNet};
+use asq_models::{Model, QuantPolicy, ResNet};
 use asq_train::checkpoint::NamedTensor;
 use asq_train::nn::Module;
 use asq_train::{Graph, ParamStore, Tensor};
@@ -63,19 +65,19 @@ fn logits_of(arch: &str) -> Vec<f32> {
 }
 
 #[test]
-fn torchvision_resnets_import_and_give_torchvisions_logits() {
-    for (arch, depth) in [("resnet18", 18), ("resnet34", 34)] {
-        assert_eq!(naming(arch), Some(Naming::Torchvision));
+fn torchvision_models_import_and_give_torchvisions_logits() {
+    for (arch, kind) in [
+        ("resnet18", Naming::Torchvision),
+        ("resnet34", Naming::Torchvision),
+        ("mobilenetv2", Naming::TorchvisionMobileNetV2),
+        ("mobilenetv2-0.5", Naming::TorchvisionMobileNetV2),
+    ] {
+        assert_eq!(naming(arch), Some(kind));
         let sd = state_dict(arch);
         let mut ps = ParamStore::new();
-        let net = ResNet::basic(&mut ps, depth, 3, 10, &QuantPolicy::float(), 0u64).unwrap();
-        let n = import(
-            &mut ps,
-            &sd,
-            Naming::Torchvision,
-            Path::new("x.safetensors"),
-        )
-        .unwrap();
+        let net =
+            Model::build(arch, &mut ps, (3, 40, 48), 10, &QuantPolicy::float(), 0u64).unwrap();
+        let n = import(&mut ps, &sd, kind, Path::new("x.safetensors")).unwrap();
         assert_eq!(n, sd.len());
         assert_eq!(n, ps.params().len() + ps.buffers().len());
         let x: Vec<f32> = (0..2 * 3 * 40 * 48)
@@ -94,7 +96,7 @@ fn torchvision_resnets_import_and_give_torchvisions_logits() {
             );
         }
         // And back out under the same names, exactly.
-        let mut back = export(&ps, Naming::Torchvision, true).unwrap();
+        let mut back = export(&ps, kind, true).unwrap();
         let mut orig = sd.clone();
         back.sort_by(|a, b| a.name.cmp(&b.name));
         orig.sort_by(|a, b| a.name.cmp(&b.name));
@@ -108,6 +110,7 @@ fn torchvision_resnets_import_and_give_torchvisions_logits() {
 
 #[test]
 fn a_name_or_shape_that_does_not_fit_is_an_error_naming_it() {
+    assert_eq!(naming("mobilenetv2-cifar"), None);
     let mut sd = state_dict("resnet18");
     let mut ps = ParamStore::new();
     ResNet::basic(&mut ps, 18, 3, 10, &QuantPolicy::float(), 0u64).unwrap();

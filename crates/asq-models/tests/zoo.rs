@@ -41,6 +41,7 @@ fn published_architectures_have_their_parameter_counts() {
         ("resnet18", 11_000_000, 11_300_000),
         ("resnet34", 21_000_000, 21_400_000),
         ("mobilenetv2", 2_150_000, 2_300_000),
+        ("mobilenetv2-cifar", 2_150_000, 2_300_000),
     ] {
         let mut ps = ParamStore::new();
         Model::build(arch, &mut ps, (1, 28, 28), 10, &QuantPolicy::float(), 1).unwrap();
@@ -49,7 +50,13 @@ fn published_architectures_have_their_parameter_counts() {
         assert!((lo..hi).contains(&n), "{arch}: {n} weights");
     }
     let mut ps = ParamStore::new();
-    for bad in ["resnet21", "vgg16", "mobilenetv2-x", "mobilenetv2-9"] {
+    for bad in [
+        "resnet21",
+        "vgg16",
+        "mobilenetv2-x",
+        "mobilenetv2-9",
+        "mobilenetv2-cifar-x",
+    ] {
         assert!(
             Model::build(bad, &mut ps, (1, 28, 28), 10, &QuantPolicy::float(), 1).is_err(),
             "{bad}"
@@ -69,7 +76,8 @@ fn every_architecture_trains_exports_and_agrees_with_fake_quant() {
         ("lenet5", "asq-post64"),
         ("resnet20", "asq-pot"),
         ("mobilenetv2-0.25", "asq-post"),
-        ("mobilenetv2-0.25", "lsq-apot"),
+        ("mobilenetv2-cifar-0.25", "lsq-apot"),
+        ("resnet18", "asq-post"),
     ] {
         let mut ps = ParamStore::new();
         let policy_v = QuantPolicy::named(policy, 4).unwrap();

@@ -237,8 +237,18 @@ fn keep_positive(ps: &mut ParamStore, id: ParamId) {
     ps.get_mut(id)
         .value
         .iter_mut()
-        .filter(|v| **v < MIN_SCALE)
-        .for_each(|v| *v = v.abs().max(MIN_SCALE));
+        .for_each(|v| *v = effective_scale(*v));
+}
+
+/// The scale a quantizer uses for a stored step size or alpha `v`: `max(|v|, MIN_SCALE)` when
+/// `v` is below [`MIN_SCALE`], else `v` (NaN stays NaN). A model saved right after an SGD step
+/// may hold a scale pushed through zero; its next forward pass, and an export, use this value.
+pub fn effective_scale(v: f32) -> f32 {
+    if v < MIN_SCALE {
+        v.abs().max(MIN_SCALE)
+    } else {
+        v
+    }
 }
 
 /// Quantizer of a layer's input.
@@ -513,6 +523,15 @@ impl Module for QLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn effective_scales_are_positive_and_keep_nan() {
+        assert_eq!(effective_scale(0.5), 0.5);
+        assert_eq!(effective_scale(-0.03), 0.03);
+        assert_eq!(effective_scale(0.0), MIN_SCALE);
+        assert_eq!(effective_scale(-1e-12), MIN_SCALE);
+        assert!(effective_scale(f32::NAN).is_nan());
+    }
     use crate::ops::gradcheck::random;
     use asq_core::BitWidth;
 
