@@ -39,7 +39,8 @@ pub struct CalibrateArgs {
     /// Test images for the PTQ accuracy (0: none).
     #[arg(long, default_value_t = 2000)]
     test_images: usize,
-    /// Fashion-MNIST directory (default: the Debian package's, else the shipped subset).
+    /// Data directory: MNIST-layout IDX files (Fashion-MNIST) or CIFAR-10 binary batches
+    /// (default: the Debian package's Fashion-MNIST, else the shipped subset).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Checkpoint to write.

@@ -14,13 +14,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Errors of the commands: printed as `asq: error: ...`, exit code 1.
 pub type Error = Box<dyn std::error::Error>;
 
-/// The Fashion-MNIST directory: `--data`, else the Debian package's, else the shipped subset.
+/// The data directory: `--data` (MNIST-layout IDX files, e.g. Fashion-MNIST, or CIFAR-10
+/// binary batches), else the Debian package's Fashion-MNIST, else the shipped subset.
 pub fn data_dir(arg: &Option<PathBuf>) -> Result<PathBuf, Error> {
     if let Some(d) = arg {
         let has = |name: &str| d.join(name).exists() || d.join(format!("{name}.gz")).exists();
-        if !has("train-images-idx3-ubyte") || !has("t10k-images-idx3-ubyte") {
+        let idx = has("train-images-idx3-ubyte") && has("t10k-images-idx3-ubyte");
+        if !idx && asq_train::data::cifar::cifar_dir(d).is_none() {
             return Err(format!(
-                "--data {}: no Fashion-MNIST IDX files there (train-images-idx3-ubyte.gz, t10k-images-idx3-ubyte.gz and their labels); install the Debian package dataset-fashion-mnist ({FASHION_MNIST_DIR}) or pass the directory that holds them",
+                "--data {}: neither Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, t10k-images-idx3-ubyte.gz and their labels) nor CIFAR-10 binary batches (data_batch_1.bin ... test_batch.bin, or cifar-10-batches-bin/) there; install the Debian package dataset-fashion-mnist ({FASHION_MNIST_DIR}) or pass the directory that holds them",
                 d.display()
             )
             .into());

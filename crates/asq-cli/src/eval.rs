@@ -17,7 +17,8 @@ use crate::recipe::{is_model_file, load_split, Recipe};
 pub struct EvalArgs {
     /// A `.asqm` model (integer engine) or a checkpoint (float / fake-quant graph).
     model: PathBuf,
-    /// Fashion-MNIST directory (default: the Debian package's, else the shipped subset).
+    /// Data directory: MNIST-layout IDX files (Fashion-MNIST) or CIFAR-10 binary batches
+    /// (default: the Debian package's Fashion-MNIST, else the shipped subset).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Test images evaluated (the first N; default all).

@@ -35,7 +35,8 @@ pub struct PlotArgs {
     /// Test images the betas are measured on (the first N).
     #[arg(long, default_value_t = 2000)]
     test_images: usize,
-    /// Fashion-MNIST directory (default: the Debian package's, else the shipped subset).
+    /// Data directory: MNIST-layout IDX files (Fashion-MNIST) or CIFAR-10 binary batches
+    /// (default: the Debian package's Fashion-MNIST, else the shipped subset).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Replace existing output files.

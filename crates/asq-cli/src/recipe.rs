@@ -142,7 +142,11 @@ pub(crate) fn load_split(
     take: Option<usize>,
 ) -> Result<Dataset, Error> {
     let dir = data_dir(data)?;
-    let set = load_mnist_dir(&dir, train)?;
+    let set = if asq_train::data::cifar::cifar_dir(&dir).is_some() {
+        asq_train::data::cifar::load_cifar_dir(&dir, train)?
+    } else {
+        load_mnist_dir(&dir, train)?
+    };
     Ok(match take {
         Some(0) => return Err("--train-images / --test-images must be positive".into()),
         Some(n) => set.take(n),

@@ -63,7 +63,8 @@ pub struct TableArgs {
     /// Test images (default all).
     #[arg(long, default_value_t = 10_000)]
     test_images: usize,
-    /// Fashion-MNIST directory (default: the Debian package's, else the shipped subset).
+    /// Data directory: MNIST-layout IDX files (Fashion-MNIST) or CIFAR-10 binary batches
+    /// (default: the Debian package's Fashion-MNIST, else the shipped subset).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Seed.

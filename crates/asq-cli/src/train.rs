@@ -80,7 +80,8 @@ pub struct TrainArgs {
     /// Test images evaluated after training (0: none).
     #[arg(long, default_value_t = 2000)]
     pub(crate) test_images: usize,
-    /// Fashion-MNIST directory (default: the Debian package's, else the shipped subset).
+    /// Data directory: MNIST-layout IDX files (Fashion-MNIST) or CIFAR-10 binary batches
+    /// (default: the Debian package's Fashion-MNIST, else the shipped subset).
     #[arg(long)]
     pub(crate) data: Option<PathBuf>,
     /// Initialisation: torch (PyTorch's default for conv and linear layers: U(+-1/sqrt(fan_in))

@@ -722,3 +722,87 @@ fn pytorch_model_in_predict_quantize_and_out() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn cifar_directories_train_calibrate_and_evaluate() {
+    // A synthetic CIFAR-10 directory in the official archive's layout: the class sets the
+    // brightness of one colour channel, so a small model can learn it.
+    let dir = std::env::temp_dir().join(format!("asq-cifar-cli-{}", std::process::id()));
+    let bin = dir.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let records = |n: usize, seed: usize| -> Vec<u8> {
+        let mut v = Vec::new();
+        for i in 0..n {
+            let label = ((i * 7 + seed) % 10) as u8;
+            v.push(label);
+            for ch in 0..3 {
+                for px in 0..1024 {
+                    let on = ch == (label as usize % 3);
+                    let noise = ((i * 31 + px * 17 + seed) % 23) as u8;
+                    v.push(if on { 40 + 20 * label + noise } else { noise });
+                }
+            }
+        }
+        v
+    };
+    std::fs::write(bin.join("data_batch_1.bin"), records(96, 1)).unwrap();
+    std::fs::write(bin.join("test_batch.bin"), records(40, 2)).unwrap();
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let data = dir.to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let (ok, out, err) = asq(args);
+        assert!(ok, "asq {args:?} failed: {err}");
+        out + &err
+    };
+    let fp = p("fp.ckpt");
+    run(&[
+        "train",
+        "--model",
+        "lenet5",
+        "--data",
+        &data,
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--test-images",
+        "40",
+        "--out",
+        &fp,
+    ]);
+    let q = p("q.ckpt");
+    let out = run(&[
+        "calibrate",
+        &fp,
+        "--data",
+        &data,
+        "--quant",
+        "asq-post",
+        "--bits",
+        "4",
+        "--images",
+        "32",
+        "--test-images",
+        "40",
+        "--out",
+        &q,
+    ]);
+    assert!(
+        out.contains("after calibration on 32 images (PTQ)"),
+        "{out}"
+    );
+    let out = run(&["eval", &q, "--data", &data, "--test-images", "40"]);
+    assert!(out.contains("40"), "{out}");
+    // Neither layout: a clear error naming both.
+    let (ok, _, err) = asq(&[
+        "eval",
+        &q,
+        "--data",
+        bin.parent().unwrap().parent().unwrap().to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("CIFAR-10") && err.contains("Fashion-MNIST"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
