@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use asq_models::torch::{import as import_tensors, naming, read_safetensors};
+use asq_models::torch::{detect_naming, import as import_tensors, naming, read_safetensors};
 use asq_train::checkpoint::{Checkpoint, TrainState};
 use asq_train::data::Normalize;
 use asq_train::nn::StepGradScale;
@@ -111,7 +111,9 @@ pub fn import(args: &ImportArgs) -> Result<(), Error> {
     };
     let mut ps = ParamStore::new();
     recipe.build(&mut ps, 0u64)?;
-    let n = import_tensors(&mut ps, &tensors, blocks, &args.file)?;
+    // A CIFAR ResNet may come with torchvision-style names instead of the reference's.
+    let names = detect_naming(&args.model, &tensors).unwrap_or(blocks);
+    let n = import_tensors(&mut ps, &tensors, names, &args.file)?;
     Checkpoint::capture(&ps, None, TrainState::default(), recipe.meta()).save(&args.out)?;
     println!(
         "imported {n} tensors of {} into {} ({})",

@@ -27,6 +27,9 @@
 //! with the quantizer parameters of a quantized layer as above (`{conv}.aq.s`, `{conv}.wq.s` or
 //! `{conv}.wq.alpha`, `{conv}.adapter.net.{0,2}.*`).
 //!
+//! A CIFAR ResNet saved with torchvision-style names (`layer{s}.{b}`, `downsample.{0,1}`) is read
+//! as such too ([`detect_naming`]).
+//!
 //! Batch-norm statistics (`running_mean`, `running_var`) are buffers on both sides;
 //! `num_batches_tracked` is ignored. Quantizer parameters are optional on import (a float
 //! model's are calibrated on the first batch); exported ones are read back exactly.
@@ -215,6 +218,21 @@ pub fn naming(arch: &str) -> Option<Naming> {
         "resnet18" | "resnet34" => Some(Naming::Torchvision),
         _ => cifar_blocks(arch).map(|blocks| Naming::Reference { blocks }),
     }
+}
+
+/// The naming of a state dict for the zoo architecture `arch`: [`naming`], except that a CIFAR
+/// ResNet saved with torchvision-style names (`layer{s}.{b}...`, `downsample`) instead of the
+/// reference's flat `layers.{i}` reads as [`Naming::Torchvision`] (the zoo's stage/block layout
+/// is the same, so both name the same tensors).
+pub fn detect_naming(arch: &str, tensors: &[NamedTensor]) -> Option<Naming> {
+    let n = naming(arch)?;
+    if matches!(n, Naming::Reference { .. })
+        && tensors.iter().any(|t| t.name.starts_with("layer1."))
+        && !tensors.iter().any(|t| t.name.starts_with("layers."))
+    {
+        return Some(Naming::Torchvision);
+    }
+    Some(n)
 }
 
 /// The zoo name of a parameter or buffer named `torch` in a PyTorch state dict of `naming`;
@@ -562,6 +580,26 @@ mod tests {
         assert_eq!(naming("resnet18"), Some(Naming::Torchvision));
         assert_eq!(naming("resnet20"), Some(Naming::Reference { blocks: 3 }));
         assert_eq!(naming("mlp"), None);
+        let t = |name: &str| NamedTensor {
+            name: name.into(),
+            shape: vec![1],
+            data: vec![0.0],
+        };
+        let reference = [t("conv1.weight"), t("layers.0.conv1.weight")];
+        let tv_style = [t("conv1.weight"), t("layer1.0.conv1.weight")];
+        assert_eq!(
+            detect_naming("resnet20", &reference),
+            Some(Naming::Reference { blocks: 3 })
+        );
+        assert_eq!(
+            detect_naming("resnet20", &tv_style),
+            Some(Naming::Torchvision)
+        );
+        assert_eq!(
+            detect_naming("resnet18", &tv_style),
+            Some(Naming::Torchvision)
+        );
+        assert_eq!(detect_naming("lenet5", &tv_style), None);
     }
 
     #[test]

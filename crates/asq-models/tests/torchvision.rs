@@ -143,3 +143,26 @@ fn a_name_or_shape_that_does_not_fit_is_an_error_naming_it() {
         .to_string();
     assert!(e.contains("layer2.0.downsample.1.running_var"), "{e}");
 }
+
+#[test]
+fn cifar_resnets_read_torchvision_style_names_too() {
+    use asq_models::torch::detect_naming;
+    let mut a = ParamStore::new();
+    ResNet::cifar(&mut a, 8, 1, 10, &QuantPolicy::float(), 3u64).unwrap();
+    let tv = export(&a, Naming::Torchvision, true).unwrap();
+    assert!(tv.iter().any(|t| t.name == "layer2.0.downsample.0.weight"));
+    let kind = detect_naming("resnet8", &tv).unwrap();
+    assert_eq!(kind, Naming::Torchvision);
+    let mut b = ParamStore::new();
+    ResNet::cifar(&mut b, 8, 1, 10, &QuantPolicy::float(), 4u64).unwrap();
+    import(&mut b, &tv, kind, Path::new("r8.safetensors")).unwrap();
+    for (pa, pb) in a.params().iter().zip(b.params()) {
+        assert_eq!((&pa.name, &pa.value), (&pb.name, &pb.value));
+    }
+    // The reference's names are still detected as such.
+    let reference = export(&a, 1usize, true).unwrap();
+    assert_eq!(
+        detect_naming("resnet8", &reference),
+        Some(Naming::Reference { blocks: 1 })
+    );
+}
