@@ -1,6 +1,6 @@
 //! 2-D convolution on NCHW tensors: stride, zero padding, groups (depthwise included), parallel
 //! over samples. Three paths: a direct kernel for stride-1 convolutions with few channels
-//! ([`super::direct`], no im2col), direct loops for depthwise ones, and im2col + GEMM for the rest.
+//! (`ops::direct`, no im2col), direct loops for depthwise ones, and im2col + GEMM for the rest.
 //!
 //! Weight gradients are reduced over a fixed number of sample chunks combined in order, so the
 //! result does not depend on the thread count.
