@@ -32,7 +32,7 @@ pub fn export_safetensors(args: &ExportSafetensorsArgs) -> Result<(), Error> {
     let blocks = naming(&recipe.model).ok_or_else(|| {
         format!(
             "{}: PyTorch names are defined for the CIFAR-style ResNets and torchvision's \
-             ResNet-18/34, not {}",
+             ResNet-18/34 and MobileNetV2, not {}",
             args.checkpoint.display(),
             recipe.model
         )

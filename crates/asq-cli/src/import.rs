@@ -49,9 +49,9 @@ pub fn import(args: &ImportArgs) -> Result<(), Error> {
     check_new_output(&args.out, args.force)?;
     let blocks = naming(&args.model).ok_or_else(|| {
         format!(
-            "--model {}: import reads the CIFAR-style ResNets (resnet8, resnet20, ... 6n+2, the \
-             reference's names) and torchvision's resnet18 / resnet34; MobileNetV2 names are not \
-             supported yet",
+            "--model {}: PyTorch names are defined for the CIFAR-style ResNets (resnet8, resnet20, \
+             ... 6n+2: the reference's or torchvision-style names), torchvision's resnet18 / \
+             resnet34 and mobilenetv2 (any width); this architecture has none",
             args.model
         )
     })?;

@@ -703,7 +703,18 @@ fn pytorch_model_in_predict_quantize_and_out() {
     );
     fails(
         &["import", st, "--model", "resnet18", "--out", &p("z.ckpt")],
-        "not supported yet",
+        "tensor bn1.bias has shape [16], the model's stem.bn.bias is [64]",
+    );
+    fails(
+        &[
+            "import",
+            st,
+            "--model",
+            "mobilenetv2-cifar",
+            "--out",
+            &p("z.ckpt"),
+        ],
+        "this architecture has none",
     );
     fails(
         &[

@@ -189,6 +189,18 @@ struct ConvOp {
     geo: Geo,
     bias: bool,
     path: Path,
+    /// The direct path's zero-padded input `[N][C][plane]`, kept from the forward pass for the
+    /// weight gradient (saves padding the input again).
+    padded: Option<Vec<f32>>,
+}
+
+impl Drop for ConvOp {
+    /// Hands the padded input back to the buffer pool.
+    fn drop(&mut self) {
+        if let Some(v) = self.padded.take() {
+            buffers::give(v);
+        }
+    }
 }
 
 impl Backward for ConvOp {
@@ -216,7 +228,7 @@ impl Backward for ConvOp {
                 let (dx, dw) = depthwise_grads(&geo, x, w, gy);
                 (Some(dx), dw)
             }
-            Path::Direct => direct_grads(&geo, x, w, gy, want_dx),
+            Path::Direct => direct_grads(&geo, x, w, gy, want_dx, self.padded.as_deref()),
             Path::Gemm => gemm_grads(&geo, x, w, gy, want_dx),
         };
         let mut out = vec![
@@ -432,6 +444,7 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
             geo,
             bias: b.is_some(),
             path: Path::Gemm,
+            padded: None,
         },
     ))
 }
@@ -473,15 +486,16 @@ fn direct_conv(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
     let offs = grid.offsets();
     let co_pad = direct::padded_channels(geo.co);
     let mut y = buffers::take(geo.n * out_len);
+    let pad_len = geo.c * grid.plane;
+    let mut padded = buffers::take(geo.n * pad_len);
     y.par_chunks_mut(out_len)
         .zip(xv.par_chunks(in_len))
-        .for_each(|(yn, xn)| {
-            let mut xp = scratch::take(0, geo.c * grid.plane);
+        .zip(padded.par_chunks_mut(pad_len))
+        .for_each(|((yn, xn), xp)| {
             let mut tmp = scratch::take(1, co_pad * grid.nq);
-            grid.pad(xn, geo.c, &mut xp);
-            direct::forward(&grid, &xp, grid.plane, geo.c, &offs, &wk, &mut tmp);
+            grid.pad(xn, geo.c, xp);
+            direct::forward(&grid, xp, grid.plane, geo.c, &offs, &wk, &mut tmp);
             grid.extract(&tmp, geo.co, yn, bias.as_deref());
-            scratch::give(0, xp);
             scratch::give(1, tmp);
         });
     drop((xs, ws));
@@ -495,6 +509,7 @@ fn direct_conv(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
             geo,
             bias: b.is_some(),
             path: Path::Direct,
+            padded: Some(padded),
         },
     )
 }
@@ -508,6 +523,7 @@ fn direct_grads(
     w: &[f32],
     gy: &[f32],
     want_dx: bool,
+    padded: Option<&[f32]>,
 ) -> (Option<Vec<f32>>, Vec<f32>) {
     let geo = *geo;
     let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
@@ -559,18 +575,28 @@ fn direct_grads(
             }
             scratch::give(0, gp);
             scratch::give(1, tmp);
-            // Weight gradient over the chunk's samples.
-            let mut xp = scratch::take(0, samples * geo.c * fwd.plane);
+            // Weight gradient over the chunk's samples, on the padded input kept by the
+            // forward pass (padded again only if the op was built without it).
+            let pad_len = geo.c * fwd.plane;
+            let mut own = None;
+            let xp: &[f32] = match padded {
+                Some(p) => &p[n0 * pad_len..][..samples * pad_len],
+                None => {
+                    let mut xp = scratch::take(0, samples * pad_len);
+                    for j in 0..samples {
+                        fwd.pad(
+                            &x[(n0 + j) * in_len..][..in_len],
+                            geo.c,
+                            &mut xp[j * pad_len..][..pad_len],
+                        );
+                    }
+                    &**own.insert(xp)
+                }
+            };
             let mut gyt = scratch::take(2, samples * pixels * co_pad);
             for j in 0..samples {
-                let n = n0 + j;
-                fwd.pad(
-                    &x[n * in_len..][..in_len],
-                    geo.c,
-                    &mut xp[j * geo.c * fwd.plane..][..geo.c * fwd.plane],
-                );
                 fwd.transpose_out(
-                    &gy[n * out_len..][..out_len],
+                    &gy[(n0 + j) * out_len..][..out_len],
                     geo.co,
                     co_pad,
                     &mut gyt[j * pixels * co_pad..][..pixels * co_pad],
@@ -578,9 +604,11 @@ fn direct_grads(
             }
             let mut dwp = vec![0.0f32; co_pad * geo.c * taps];
             direct::weight_grad(
-                &xp, fwd.plane, geo.c, &offs_f, pixels, &gyt, co_pad, samples, &mut dwp,
+                xp, fwd.plane, geo.c, &offs_f, pixels, &gyt, co_pad, samples, &mut dwp,
             );
-            scratch::give(0, xp);
+            if let Some(xp) = own {
+                scratch::give(0, xp);
+            }
             scratch::give(2, gyt);
             dwp.truncate(w.len());
             dwp
@@ -673,6 +701,7 @@ fn depthwise(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
             geo,
             bias: b.is_some(),
             path: Path::Depthwise,
+            padded: None,
         },
     )
 }
