@@ -590,7 +590,7 @@ fn direct_grads(
                             &mut xp[j * pad_len..][..pad_len],
                         );
                     }
-                    &**own.insert(xp)
+                    own.insert(xp)
                 }
             };
             let mut gyt = scratch::take(2, samples * pixels * co_pad);
