@@ -239,8 +239,7 @@ pub fn detect_naming(arch: &str, tensors: &[NamedTensor]) -> Option<Naming> {
 /// `None` for names that do not belong to such a model.
 pub fn asq_name(torch: &str, naming: impl Into<Naming>) -> Option<String> {
     match naming.into() {
-        Naming::Reference { blocks } => reference_asq_name(torch, blocks),
-        Naming::Torchvision => torchvision_asq_name(torch),
+        n @ (Naming::Reference { .. } | Naming::Torchvision) => resnet_asq_name(torch, n),
         Naming::TorchvisionMobileNetV2 => {
             mobilenet_layers().into_iter().find_map(|(tv, zoo, conv)| {
                 let rest = torch.strip_prefix(&tv)?.strip_prefix('.')?;
@@ -259,8 +258,9 @@ pub fn asq_name(torch: &str, naming: impl Into<Naming>) -> Option<String> {
     }
 }
 
-/// [`asq_name`] for torchvision's ResNets.
-fn torchvision_asq_name(torch: &str) -> Option<String> {
+/// [`asq_name`] for the ResNets: the reference's flat `layers.{i}` (`blocks` per stage) or
+/// torchvision's `layer{s}.{b}`, which differ in how blocks and shortcuts are named.
+fn resnet_asq_name(torch: &str, naming: Naming) -> Option<String> {
     if let Some(rest) = torch.strip_prefix("conv1.") {
         return Some(format!("stem.conv.{}", conv_suffix(rest)?));
     }
@@ -270,49 +270,39 @@ fn torchvision_asq_name(torch: &str) -> Option<String> {
     if let Some(rest) = torch.strip_prefix("fc.") {
         return Some(format!("fc.{}", conv_suffix(rest)?));
     }
-    let rest = torch.strip_prefix("layer")?;
-    let (stage, rest) = rest.split_once('.')?;
-    let (block, rest) = rest.split_once('.')?;
-    let (stage, block): (usize, usize) = (stage.parse().ok()?, block.parse().ok()?);
-    if stage == 0 {
-        return None;
-    }
-    let tail = if let Some(r) = rest.strip_prefix("downsample.0.") {
-        format!("shortcut.conv.{}", conv_suffix(r)?)
-    } else if let Some(r) = rest.strip_prefix("downsample.1.") {
-        format!("shortcut.bn.{}", bn_suffix(r)?)
-    } else {
-        let (layer, r) = rest.split_once('.')?;
-        match layer {
-            "conv1" | "conv2" => format!("{layer}.{}", conv_suffix(r)?),
-            "bn1" | "bn2" => format!("{layer}.{}", bn_suffix(r)?),
-            _ => return None,
+    let (stage, block, rest, (short_conv, short_bn)) = match naming {
+        Naming::Reference { blocks } => {
+            let (i, rest) = torch.strip_prefix("layers.")?.split_once('.')?;
+            let i: usize = i.parse().ok()?;
+            if blocks == 0 || i >= 3 * blocks {
+                return None;
+            }
+            (
+                i / blocks + 1,
+                i % blocks,
+                rest,
+                ("shortcut.0.", "shortcut.1."),
+            )
         }
+        Naming::Torchvision => {
+            let (stage, rest) = torch.strip_prefix("layer")?.split_once('.')?;
+            let (block, rest) = rest.split_once('.')?;
+            let stage: usize = stage.parse().ok()?;
+            if stage == 0 {
+                return None;
+            }
+            (
+                stage,
+                block.parse().ok()?,
+                rest,
+                ("downsample.0.", "downsample.1."),
+            )
+        }
+        Naming::TorchvisionMobileNetV2 => return None,
     };
-    Some(format!("layer{stage}.{block}.{tail}"))
-}
-
-/// [`asq_name`] for the reference CIFAR ResNets with `blocks` blocks per stage.
-fn reference_asq_name(torch: &str, blocks: usize) -> Option<String> {
-    if let Some(rest) = torch.strip_prefix("conv1.") {
-        return Some(format!("stem.conv.{}", conv_suffix(rest)?));
-    }
-    if let Some(rest) = torch.strip_prefix("bn1.") {
-        return Some(format!("stem.bn.{}", bn_suffix(rest)?));
-    }
-    if let Some(rest) = torch.strip_prefix("fc.") {
-        return Some(format!("fc.{}", conv_suffix(rest)?));
-    }
-    let rest = torch.strip_prefix("layers.")?;
-    let (i, rest) = rest.split_once('.')?;
-    let i: usize = i.parse().ok()?;
-    if blocks == 0 || i >= 3 * blocks {
-        return None;
-    }
-    let (stage, block) = (i / blocks + 1, i % blocks);
-    let tail = if let Some(r) = rest.strip_prefix("shortcut.0.") {
+    let tail = if let Some(r) = rest.strip_prefix(short_conv) {
         format!("shortcut.conv.{}", conv_suffix(r)?)
-    } else if let Some(r) = rest.strip_prefix("shortcut.1.") {
+    } else if let Some(r) = rest.strip_prefix(short_bn) {
         format!("shortcut.bn.{}", bn_suffix(r)?)
     } else {
         let (layer, r) = rest.split_once('.')?;

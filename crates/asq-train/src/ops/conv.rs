@@ -242,6 +242,30 @@ impl Backward for ConvOp {
     }
 }
 
+/// The fixed sample chunks of a backward pass, `(first sample, samples)`, each with its part of
+/// `dx` (`in_len` values per sample; empty parts when `dx` is empty, i.e. no input gradient is
+/// wanted). The chunking does not depend on the thread count, so neither do the sums.
+fn sample_chunks(n: usize, in_len: usize, dx: &mut [f32]) -> Vec<((usize, usize), &mut [f32])> {
+    let per_chunk = n.div_ceil(CHUNKS.min(n).max(1)).max(1);
+    let chunks = (0..n)
+        .step_by(per_chunk)
+        .map(move |n0| (n0, per_chunk.min(n - n0)));
+    if dx.is_empty() {
+        chunks.map(|c| (c, Default::default())).collect()
+    } else {
+        chunks.zip(dx.chunks_mut(per_chunk * in_len)).collect()
+    }
+}
+
+/// The element-wise sum of the chunks' partial weight gradients, in chunk order.
+fn sum_in_order(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
+    let mut dw = vec![0.0f32; len];
+    for p in partials {
+        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    dw
+}
+
 /// `(dx, dw)` through im2col + GEMM, weight gradients reduced over fixed sample chunks; no `dx`
 /// unless `want_dx`.
 fn gemm_grads(
@@ -260,20 +284,9 @@ fn gemm_grads(
     } else {
         Vec::new()
     };
-    let per_chunk = geo.n.div_ceil(CHUNKS.min(geo.n));
-    let chunks: Vec<(usize, usize)> = (0..geo.n)
-        .step_by(per_chunk.max(1))
-        .map(|n0| (n0, per_chunk.min(geo.n - n0)))
-        .collect();
-    let mut dx_chunks: Vec<&mut [f32]> = if want_dx {
-        dx.chunks_mut(per_chunk * in_len).collect()
-    } else {
-        chunks.iter().map(|_| Default::default()).collect()
-    };
-    let partials: Vec<Vec<f32>> = dx_chunks
-        .par_iter_mut()
-        .zip(chunks.par_iter())
-        .map(|(dxc, &(n0, samples))| {
+    let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, &mut dx)
+        .into_par_iter()
+        .map(|((n0, samples), dxc)| {
             let ld = samples * opix;
             let mut dw = vec![0.0f32; w.len()];
             let mut cols = scratch::take(0, krows * ld);
@@ -311,11 +324,7 @@ fn gemm_grads(
             dw
         })
         .collect();
-    let mut dw = vec![0.0f32; w.len()];
-    for p in &partials {
-        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-    }
-    (want_dx.then_some(dx), dw)
+    (want_dx.then_some(dx), sum_in_order(&partials, w.len()))
 }
 
 /// Convolution of `x` `[N, C, H, W]` with `w` `[C_out, C / groups, KH, KW]` and an optional
@@ -392,7 +401,7 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
         geo.cog(),
     );
     let mut y = buffers::take(n * out_len);
-    let per_chunk = n.div_ceil(CHUNKS.min(n));
+    let per_chunk = n.div_ceil(CHUNKS.min(n).max(1));
     y.par_chunks_mut(per_chunk * out_len)
         .enumerate()
         .for_each(|(chunk, yc)| {
@@ -550,20 +559,9 @@ fn direct_grads(
     } else {
         Vec::new()
     };
-    let per_chunk = geo.n.div_ceil(CHUNKS.min(geo.n));
-    let chunks: Vec<(usize, usize)> = (0..geo.n)
-        .step_by(per_chunk.max(1))
-        .map(|n0| (n0, per_chunk.min(geo.n - n0)))
-        .collect();
-    let mut dx_chunks: Vec<&mut [f32]> = if want_dx {
-        dx.chunks_mut(per_chunk * in_len).collect()
-    } else {
-        chunks.iter().map(|_| Default::default()).collect()
-    };
-    let partials: Vec<Vec<f32>> = dx_chunks
-        .par_iter_mut()
-        .zip(chunks.par_iter())
-        .map(|(dxc, &(n0, samples))| {
+    let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, &mut dx)
+        .into_par_iter()
+        .map(|((n0, samples), dxc)| {
             // Input gradient, sample by sample (nothing when not wanted: `dxc` is empty).
             let mut gp = scratch::take(0, geo.co * back.plane);
             let mut tmp = scratch::take(1, ci_pad * back.nq);
@@ -614,11 +612,7 @@ fn direct_grads(
             dwp
         })
         .collect();
-    let mut dw = vec![0.0f32; w.len()];
-    for p in &partials {
-        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-    }
-    (want_dx.then_some(dx), dw)
+    (want_dx.then_some(dx), sum_in_order(&partials, w.len()))
 }
 
 thread_local! {
