@@ -175,32 +175,50 @@ fn bias_grad(gy: &[f32], n: usize, channels: usize, opix: usize) -> Tensor {
 }
 
 /// Which kernels compute a convolution (forward and backward alike).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
     /// im2col + GEMM (the general path, and the reference of the others).
     Gemm,
     /// Direct per-plane loops for depthwise convolutions.
     Depthwise,
-    /// The direct stride-1 kernels of [`super::direct`].
-    Direct,
+    /// The direct stride-1 kernels of `ops::direct`, with the zero-padded input `[N][C][plane]`
+    /// kept from the forward pass for the weight gradient.
+    Direct { padded: Vec<f32> },
 }
 
 struct ConvOp {
     geo: Geo,
     bias: bool,
     path: Path,
-    /// The direct path's zero-padded input `[N][C][plane]`, kept from the forward pass for the
-    /// weight gradient (saves padding the input again).
-    padded: Option<Vec<f32>>,
 }
 
 impl Drop for ConvOp {
-    /// Hands the padded input back to the buffer pool.
+    /// Hands the direct path's padded input back to the buffer pool.
     fn drop(&mut self) {
-        if let Some(v) = self.padded.take() {
-            buffers::give(v);
+        if let Path::Direct { padded } = &mut self.path {
+            buffers::give(std::mem::take(padded));
         }
     }
+}
+
+/// The operands of a forward pass as flat slices (copied only if not in standard layout) and
+/// the bias values; `f` computes the output from them.
+fn with_operands<R>(
+    g: &Graph,
+    x: Var,
+    w: Var,
+    b: Option<Var>,
+    f: impl FnOnce(&[f32], &[f32], Option<&[f32]>) -> R,
+) -> R {
+    let (xs, ws) = (
+        g.value(x).as_standard_layout(),
+        g.value(w).as_standard_layout(),
+    );
+    let bias: Option<Vec<f32>> = b.map(|b| g.value(b).iter().copied().collect());
+    f(
+        xs.as_slice().expect("standard layout"),
+        ws.as_slice().expect("standard layout"),
+        bias.as_deref(),
+    )
 }
 
 impl Backward for ConvOp {
@@ -223,12 +241,12 @@ impl Backward for ConvOp {
             grad.as_standard_layout(),
         );
         let [x, w, gy] = [&xs, &ws, &gs].map(|t| t.as_slice().expect("standard layout"));
-        let (dx, dw) = match self.path {
+        let (dx, dw) = match &self.path {
             Path::Depthwise => {
                 let (dx, dw) = depthwise_grads(&geo, x, w, gy);
                 (Some(dx), dw)
             }
-            Path::Direct => direct_grads(&geo, x, w, gy, want_dx, self.padded.as_deref()),
+            Path::Direct { padded } => direct_grads(&geo, w, gy, want_dx, padded),
             Path::Gemm => gemm_grads(&geo, x, w, gy, want_dx),
         };
         let mut out = vec![
@@ -376,23 +394,36 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
         ow: (wd + 2 * spec.pad - kw) / spec.stride + 1,
         spec,
     };
-    if !FORCE_IM2COL.with(|f| f.get()) {
-        if geo.spec.groups == c && co == c {
-            return Ok(depthwise(g, x, w, b, geo));
+    let reference = FORCE_IM2COL.with(|f| f.get());
+    let depthwise = !reference && geo.spec.groups == c && co == c;
+    let direct = !reference && !depthwise && direct_fits(&geo);
+    let (y, path) = with_operands(g, x, w, b, |xv, wv, bias| {
+        if depthwise {
+            (depthwise_forward(&geo, xv, wv, bias), Path::Depthwise)
+        } else if direct {
+            let (y, padded) = direct_forward(&geo, xv, wv, bias);
+            (y, Path::Direct { padded })
+        } else {
+            (gemm_forward(&geo, xv, wv, bias), Path::Gemm)
         }
-        if direct_fits(&geo) {
-            return Ok(direct_conv(g, x, w, b, geo));
-        }
-    }
-    let (xs, ws) = (
-        g.value(x).as_standard_layout(),
-        g.value(w).as_standard_layout(),
-    );
-    let (xv, wv) = (
-        xs.as_slice().expect("standard"),
-        ws.as_slice().expect("standard"),
-    );
-    let bias: Option<Vec<f32>> = b.map(|b| g.value(b).iter().copied().collect());
+    });
+    let y = Tensor::from_shape_vec(IxDyn(&[n, co, geo.oh, geo.ow]), y).expect("output shape");
+    let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
+    Ok(g.record(
+        y,
+        &inputs,
+        ConvOp {
+            geo,
+            bias: b.is_some(),
+            path,
+        },
+    ))
+}
+
+/// im2col + GEMM forward pass, `[N, C_out, OH, OW]` values.
+fn gemm_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let geo = *geo;
+    let (n, c, h, wd, co, spec) = (geo.n, geo.c, geo.h, geo.w, geo.co, geo.spec);
     let (in_len, out_len, krows, opix, cog) = (
         c * h * wd,
         co * geo.opix(),
@@ -443,19 +474,7 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
             scratch::give(0, cols);
             scratch::give(1, tmp);
         });
-    drop((xs, ws));
-    let y = Tensor::from_shape_vec(IxDyn(&[n, co, geo.oh, geo.ow]), y).expect("output shape");
-    let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
-    Ok(g.record(
-        y,
-        &inputs,
-        ConvOp {
-            geo,
-            bias: b.is_some(),
-            path: Path::Gemm,
-            padded: None,
-        },
-    ))
+    y
 }
 
 /// Whether the direct stride-1 kernels take this convolution: stride 1, no groups, a kernel
@@ -478,18 +497,10 @@ fn forward_grid(geo: &Geo) -> Grid {
     Grid::new(geo.h, geo.w, p, p, geo.kh, geo.kw).expect("checked by conv2d")
 }
 
-/// Forward pass on the direct stride-1 kernels (see [`direct_fits`]).
-fn direct_conv(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
-    let (xs, ws) = (
-        g.value(x).as_standard_layout(),
-        g.value(w).as_standard_layout(),
-    );
-    let (xv, wv) = (
-        xs.as_slice().expect("standard"),
-        ws.as_slice().expect("standard"),
-    );
-    let bias: Option<Vec<f32>> = b.map(|b| g.value(b).iter().copied().collect());
-    let grid = forward_grid(&geo);
+/// Forward pass on the direct stride-1 kernels (see [`direct_fits`]): the output and the
+/// zero-padded input (kept for the weight gradient).
+fn direct_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+    let grid = forward_grid(geo);
     let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
     let wk = direct::pack_weights(wv, geo.co, geo.c, taps, false, grid.co_block());
     let offs = grid.offsets();
@@ -504,23 +515,10 @@ fn direct_conv(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
             let mut tmp = scratch::take(1, co_pad * grid.nq);
             grid.pad(xn, geo.c, xp);
             direct::forward(&grid, xp, grid.plane, geo.c, &offs, &wk, &mut tmp);
-            grid.extract(&tmp, geo.co, yn, bias.as_deref());
+            grid.extract(&tmp, geo.co, yn, bias);
             scratch::give(1, tmp);
         });
-    drop((xs, ws));
-    let y =
-        Tensor::from_shape_vec(IxDyn(&[geo.n, geo.co, geo.oh, geo.ow]), y).expect("output shape");
-    let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
-    g.record(
-        y,
-        &inputs,
-        ConvOp {
-            geo,
-            bias: b.is_some(),
-            path: Path::Direct,
-            padded: Some(padded),
-        },
-    )
+    (y, padded)
 }
 
 /// `(dx, dw)` on the direct kernels: `dx` (only if `want_dx`) is the forward kernel run on the
@@ -528,11 +526,10 @@ fn direct_conv(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
 /// reduced over fixed sample chunks in order, as on the GEMM path.
 fn direct_grads(
     geo: &Geo,
-    x: &[f32],
     w: &[f32],
     gy: &[f32],
     want_dx: bool,
-    padded: Option<&[f32]>,
+    padded: &[f32],
 ) -> (Option<Vec<f32>>, Vec<f32>) {
     let geo = *geo;
     let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
@@ -574,23 +571,9 @@ fn direct_grads(
             scratch::give(0, gp);
             scratch::give(1, tmp);
             // Weight gradient over the chunk's samples, on the padded input kept by the
-            // forward pass (padded again only if the op was built without it).
+            // forward pass.
             let pad_len = geo.c * fwd.plane;
-            let mut own = None;
-            let xp: &[f32] = match padded {
-                Some(p) => &p[n0 * pad_len..][..samples * pad_len],
-                None => {
-                    let mut xp = scratch::take(0, samples * pad_len);
-                    for j in 0..samples {
-                        fwd.pad(
-                            &x[(n0 + j) * in_len..][..in_len],
-                            geo.c,
-                            &mut xp[j * pad_len..][..pad_len],
-                        );
-                    }
-                    own.insert(xp)
-                }
-            };
+            let xp = &padded[n0 * pad_len..][..samples * pad_len];
             let mut gyt = scratch::take(2, samples * pixels * co_pad);
             for j in 0..samples {
                 fwd.transpose_out(
@@ -604,9 +587,6 @@ fn direct_grads(
             direct::weight_grad(
                 xp, fwd.plane, geo.c, &offs_f, pixels, &gyt, co_pad, samples, &mut dwp,
             );
-            if let Some(xp) = own {
-                scratch::give(0, xp);
-            }
             scratch::give(2, gyt);
             dwp.truncate(w.len());
             dwp
@@ -646,21 +626,13 @@ fn axpy_row(dst: &mut [f32], src: &[f32], first: usize, s: usize, wv: f32) {
 
 /// Depthwise convolution (`groups = C_in = C_out`) computed directly, plane by plane: a GEMM per
 /// channel would be a 1-row product per group (MobileNetV2 has up to 960 such channels).
-fn depthwise(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
-    let (xs, ws) = (
-        g.value(x).as_standard_layout(),
-        g.value(w).as_standard_layout(),
-    );
-    let (xv, wv) = (
-        xs.as_slice().expect("standard"),
-        ws.as_slice().expect("standard"),
-    );
-    let bias: Option<Vec<f32>> = b.map(|b| g.value(b).iter().copied().collect());
+fn depthwise_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let geo = *geo;
     let (hw, opix, taps) = (geo.h * geo.w, geo.opix(), geo.kh * geo.kw);
     let mut y = buffers::take(geo.n * geo.c * opix);
     y.par_chunks_mut(opix).enumerate().for_each(|(plane, yp)| {
         let ch = plane % geo.c;
-        yp.fill(bias.as_ref().map_or(0.0, |b| b[ch]));
+        yp.fill(bias.map_or(0.0, |b| b[ch]));
         let xp = &xv[plane * hw..(plane + 1) * hw];
         let wc = &wv[ch * taps..(ch + 1) * taps];
         for oy in 0..geo.oh {
@@ -684,20 +656,7 @@ fn depthwise(g: &mut Graph, x: Var, w: Var, b: Option<Var>, geo: Geo) -> Var {
             }
         }
     });
-    drop((xs, ws));
-    let y =
-        Tensor::from_shape_vec(IxDyn(&[geo.n, geo.c, geo.oh, geo.ow]), y).expect("output shape");
-    let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
-    g.record(
-        y,
-        &inputs,
-        ConvOp {
-            geo,
-            bias: b.is_some(),
-            path: Path::Depthwise,
-            padded: None,
-        },
-    )
+    y
 }
 
 /// `(dx, dw)` of the direct depthwise convolution: `dx` plane by plane (the adjoint of the
