@@ -27,6 +27,11 @@ pub fn padded_rows(m: usize) -> usize {
     }
 }
 
+/// Largest `|code|` of `range`.
+pub(crate) fn range_max_abs(range: QuantRange) -> u32 {
+    range.min().unsigned_abs().max(range.max().unsigned_abs())
+}
+
 /// `[M, K]` activation codes (u8 for unsigned ranges, i8 bit patterns for signed ones) and
 /// per-row scales.
 #[derive(Debug, Clone, PartialEq)]
@@ -187,10 +192,7 @@ impl QuantActivations {
 
     /// Largest `|code|` the range allows.
     pub fn max_abs(&self) -> u32 {
-        self.range
-            .min()
-            .unsigned_abs()
-            .max(self.range.max().unsigned_abs())
+        range_max_abs(self.range)
     }
 
     /// Padded code storage ([`padded_rows`] rows of `stride` bytes).

@@ -20,7 +20,11 @@ use rayon::prelude::*;
 use crate::activations::QuantActivations;
 use crate::dispatch::Isa;
 use crate::error::{Error, Result};
-use crate::frame::{finish, post_acc, Epilogue, PARALLEL_MIN_MACS};
+use asq_core::QuantRange;
+
+use crate::frame::{
+    finish, post_acc, Epilogue, Rows, Seg, KGROUP, MAX_TILE_ROWS, PARALLEL_MIN_MACS,
+};
 use crate::weights::{PackedWeights, WeightForm};
 
 /// Geometry of a 2-D convolution or pooling window on NHWC data.
@@ -155,7 +159,9 @@ fn copy_run(d: &mut [u8], v: &[u8]) {
     }
 }
 
-/// Convolution (groups = 1): `out` is `[batch, OH, OW, C_out]` f32.
+/// Convolution (groups = 1): `out` is `[batch, OH, OW, C_out]` f32, on the fastest variant of
+/// this CPU. Implicit GEMM ([`ImplicitConv`]) where every window row is whole groups of 4 codes
+/// (`KW·C_in` a multiple of 4), else im2col + GEMM; both give the same bits.
 pub fn conv2d(
     x: &QuantActivations,
     w: &PackedWeights,
@@ -163,6 +169,29 @@ pub fn conv2d(
     epi: &Epilogue<'_>,
     out: &mut [f32],
 ) -> Result<()> {
+    conv2d_with(Isa::best(), x, w, shape, epi, out)
+}
+
+/// [`conv2d`] on a chosen variant ([`Error::UnsupportedIsa`] if this CPU lacks it).
+pub fn conv2d_with(
+    isa: Isa,
+    x: &QuantActivations,
+    w: &PackedWeights,
+    shape: &Conv2dShape,
+    epi: &Epilogue<'_>,
+    out: &mut [f32],
+) -> Result<()> {
+    check_weights(w, shape)?;
+    if ImplicitConv::applies(shape) {
+        let input = ImplicitConv::new(x, shape)?;
+        input.conv2d_with(isa, w, epi, out)
+    } else {
+        let cols = im2col(x, shape)?;
+        crate::gemm_with(isa, &cols, w, epi, out)
+    }
+}
+
+fn check_weights(w: &PackedWeights, shape: &Conv2dShape) -> Result<()> {
     if w.cols() != shape.kh * shape.kw * shape.in_c {
         return Err(Error::Shape(format!(
             "weights have K = {}, a {}x{} window over {} channels needs {}",
@@ -173,8 +202,149 @@ pub fn conv2d(
             shape.kh * shape.kw * shape.in_c
         )));
     }
-    let cols = im2col(x, shape)?;
-    crate::gemm(&cols, w, epi, out)
+    Ok(())
+}
+
+/// A convolution input laid out for the implicit GEMM: every sample's codes zero-padded in
+/// NHWC (`(H + 2·pad) x (W + 2·pad) x C`), samples back to back, plus slack for the rows a tile
+/// reads past its last output. The GEMM reads the im2col rows in place instead of copying them:
+/// output `(n, oy, ox)`'s row is, for each window row `ky`, the `KW·C` contiguous codes at
+/// padded position `(n, oy·stride + ky, ox·stride)` (one [`Seg`] per window row, the same for
+/// every row), and the rows of a tile within one output row are `stride·C` bytes apart. The
+/// copy is the input's size where im2col writes `KH·KW` times as much.
+#[derive(Debug, Clone)]
+pub struct ImplicitConv {
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+    range: QuantRange,
+    shape: Conv2dShape,
+    oh: usize,
+    ow: usize,
+    /// Bytes per padded sample and per padded image row.
+    img: usize,
+    row: usize,
+    segs: Vec<Seg>,
+}
+
+impl ImplicitConv {
+    /// Whether the implicit path takes `shape`: each window row `KW·C` codes must be whole
+    /// groups of 4 (the weights' reduction groups then never straddle two window rows).
+    pub fn applies(shape: &Conv2dShape) -> bool {
+        (shape.kw * shape.in_c).is_multiple_of(KGROUP)
+    }
+
+    /// Pads `x` (`[batch, H·W·C]` NHWC codes) for `shape`.
+    pub fn new(x: &QuantActivations, shape: &Conv2dShape) -> Result<Self> {
+        shape.validate(x)?;
+        if !Self::applies(shape) {
+            return Err(Error::Shape(format!(
+                "implicit convolution needs KW·C a multiple of 4, got {}·{}",
+                shape.kw, shape.in_c
+            )));
+        }
+        let c = shape.in_c;
+        let (hp, wp) = (shape.in_h + 2 * shape.pad, shape.in_w + 2 * shape.pad);
+        let row = wp * c;
+        let img = hp * row;
+        // A tile reads up to MAX_TILE_ROWS - 1 rows (stride·C bytes each) past its last output.
+        let slack = (MAX_TILE_ROWS - 1) * shape.stride * c;
+        let total = shape
+            .batch
+            .checked_mul(img)
+            .and_then(|v| v.checked_add(slack))
+            .ok_or_else(|| Error::Shape(format!("padded input of {shape:?} is too large")))?;
+        let mut codes = vec![0u8; total];
+        let line = shape.in_w * c;
+        for n in 0..shape.batch {
+            let src = x.row(n);
+            for iy in 0..shape.in_h {
+                let at = n * img + (iy + shape.pad) * row + shape.pad * c;
+                codes[at..at + line].copy_from_slice(&src[iy * line..(iy + 1) * line]);
+            }
+        }
+        let segs = (0..shape.kh)
+            .map(|ky| Seg {
+                off: ky * row,
+                groups: shape.kw * c / KGROUP,
+            })
+            .collect();
+        Ok(Self {
+            codes,
+            scales: x.scales()[..shape.batch].to_vec(),
+            range: x.range(),
+            shape: *shape,
+            oh: shape.out_h(),
+            ow: shape.out_w(),
+            img,
+            row,
+            segs,
+        })
+    }
+
+    /// The geometry.
+    pub fn shape(&self) -> &Conv2dShape {
+        &self.shape
+    }
+
+    /// Output rows of the GEMM: `batch·OH·OW`.
+    pub fn rows(&self) -> usize {
+        self.shape.batch * self.oh * self.ow
+    }
+
+    /// The scale of output row `m` (its sample's).
+    #[inline]
+    pub(crate) fn scale(&self, m: usize) -> f32 {
+        self.scales[m / (self.oh * self.ow)]
+    }
+
+    /// The window rows' runs.
+    pub(crate) fn segs(&self) -> &[Seg] {
+        &self.segs
+    }
+
+    /// A tile from output row `m0`: codes from its first row's window on, the row stride
+    /// (`stride·C`), and its rows (at most `max`, within `m0..end` and within one output row).
+    #[inline]
+    pub(crate) fn tile(&self, m0: usize, end: usize, max: usize) -> (&[u8], usize, usize) {
+        let per = self.oh * self.ow;
+        let (n, p) = (m0 / per, m0 % per);
+        let (oy, ox) = (p / self.ow, p % self.ow);
+        let lda = self.shape.stride * self.shape.in_c;
+        let off = n * self.img + oy * self.shape.stride * self.row + ox * lda;
+        let valid = max.min(end - m0).min(self.ow - ox);
+        (&self.codes[off..], lda, valid)
+    }
+
+    /// The convolution of this input with `w` on variant `isa`: the same bits as im2col +
+    /// [`crate::gemm_with`].
+    pub fn conv2d_with(
+        &self,
+        isa: Isa,
+        w: &PackedWeights,
+        epi: &Epilogue<'_>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        check_weights(w, &self.shape)?;
+        let plan = crate::frame::check_parts(self.rows(), w.cols(), self.range, w, epi, out, isa)?;
+        crate::frame::gemm_planned(&plan, Rows::Conv(self), w, epi, out);
+        Ok(())
+    }
+
+    /// [`ImplicitConv::conv2d_with`] on the VNNI kernels running on the portable model of
+    /// their instructions (tests of the AVX-512 code on CPUs without it).
+    #[cfg(all(test, target_arch = "x86_64"))]
+    pub(crate) fn conv2d_emulated_vnni(
+        &self,
+        w: &PackedWeights,
+        epi: &Epilogue<'_>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        check_weights(w, &self.shape)?;
+        crate::frame::check_parts(self.rows(), w.cols(), self.range, w, epi, out, Isa::Scalar)?;
+        let plan = crate::dispatch::Plan::emulated_vnni(self.range, w)?;
+        crate::frame::gemm_planned(&plan, Rows::Conv(self), w, epi, out);
+        Ok(())
+    }
 }
 
 /// Depthwise convolution (one filter per channel): weights `[C, KH·KW]`, `out` is

@@ -3,9 +3,11 @@
 
 use std::sync::OnceLock;
 
-use crate::activations::QuantActivations;
+use asq_core::{QuantRange, Signedness};
+
+use crate::activations::{range_max_abs, QuantActivations};
 use crate::error::{Error, Result};
-use crate::frame::{TileShape, GROUP_BYTES, MR, NR};
+use crate::frame::{seg_extent, Seg, TileShape, GROUP_BYTES, MR, NR};
 use crate::generic;
 use crate::weights::{PackedWeights, WeightForm};
 
@@ -142,13 +144,15 @@ pub fn maddubs_depth(max_a: u32, max_w: u32, signed_a: bool) -> Option<usize> {
 }
 
 impl Plan {
-    pub(crate) fn new(isa: Isa, a: &QuantActivations, w: &PackedWeights) -> Result<Self> {
+    /// The plan of `isa` for activations of `range` times weights `w`.
+    pub(crate) fn new(isa: Isa, range: QuantRange, w: &PackedWeights) -> Result<Self> {
         if !isa.available() {
             return Err(Error::UnsupportedIsa(isa.name()));
         }
+        let signed_a = matches!(range.signedness(), Signedness::Signed);
         let path = match isa {
             Isa::Scalar => Path::Scalar,
-            Isa::Avx2 => match maddubs_depth(a.max_abs(), w.form().max_abs(), a.is_signed()) {
+            Isa::Avx2 => match maddubs_depth(range_max_abs(range), w.form().max_abs(), signed_a) {
                 Some(depth) => Path::Avx2Maddubs { depth },
                 None => Path::Avx2Widen,
             },
@@ -163,7 +167,7 @@ impl Plan {
         Ok(Self {
             isa,
             path,
-            signed_a: a.is_signed(),
+            signed_a,
             identity8,
             emulated: false,
         })
@@ -171,8 +175,8 @@ impl Plan {
 
     /// The VNNI plan on the portable model of its instructions, on any CPU (tests only).
     #[cfg(all(test, target_arch = "x86_64"))]
-    pub(crate) fn emulated_vnni(a: &QuantActivations, w: &PackedWeights) -> Result<Self> {
-        let mut plan = Self::new(Isa::Scalar, a, w)?;
+    pub(crate) fn emulated_vnni(range: QuantRange, w: &PackedWeights) -> Result<Self> {
+        let mut plan = Self::new(Isa::Scalar, range, w)?;
         plan.isa = Isa::Avx512Vnni;
         plan.path = Path::Avx512Vnni;
         plan.emulated = true;
@@ -243,23 +247,24 @@ impl Plan {
         }
     }
 
-    /// One tile: `acc[r · C + j] = sum_k a[m0 + r, k] · b[j, k] - corr[j]` for rows `r <
-    /// tile.rows` and the `C = tile.channels()` channels of the expanded panels `panels` (`[tile.
-    /// panels][groups][64]`), `corr` from [`Plan::correction`] per panel. Rows from `valid` on
-    /// are the zero padding of `a` (their results are not used).
+    /// One tile: `acc[r · C + j] = sum_k a_r[k] · b[j, k] - corr[j]` for rows `r < tile.rows`
+    /// and the `C = tile.channels()` channels of the expanded panels `panels` (`[tile.panels]
+    /// [groups][64]`), `corr` from [`Plan::correction`] per panel. Row `r`'s codes are the runs
+    /// `segs` from byte `r · lda` of `rows` (one run of all groups for a GEMM; one per window row
+    /// for an implicit convolution). Rows from `valid` on are padding (read, results unused).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn tile(
         &self,
-        a: &QuantActivations,
-        m0: usize,
+        rows: &[u8],
+        lda: usize,
+        segs: &[Seg],
         valid: usize,
         tile: TileShape,
         panels: &[i8],
         corr: &[i32],
         acc: &mut [i32],
     ) {
-        let lda = a.stride();
-        let groups = lda / 4;
+        let (groups, _) = seg_extent(segs);
         let pb = groups * GROUP_BYTES;
         let nc = tile.channels();
         debug_assert!(panels.len() >= tile.panels * pb && corr.len() >= nc);
@@ -267,7 +272,6 @@ impl Plan {
         if self.path == Path::Avx512Vnni {
             #[cfg(target_arch = "x86_64")]
             {
-                let rows = &a.codes()[m0 * lda..];
                 #[cfg(test)]
                 if self.emulated {
                     // SAFETY: the portable model has no CPU requirement.
@@ -278,7 +282,7 @@ impl Plan {
                             self.signed_a,
                             tile,
                             panels,
-                            groups,
+                            segs,
                             corr,
                             acc,
                         )
@@ -293,7 +297,7 @@ impl Plan {
                         self.signed_a,
                         tile,
                         panels,
-                        groups,
+                        segs,
                         corr,
                         acc,
                     )
@@ -303,11 +307,10 @@ impl Plan {
         }
         // 4-row, 1-panel kernels, run per panel.
         debug_assert_eq!(tile.rows, MR);
-        let rows = &a.codes()[m0 * lda..(m0 + MR) * lda];
         let mut block = [[0i32; NR]; MR];
         for q in 0..tile.panels {
             let panel = &panels[q * pb..(q + 1) * pb];
-            self.tile4(rows, lda, groups, panel, &mut block);
+            self.tile4(rows, lda, segs, panel, &mut block);
             for (r, row) in block.iter().enumerate() {
                 acc[r * nc + q * NR..r * nc + (q + 1) * NR].copy_from_slice(row);
             }
@@ -321,8 +324,9 @@ impl Plan {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn tile2(
         &self,
-        a: &QuantActivations,
-        m0: usize,
+        rows: &[u8],
+        lda: usize,
+        segs: &[Seg],
         valid: usize,
         tile: TileShape,
         panels: [&[i8]; 2],
@@ -331,8 +335,6 @@ impl Plan {
     ) {
         #[cfg(target_arch = "x86_64")]
         if self.path == Path::Avx512Vnni && tile.panels == 1 {
-            let lda = a.stride();
-            let rows = &a.codes()[m0 * lda..];
             #[cfg(test)]
             if self.emulated {
                 // SAFETY: the portable model has no CPU requirement.
@@ -343,7 +345,7 @@ impl Plan {
                         self.signed_a,
                         tile,
                         panels,
-                        lda / 4,
+                        segs,
                         corr,
                         acc,
                     )
@@ -358,7 +360,7 @@ impl Plan {
                     self.signed_a,
                     tile,
                     panels,
-                    lda / 4,
+                    segs,
                     corr,
                     acc,
                 )
@@ -366,8 +368,8 @@ impl Plan {
             return;
         }
         let [acc1, acc2] = acc;
-        self.tile(a, m0, valid, tile, panels[0], corr[0], acc1);
-        self.tile(a, m0, valid, tile, panels[1], corr[1], acc2);
+        self.tile(rows, lda, segs, valid, tile, panels[0], corr[0], acc1);
+        self.tile(rows, lda, segs, valid, tile, panels[1], corr[1], acc2);
     }
 
     /// The portable and AVX2 micro-kernels: 4 rows x one panel of 16 channels.
@@ -375,7 +377,7 @@ impl Plan {
         &self,
         rows: &[u8],
         lda: usize,
-        groups: usize,
+        segs: &[Seg],
         panel: &[i8],
         acc: &mut [[i32; NR]; MR],
     ) {
@@ -384,27 +386,19 @@ impl Plan {
             // SAFETY: Avx2 paths are planned only when AVX2 was detected.
             Path::Avx2Maddubs { depth } => unsafe {
                 for half in 0..2 {
-                    crate::x86::avx2::tile_maddubs(rows, lda, panel, half, groups, depth, acc);
+                    crate::x86::avx2::tile_maddubs(rows, lda, panel, half, segs, depth, acc);
                 }
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             Path::Avx2Widen => unsafe {
                 for half in 0..2 {
-                    crate::x86::avx2::tile_widen(
-                        rows,
-                        lda,
-                        self.signed_a,
-                        panel,
-                        half,
-                        groups,
-                        acc,
-                    );
+                    crate::x86::avx2::tile_widen(rows, lda, self.signed_a, panel, half, segs, acc);
                 }
             },
             _ => {
                 for half in 0..2 {
-                    generic::tile(rows, lda, self.signed_a, panel, half, groups, acc);
+                    generic::tile(rows, lda, self.signed_a, panel, half, segs, acc);
                 }
             }
         }

@@ -17,7 +17,9 @@
 
 use rayon::prelude::*;
 
-use crate::activations::QuantActivations;
+use asq_core::QuantRange;
+
+use crate::activations::{range_max_abs, QuantActivations};
 use crate::dispatch::{Isa, Path, Plan};
 use crate::error::{Error, Result};
 use crate::weights::{PackedWeights, WeightForm};
@@ -50,6 +52,26 @@ impl TileShape {
 }
 /// Reduction steps per group (4 bytes per channel: one dword in a vector register).
 pub const KGROUP: usize = 4;
+
+/// One contiguous run of a tile row's reduction: `groups` groups of [`KGROUP`] codes starting at
+/// byte `off` of the row, multiplying the weight groups that follow the previous runs' groups.
+/// A GEMM row is one run (`off` 0, all groups); a row of an implicit convolution is one run per
+/// window row (the `KW·C` codes of the padded input under it), see [`crate::conv`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Seg {
+    /// First byte of the run, from the row's start.
+    pub off: usize,
+    /// Groups of 4 codes in the run.
+    pub groups: usize,
+}
+
+/// Total groups of `segs` and the row bytes they reach (`max(off + 4·groups)`): what a kernel
+/// checks its slices against.
+pub(crate) fn seg_extent(segs: &[Seg]) -> (usize, usize) {
+    segs.iter().fold((0, 0), |(g, end), s| {
+        (g + s.groups, end.max(s.off + s.groups * KGROUP))
+    })
+}
 /// Bytes of one expanded int8 group of a panel.
 pub const GROUP_BYTES: usize = NR * KGROUP;
 
@@ -176,33 +198,85 @@ pub(crate) fn check(
     out: &[f32],
     isa: Isa,
 ) -> Result<Plan> {
-    if a.cols() != w.cols() {
+    check_parts(a.rows(), a.cols(), a.range(), w, epi, out, isa)
+}
+
+/// [`check`] for `m` activation rows of `k` codes in `range`, however they are stored.
+pub(crate) fn check_parts(
+    m: usize,
+    k: usize,
+    range: QuantRange,
+    w: &PackedWeights,
+    epi: &Epilogue<'_>,
+    out: &[f32],
+    isa: Isa,
+) -> Result<Plan> {
+    if k != w.cols() {
         return Err(Error::Shape(format!(
-            "activations have K = {}, weights K = {}",
-            a.cols(),
+            "activations have K = {k}, weights K = {}",
             w.cols()
         )));
     }
-    if out.len() != a.rows() * w.rows() {
+    if out.len() != m * w.rows() {
         return Err(Error::Shape(format!(
-            "output has {} values, [{}, {}] needs {}",
+            "output has {} values, [{m}, {}] needs {}",
             out.len(),
-            a.rows(),
             w.rows(),
-            a.rows() * w.rows()
+            m * w.rows()
         )));
     }
     epi.validate(w.rows(), out.len())?;
-    let bound = a.max_abs() as u64 * w.form().max_abs() as u64 * w.groups() as u64 * KGROUP as u64;
+    let max_a = range_max_abs(range);
+    let bound = max_a as u64 * w.form().max_abs() as u64 * w.groups() as u64 * KGROUP as u64;
     if bound > i32::MAX as u64 {
         return Err(Error::Overflow(format!(
-            "K = {} with |a| <= {} and |w| <= {} can exceed i32",
-            a.cols(),
-            a.max_abs(),
+            "K = {k} with |a| <= {max_a} and |w| <= {} can exceed i32",
             w.form().max_abs()
         )));
     }
-    Plan::new(isa, a, w)
+    Plan::new(isa, range, w)
+}
+
+/// The activation side of the blocked driver: `M` rows of `K` codes, each with its scale.
+pub(crate) enum Rows<'a> {
+    /// `[M, K]` codes in padded row storage (a GEMM, or an explicit im2col).
+    Dense(&'a QuantActivations),
+    /// The rows of an implicit im2col of a padded NHWC input: read in place (see
+    /// [`crate::conv::ImplicitConv`]).
+    Conv(&'a crate::conv::ImplicitConv),
+}
+
+impl Rows<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            Rows::Dense(a) => a.rows(),
+            Rows::Conv(c) => c.rows(),
+        }
+    }
+
+    /// The scale of row `m`.
+    #[inline]
+    fn scale(&self, m: usize) -> f32 {
+        match self {
+            Rows::Dense(a) => a.scales()[m],
+            Rows::Conv(c) => c.scale(m),
+        }
+    }
+
+    /// The tile that starts at row `m0` and may reach row `end` (exclusive) with at most `max`
+    /// rows: (its codes from the first row on, the row stride, the rows it really covers).
+    /// An implicit convolution's tile stays within one output row (its rows are then equally
+    /// spaced in the padded input).
+    #[inline]
+    fn tile(&self, m0: usize, end: usize, max: usize) -> (&[u8], usize, usize) {
+        match self {
+            Rows::Dense(a) => {
+                let lda = a.stride();
+                (&a.codes()[m0 * lda..], lda, max.min(end - m0))
+            }
+            Rows::Conv(c) => c.tile(m0, end, max),
+        }
+    }
 }
 
 /// A raw output pointer shared by tasks that write disjoint columns.
@@ -215,7 +289,7 @@ unsafe impl Sync for OutPtr {}
 /// Runs the blocked GEMM with an already checked plan.
 pub(crate) fn gemm_planned(
     plan: &Plan,
-    a: &QuantActivations,
+    a: Rows<'_>,
     w: &PackedWeights,
     epi: &Epilogue<'_>,
     out: &mut [f32],
@@ -237,6 +311,13 @@ pub(crate) fn gemm_planned(
     // Split the channels first (no repeated expansion), in whole tiles of panels; when there are
     // too few (small C_out, e.g. the first convs of ResNet-20) split the rows too.
     let shape = plan.shape(a.rows(), w);
+    let segs = match &a {
+        Rows::Dense(x) => vec![Seg {
+            off: 0,
+            groups: x.stride() / KGROUP,
+        }],
+        Rows::Conv(c) => c.segs().to_vec(),
+    };
     let blocks = panels.div_ceil(shape.panels);
     let split_n = want.min(blocks);
     let tiles = a.rows().div_ceil(shape.rows);
@@ -249,7 +330,8 @@ pub(crate) fn gemm_planned(
         run_panels(
             plan,
             shape,
-            a,
+            &a,
+            &segs,
             w,
             epi,
             ptr,
@@ -374,7 +456,8 @@ fn store_run(out: OutPtr, i: usize, vals: &[f32]) {
 fn run_panels(
     plan: &Plan,
     shape: TileShape,
-    a: &QuantActivations,
+    a: &Rows<'_>,
+    segs: &[Seg],
     w: &PackedWeights,
     epi: &Epilogue<'_>,
     out: OutPtr,
@@ -412,16 +495,18 @@ fn run_panels(
                 corr2[q * NR..(q + 1) * NR].copy_from_slice(&plan.correction(dst, groups));
             }
         }
-        for m0 in rows.clone().step_by(shape.rows) {
-            let valid = shape.rows.min(rows.end - m0);
+        let mut m0 = rows.start;
+        while m0 < rows.end {
+            let (codes, lda, valid) = a.tile(m0, rows.end, shape.rows);
             let tile = TileShape {
                 rows: shape.rows,
                 panels: np,
             };
             if two {
                 plan.tile2(
-                    a,
-                    m0,
+                    codes,
+                    lda,
+                    segs,
                     valid,
                     tile,
                     [&*b1, &*b2],
@@ -429,7 +514,7 @@ fn run_panels(
                     [&mut acc, &mut acc2],
                 );
             } else {
-                plan.tile(a, m0, valid, tile, b1, &corr1[..nc], &mut acc);
+                plan.tile(codes, lda, segs, valid, tile, b1, &corr1[..nc], &mut acc);
             }
             for r in 0..valid {
                 let m = m0 + r;
@@ -446,7 +531,7 @@ fn run_panels(
                         out,
                         w,
                         epi,
-                        a.scales()[m],
+                        a.scale(m),
                         m,
                         c0,
                         &acc[at..at + cols],
@@ -454,6 +539,7 @@ fn run_panels(
                     );
                 }
             }
+            m0 += valid;
         }
         p += np;
     }

@@ -2,7 +2,7 @@
 
 use asq_core::BitWidth;
 
-use crate::frame::{GROUP_BYTES, MR};
+use crate::frame::{Seg, GROUP_BYTES, MR};
 use crate::tile::{tile_bytes, unpack_tile, TILE_CODES};
 
 /// Expands packed tiles into `[groups][64]` int8 values through `table`.
@@ -20,32 +20,37 @@ pub(crate) fn expand_panel(packed: &[u8], bits: BitWidth, table: &[i8], out: &mu
     }
 }
 
-/// `acc[r][8·half + j] = sum over groups g, steps t of a[r·lda + 4g + t] · b[64g + 32·half + 4j + t]`
-/// for `j < 8`.
+/// `acc[r][8·half + j] = sum over the runs' groups g, steps t of a[r·lda + off(g) + t] ·
+/// b[64g + 32·half + 4j + t]` for `j < 8` (`off(g)`: the byte of group `g` in its run, see
+/// [`Seg`]).
 pub(crate) fn tile(
     a: &[u8],
     lda: usize,
     signed_a: bool,
     b: &[i8],
     half: usize,
-    groups: usize,
+    segs: &[Seg],
     acc: &mut [[i32; 16]; MR],
 ) {
     for (r, row) in acc.iter_mut().enumerate() {
         let row = &mut row[half * 8..half * 8 + 8];
-        let ar = &a[r * lda..r * lda + groups * 4];
         for (j, out) in row.iter_mut().enumerate() {
             let mut s = 0i32;
-            for g in 0..groups {
-                let bg = &b[g * GROUP_BYTES + half * 32 + j * 4..][..4];
-                for t in 0..4 {
-                    let av = if signed_a {
-                        ar[g * 4 + t] as i8 as i32
-                    } else {
-                        ar[g * 4 + t] as i32
-                    };
-                    s += av * bg[t] as i32;
+            let mut g = 0;
+            for seg in segs {
+                let ar = &a[r * lda + seg.off..r * lda + seg.off + seg.groups * 4];
+                for (i, a4) in ar.chunks_exact(4).enumerate() {
+                    let bg = &b[(g + i) * GROUP_BYTES + half * 32 + j * 4..][..4];
+                    for t in 0..4 {
+                        let av = if signed_a {
+                            a4[t] as i8 as i32
+                        } else {
+                            a4[t] as i32
+                        };
+                        s += av * bg[t] as i32;
+                    }
                 }
+                g += seg.groups;
             }
             *out = s;
         }

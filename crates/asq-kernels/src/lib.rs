@@ -85,7 +85,7 @@ fn run_plan(
     if a.rows() == 1 && plan.has_gemv(w) {
         frame::gemv_planned(plan, a, w, epi, out);
     } else {
-        frame::gemm_planned(plan, a, w, epi, out);
+        frame::gemm_planned(plan, frame::Rows::Dense(a), w, epi, out);
     }
 }
 
@@ -99,7 +99,7 @@ pub(crate) fn gemm_emulated_vnni(
     out: &mut [f32],
 ) -> Result<()> {
     frame::check(a, w, epi, out, Isa::Scalar)?;
-    let plan = dispatch::Plan::emulated_vnni(a, w)?;
+    let plan = dispatch::Plan::emulated_vnni(a.range(), w)?;
     run_plan(&plan, a, w, epi, out);
     Ok(())
 }
@@ -107,7 +107,7 @@ pub(crate) fn gemm_emulated_vnni(
 /// The integer path a variant would take for these operands (for reports and benches), with
 /// `"+gemv"` when the one-row kernel applies.
 pub fn describe(isa: Isa, a: &QuantActivations, w: &PackedWeights) -> Result<String> {
-    let plan = dispatch::Plan::new(isa, a, w)?;
+    let plan = dispatch::Plan::new(isa, a.range(), w)?;
     let gemv = if a.rows() == 1 && plan.has_gemv(w) {
         "+gemv"
     } else {

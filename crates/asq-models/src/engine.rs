@@ -20,7 +20,7 @@ use std::path::Path;
 
 use asq_core::quant::Steps;
 use asq_core::QuantRange;
-use asq_kernels::conv::{Conv2dShape, DepthwiseWeights};
+use asq_kernels::conv::{Conv2dShape, DepthwiseWeights, ImplicitConv};
 use asq_kernels::{Epilogue, PackedWeights, QuantActivations};
 use asq_train::checkpoint::atomic_write;
 use asq_train::framed::Format;
@@ -63,7 +63,8 @@ pub struct NodeTime {
     pub op: String,
     /// Quantizing the float input to codes.
     pub quantize: f64,
-    /// im2col on the codes (convolutions through GEMM).
+    /// Laying out the codes for the GEMM: zero-padding the input of an implicit convolution, or
+    /// im2col where a window row is not whole groups of 4 codes.
     pub im2col: f64,
     /// The integer kernel with its epilogue (GEMM, depthwise), or the pooling.
     pub kernel: f64,
@@ -721,6 +722,14 @@ impl IntModel {
                     relu: *act != Act::None,
                 };
                 match kernel {
+                    // Implicit GEMM on the padded input where the window rows are whole
+                    // groups of 4 codes (every body conv of the zoo), else im2col + GEMM: the
+                    // same bits either way.
+                    Kernel::Gemm(pw) if ImplicitConv::applies(&shape) => {
+                        let input = ImplicitConv::new(&qa, &shape).map_err(kernel_error)?;
+                        lap(|t| &mut t.im2col, &mut since);
+                        input.conv2d_with(asq_kernels::Isa::best(), pw, &epi, &mut out)
+                    }
                     Kernel::Gemm(pw) => {
                         let cols = asq_kernels::conv::im2col(&qa, &shape).map_err(kernel_error)?;
                         lap(|t| &mut t.im2col, &mut since);

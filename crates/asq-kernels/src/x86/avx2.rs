@@ -6,7 +6,7 @@ use core::arch::x86_64::*;
 
 use asq_core::BitWidth;
 
-use crate::frame::{GROUP_BYTES, MR};
+use crate::frame::{seg_extent, Seg, GROUP_BYTES, MR};
 use crate::tile::tile_bytes;
 
 /// A 16-entry table (shorter tables zero-padded) broadcast to both 128-bit lanes.
@@ -112,17 +112,18 @@ pub(crate) unsafe fn expand_panel(packed: &[u8], bits: BitWidth, table: &[i8], o
     }
 }
 
-fn check_tile(a: &[u8], lda: usize, b: &[i8], half: usize, groups: usize) {
-    assert!(
-        half < 2
-            && lda >= groups * 4
-            && a.len() >= (MR - 1) * lda + groups * 4
-            && b.len() >= groups * GROUP_BYTES
-    );
+/// Checks a tile's operands: `MR` rows `lda` bytes apart whose runs `segs` stay inside `a`
+/// (rows may overlap: an implicit convolution's do), and the expanded panel `b` holding every
+/// group. Returns the groups.
+fn check_tile(a: &[u8], lda: usize, b: &[i8], half: usize, segs: &[Seg]) -> usize {
+    let (groups, end) = seg_extent(segs);
+    assert!(half < 2 && a.len() >= (MR - 1) * lda + end && b.len() >= groups * GROUP_BYTES);
+    groups
 }
 
-/// `vpmaddubsw` micro-kernel, MR rows x the 8 channels of `half` (into `acc[..][8·half..]`), `depth` pair sums added in i16 before
-/// widening. Exact when `depth · 2 · max|a| · max|b| <= 32767` (the planner's contract).
+/// `vpmaddubsw` micro-kernel, MR rows x the 8 channels of `half` (into `acc[..][8·half..]`),
+/// `depth` pair sums added in i16 before widening (within a run of `segs`). Exact when
+/// `depth · 2 · max|a| · max|b| <= 32767` (the planner's contract).
 ///
 /// # Safety
 /// The CPU must support AVX2.
@@ -132,53 +133,60 @@ pub(crate) unsafe fn tile_maddubs(
     lda: usize,
     b: &[i8],
     half: usize,
-    groups: usize,
+    segs: &[Seg],
     depth: usize,
     acc: &mut [[i32; 16]; MR],
 ) {
-    check_tile(a, lda, b, half, groups);
+    check_tile(a, lda, b, half, segs);
     assert!(depth >= 1);
     let ones = _mm256_set1_epi16(1);
-    let ap = a.as_ptr();
-    let bp = b[half * 32..].as_ptr();
     let mut c = [_mm256_setzero_si256(); MR];
-    let load_b = |g: usize| {
-        // SAFETY: g < groups and b holds groups · 64 bytes from 0, so 32 bytes at 64g + 32·half fit.
-        unsafe { _mm256_loadu_si256(bp.add(g * GROUP_BYTES) as *const __m256i) }
-    };
-    let load_a = |r: usize, g: usize| {
-        // SAFETY: r < MR and g < groups, so 4 bytes at r·lda + 4g lie inside `a` (checked).
-        _mm256_set1_epi32(unsafe { (ap.add(r * lda + g * 4) as *const i32).read_unaligned() })
-    };
-    if depth == 1 {
-        for g in 0..groups {
-            let bv = load_b(g);
-            for (r, cr) in c.iter_mut().enumerate() {
-                *cr = _mm256_add_epi32(
-                    *cr,
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(load_a(r, g), bv), ones),
-                );
-            }
-        }
-    } else {
-        let mut g = 0;
-        while g < groups {
-            let end = (g + depth).min(groups);
-            let bv = load_b(g);
-            let mut s = [_mm256_setzero_si256(); MR];
-            for (r, sr) in s.iter_mut().enumerate() {
-                *sr = _mm256_maddubs_epi16(load_a(r, g), bv);
-            }
-            g += 1;
-            while g < end {
+    let mut gb = 0;
+    for seg in segs {
+        // SAFETY (pointer offsets): the run and its groups lie inside `a` and `b` (checked).
+        let ap = unsafe { a.as_ptr().add(seg.off) };
+        let bp = unsafe { b[half * 32..].as_ptr().add(gb * GROUP_BYTES) };
+        let groups = seg.groups;
+        gb += groups;
+        let load_b = |g: usize| {
+            // SAFETY: g < the run's groups, whose 64-byte groups lie inside `b` (checked).
+            unsafe { _mm256_loadu_si256(bp.add(g * GROUP_BYTES) as *const __m256i) }
+        };
+        let load_a = |r: usize, g: usize| {
+            // SAFETY: r < MR and g < the run's groups: 4 bytes at r·lda + off + 4g lie inside
+            // `a` (checked).
+            _mm256_set1_epi32(unsafe { (ap.add(r * lda + g * 4) as *const i32).read_unaligned() })
+        };
+        if depth == 1 {
+            for g in 0..groups {
                 let bv = load_b(g);
+                for (r, cr) in c.iter_mut().enumerate() {
+                    *cr = _mm256_add_epi32(
+                        *cr,
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(load_a(r, g), bv), ones),
+                    );
+                }
+            }
+        } else {
+            let mut g = 0;
+            while g < groups {
+                let end = (g + depth).min(groups);
+                let bv = load_b(g);
+                let mut s = [_mm256_setzero_si256(); MR];
                 for (r, sr) in s.iter_mut().enumerate() {
-                    *sr = _mm256_add_epi16(*sr, _mm256_maddubs_epi16(load_a(r, g), bv));
+                    *sr = _mm256_maddubs_epi16(load_a(r, g), bv);
                 }
                 g += 1;
-            }
-            for (cr, sr) in c.iter_mut().zip(&s) {
-                *cr = _mm256_add_epi32(*cr, _mm256_madd_epi16(*sr, ones));
+                while g < end {
+                    let bv = load_b(g);
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        *sr = _mm256_add_epi16(*sr, _mm256_maddubs_epi16(load_a(r, g), bv));
+                    }
+                    g += 1;
+                }
+                for (cr, sr) in c.iter_mut().zip(&s) {
+                    *cr = _mm256_add_epi32(*cr, _mm256_madd_epi16(*sr, ones));
+                }
             }
         }
     }
@@ -230,27 +238,32 @@ pub(crate) unsafe fn tile_widen(
     signed_a: bool,
     b: &[i8],
     half: usize,
-    groups: usize,
+    segs: &[Seg],
     acc: &mut [[i32; 16]; MR],
 ) {
-    check_tile(a, lda, b, half, groups);
-    let ap = a.as_ptr();
-    let bp = b[half * 32..].as_ptr();
+    check_tile(a, lda, b, half, segs);
     let mut c = [[_mm256_setzero_si256(); 2]; MR];
-    for g in 0..groups {
-        // SAFETY: 32 bytes at 64g + 32·half lie inside `b` (checked).
-        let (b0, b1) = unsafe {
-            let p = bp.add(g * GROUP_BYTES) as *const __m128i;
-            (
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(p)),
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(1))),
-            )
-        };
-        for (r, cr) in c.iter_mut().enumerate() {
-            // SAFETY: 4 bytes at r·lda + 4g lie inside `a` (checked).
-            let av = unsafe { widen_a(ap.add(r * lda + g * 4), signed_a) };
-            cr[0] = _mm256_add_epi32(cr[0], _mm256_madd_epi16(av, b0));
-            cr[1] = _mm256_add_epi32(cr[1], _mm256_madd_epi16(av, b1));
+    let mut gb = 0;
+    for seg in segs {
+        // SAFETY (pointer offsets): the run and its groups lie inside `a` and `b` (checked).
+        let ap = unsafe { a.as_ptr().add(seg.off) };
+        let bp = unsafe { b[half * 32..].as_ptr().add(gb * GROUP_BYTES) };
+        gb += seg.groups;
+        for g in 0..seg.groups {
+            // SAFETY: 32 bytes at 64g + 32·half of the run's groups lie inside `b` (checked).
+            let (b0, b1) = unsafe {
+                let p = bp.add(g * GROUP_BYTES) as *const __m128i;
+                (
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p)),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(1))),
+                )
+            };
+            for (r, cr) in c.iter_mut().enumerate() {
+                // SAFETY: 4 bytes at r·lda + off + 4g lie inside `a` (checked).
+                let av = unsafe { widen_a(ap.add(r * lda + g * 4), signed_a) };
+                cr[0] = _mm256_add_epi32(cr[0], _mm256_madd_epi16(av, b0));
+                cr[1] = _mm256_add_epi32(cr[1], _mm256_madd_epi16(av, b1));
+            }
         }
     }
     for (row, cr) in acc.iter_mut().zip(&c) {

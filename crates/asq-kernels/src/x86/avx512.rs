@@ -36,7 +36,7 @@ fn table16(table: &[i8]) -> [i8; 16] {
 macro_rules! vnni_kernels {
     ($feature:meta) => {
         use super::table16;
-        use crate::frame::{TileShape, GROUP_BYTES};
+        use crate::frame::{seg_extent, Seg, TileShape, GROUP_BYTES};
         use crate::tile::tile_bytes;
         use asq_core::BitWidth;
 
@@ -102,7 +102,7 @@ macro_rules! vnni_kernels {
             signed: bool,
             tile: TileShape,
             b: &[i8],
-            groups: usize,
+            segs: &[Seg],
             corr: &[i32],
             acc: &mut [i32],
         ) {
@@ -110,9 +110,9 @@ macro_rules! vnni_kernels {
                 ($r:literal, $p:literal) => {
                     // SAFETY (both arms): features per the caller; `block` checks the slices.
                     if signed {
-                        unsafe { block::<$r, $p, true>(a, lda, b, groups, corr, acc) }
+                        unsafe { block::<$r, $p, true>(a, lda, b, segs, corr, acc) }
                     } else {
-                        unsafe { block::<$r, $p, false>(a, lda, b, groups, corr, acc) }
+                        unsafe { block::<$r, $p, false>(a, lda, b, segs, corr, acc) }
                     }
                 };
             }
@@ -141,7 +141,7 @@ macro_rules! vnni_kernels {
             signed: bool,
             tile: TileShape,
             b: [&[i8]; 2],
-            groups: usize,
+            segs: &[Seg],
             corr: [&[i32]; 2],
             acc: [&mut [i32]; 2],
         ) {
@@ -149,9 +149,9 @@ macro_rules! vnni_kernels {
                 ($r:literal, $p:literal) => {
                     // SAFETY (both arms): features per the caller; `block2` checks the slices.
                     if signed {
-                        unsafe { block2::<$r, $p, true>(a, lda, b, groups, corr, acc) }
+                        unsafe { block2::<$r, $p, true>(a, lda, b, segs, corr, acc) }
                     } else {
-                        unsafe { block2::<$r, $p, false>(a, lda, b, groups, corr, acc) }
+                        unsafe { block2::<$r, $p, false>(a, lda, b, segs, corr, acc) }
                     }
                 };
             }
@@ -172,41 +172,59 @@ macro_rules! vnni_kernels {
             a: &[u8],
             lda: usize,
             b: [&[i8]; 2],
-            groups: usize,
+            segs: &[Seg],
             corr: [&[i32]; 2],
             acc: [&mut [i32]; 2],
         ) {
+            let (groups, end) = seg_extent(segs);
             let pb = groups * GROUP_BYTES;
             assert!(
-                lda >= groups * 4
-                    && a.len() >= (R - 1) * lda + groups * 4
+                a.len() >= (R - 1) * lda + end
                     && b.iter().all(|b| b.len() >= P * pb)
                     && corr.iter().all(|c| c.len() >= P * 16)
                     && acc.iter().all(|c| c.len() >= R * P * 16)
             );
-            let (ap, bp) = (a.as_ptr(), [b[0].as_ptr(), b[1].as_ptr()]);
             let mut c = [[[_mm512_setzero_si512(); P]; R]; 2];
-            for g in 0..groups {
-                let mut bv = [[_mm512_setzero_si512(); P]; 2];
-                for t in 0..2 {
-                    for q in 0..P {
-                        // SAFETY: q < P and g < groups: 64 bytes at q·pb + 64g lie inside b[t].
-                        bv[t][q] = unsafe {
-                            _mm512_loadu_si512(bp[t].add(q * pb + g * GROUP_BYTES) as *const __m512i)
-                        };
-                    }
-                }
-                for r in 0..R {
-                    // SAFETY: r < R and 4g + 4 <= 4·groups: inside `a` (checked).
-                    let word = unsafe { (ap.add(r * lda + g * 4) as *const i32).read_unaligned() };
-                    let av = if SIGNED {
-                        _mm512_set1_epi32(word ^ 0x8080_8080u32 as i32)
-                    } else {
-                        _mm512_set1_epi32(word)
-                    };
+            let mut gb = 0;
+            for seg in segs {
+                // SAFETY (pointer offsets): the run lies inside `a`, its groups inside `b`
+                // (checked above).
+                let (ap, bp) = unsafe {
+                    (
+                        a.as_ptr().add(seg.off),
+                        [
+                            b[0].as_ptr().add(gb * GROUP_BYTES),
+                            b[1].as_ptr().add(gb * GROUP_BYTES),
+                        ],
+                    )
+                };
+                gb += seg.groups;
+                for g in 0..seg.groups {
+                    let mut bv = [[_mm512_setzero_si512(); P]; 2];
                     for t in 0..2 {
                         for q in 0..P {
-                            c[t][r][q] = _mm512_dpbusd_epi32(c[t][r][q], av, bv[t][q]);
+                            // SAFETY: q < P and g < the run's groups: 64 bytes at q·pb + 64g
+                            // from the run's first group lie inside b[t].
+                            bv[t][q] = unsafe {
+                                _mm512_loadu_si512(
+                                    bp[t].add(q * pb + g * GROUP_BYTES) as *const __m512i
+                                )
+                            };
+                        }
+                    }
+                    for r in 0..R {
+                        // SAFETY: r < R and 4g + 4 <= 4·groups of the run: inside `a` (checked).
+                        let word =
+                            unsafe { (ap.add(r * lda + g * 4) as *const i32).read_unaligned() };
+                        let av = if SIGNED {
+                            _mm512_set1_epi32(word ^ 0x8080_8080u32 as i32)
+                        } else {
+                            _mm512_set1_epi32(word)
+                        };
+                        for t in 0..2 {
+                            for q in 0..P {
+                                c[t][r][q] = _mm512_dpbusd_epi32(c[t][r][q], av, bv[t][q]);
+                            }
                         }
                     }
                 }
@@ -215,13 +233,17 @@ macro_rules! vnni_kernels {
             for (t, out) in [acc0, acc1].into_iter().enumerate() {
                 for q in 0..P {
                     // SAFETY: q < P: 16 i32 at 16q lie inside corr[t] (checked).
-                    let cv =
-                        unsafe { _mm512_loadu_si512(corr[t].as_ptr().add(q * 16) as *const __m512i) };
+                    let cv = unsafe {
+                        _mm512_loadu_si512(corr[t].as_ptr().add(q * 16) as *const __m512i)
+                    };
                     for r in 0..R {
                         let v = _mm512_sub_epi32(c[t][r][q], cv);
                         // SAFETY: (r·P + q)·16 + 16 <= R·P·16 <= out.len() (checked).
                         unsafe {
-                            _mm512_storeu_si512(out.as_mut_ptr().add((r * P + q) * 16) as *mut __m512i, v)
+                            _mm512_storeu_si512(
+                                out.as_mut_ptr().add((r * P + q) * 16) as *mut __m512i,
+                                v,
+                            )
                         };
                     }
                 }
@@ -239,38 +261,47 @@ macro_rules! vnni_kernels {
             a: &[u8],
             lda: usize,
             b: &[i8],
-            groups: usize,
+            segs: &[Seg],
             corr: &[i32],
             acc: &mut [i32],
         ) {
+            let (groups, end) = seg_extent(segs);
             let pb = groups * GROUP_BYTES;
             assert!(
-                lda >= groups * 4
-                    && a.len() >= (R - 1) * lda + groups * 4
+                a.len() >= (R - 1) * lda + end
                     && b.len() >= P * pb
                     && corr.len() >= P * 16
                     && acc.len() >= R * P * 16
             );
-            let (ap, bp) = (a.as_ptr(), b.as_ptr());
             let mut c = [[_mm512_setzero_si512(); P]; R];
-            for g in 0..groups {
-                let mut bv = [_mm512_setzero_si512(); P];
-                for (q, v) in bv.iter_mut().enumerate() {
-                    // SAFETY: q < P and g < groups: 64 bytes at q·pb + 64g lie inside `b`.
-                    *v = unsafe {
-                        _mm512_loadu_si512(bp.add(q * pb + g * GROUP_BYTES) as *const __m512i)
-                    };
-                }
-                for r in 0..R {
-                    // SAFETY: r < R and 4g + 4 <= 4·groups: inside `a` (checked).
-                    let word = unsafe { (ap.add(r * lda + g * 4) as *const i32).read_unaligned() };
-                    let av = if SIGNED {
-                        _mm512_set1_epi32(word ^ 0x8080_8080u32 as i32)
-                    } else {
-                        _mm512_set1_epi32(word)
-                    };
-                    for q in 0..P {
-                        c[r][q] = _mm512_dpbusd_epi32(c[r][q], av, bv[q]);
+            let mut gb = 0;
+            for seg in segs {
+                // SAFETY (pointer offsets): the run lies inside `a`, its groups inside `b`
+                // (checked above).
+                let (ap, bp) =
+                    unsafe { (a.as_ptr().add(seg.off), b.as_ptr().add(gb * GROUP_BYTES)) };
+                gb += seg.groups;
+                for g in 0..seg.groups {
+                    let mut bv = [_mm512_setzero_si512(); P];
+                    for (q, v) in bv.iter_mut().enumerate() {
+                        // SAFETY: q < P and g < the run's groups: 64 bytes at q·pb + 64g from
+                        // the run's first group lie inside `b`.
+                        *v = unsafe {
+                            _mm512_loadu_si512(bp.add(q * pb + g * GROUP_BYTES) as *const __m512i)
+                        };
+                    }
+                    for r in 0..R {
+                        // SAFETY: r < R and 4g + 4 <= 4·groups of the run: inside `a` (checked).
+                        let word =
+                            unsafe { (ap.add(r * lda + g * 4) as *const i32).read_unaligned() };
+                        let av = if SIGNED {
+                            _mm512_set1_epi32(word ^ 0x8080_8080u32 as i32)
+                        } else {
+                            _mm512_set1_epi32(word)
+                        };
+                        for q in 0..P {
+                            c[r][q] = _mm512_dpbusd_epi32(c[r][q], av, bv[q]);
+                        }
                     }
                 }
             }
@@ -608,6 +639,49 @@ mod tests {
             gemm_reference(&a, &w, &epi, &mut expect).unwrap();
             let mut got = vec![f32::NAN; m * n];
             gemm_emulated_vnni(&a, &w, &epi, &mut got).unwrap();
+            for (i, (g, e)) in got.iter().zip(&expect).enumerate() {
+                prop_assert_eq!(g.to_bits(), e.to_bits(), "at {}: {} vs {}", i, g, e);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The implicit convolution (tiles cut at output-row ends, rows read in place from the
+        /// padded input, one run per window row) on the model of the VNNI instructions equals
+        /// the reference on im2col's rows bit for bit: odd sizes, strides 1-2, padding 0-2,
+        /// every width and form, both activation kinds, multi-panel layers with channel tails.
+        #[test]
+        fn emulated_vnni_implicit_conv_matches_the_reference(
+            batch in 1usize..3,
+            h in 1usize..12,
+            wd in 1usize..20,
+            cq in 1usize..9,
+            k in prop_oneof![Just(1usize), Just(3)],
+            stride in 1usize..3,
+            pad in 0usize..3,
+            n in prop_oneof![1usize..17, 17usize..70],
+            kind in 0u8..6,
+            wbits in prop_oneof![Just(2u32), Just(3), Just(4), Just(8)],
+            signed in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            use crate::conv::{im2col, Conv2dShape, ImplicitConv};
+            let c = 4 * cq;
+            prop_assume!(h + 2 * pad >= k && wd + 2 * pad >= k);
+            let shape = Conv2dShape { batch, in_h: h, in_w: wd, in_c: c, kh: k, kw: k, stride, pad };
+            let range = if signed { QuantRange::signed(8) } else { QuantRange::unsigned(7) };
+            let x = activations(range.unwrap(), batch, h * wd * c, seed);
+            let w = weights(kind, wbits, n, k * k * c, seed);
+            let m = batch * shape.out_h() * shape.out_w();
+            let b: Vec<f32> = (0..n).map(|c| pseudo(seed ^ 5, c)).collect();
+            let res: Vec<f32> = (0..m * n).map(|i| pseudo(seed ^ 6, i)).collect();
+            let epi = Epilogue { bias: Some(&b), residual: Some(&res), relu: true };
+            let mut expect = vec![0.0f32; m * n];
+            gemm_reference(&im2col(&x, &shape).unwrap(), &w, &epi, &mut expect).unwrap();
+            let mut got = vec![f32::NAN; m * n];
+            ImplicitConv::new(&x, &shape).unwrap().conv2d_emulated_vnni(&w, &epi, &mut got).unwrap();
             for (i, (g, e)) in got.iter().zip(&expect).enumerate() {
                 prop_assert_eq!(g.to_bits(), e.to_bits(), "at {}: {} vs {}", i, g, e);
             }
