@@ -32,6 +32,43 @@ pub(crate) fn range_max_abs(range: QuantRange) -> u32 {
     range.min().unsigned_abs().max(range.max().unsigned_abs())
 }
 
+/// Codes of `x` with step `s` into `out` (same length): the AVX-512 encoder when `simd` (the
+/// CPU must have AVX-512 F and BW), else the portable one; both give the same codes, element by
+/// element, so a row may be encoded in pieces.
+pub(crate) fn encode_run(
+    x: &[f32],
+    s: f32,
+    range: QuantRange,
+    simd: bool,
+    out: &mut [u8],
+) -> Result<()> {
+    debug_assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        let (lower, upper) = (range.min() as f32, range.max() as f32);
+        // SAFETY: `simd` is set only when AVX-512 F and BW were detected.
+        unsafe { crate::x86::avx512::encode_row(x, s, lower, upper, out) };
+        return Ok(());
+    }
+    let _ = simd;
+    let grid = IntGrid::new(range);
+    quant::encode(&grid, x, Steps::PerRow(&[s]), out)?;
+    if matches!(range.signedness(), Signedness::Signed) {
+        // Raw b-bit two's complement -> i8 bit pattern.
+        out.iter_mut()
+            .for_each(|c| *c = range.from_raw(*c) as i8 as u8);
+    }
+    Ok(())
+}
+
+/// Whether this CPU runs the AVX-512 encoder.
+pub(crate) fn encode_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return simd_encode();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// `[M, K]` activation codes (u8 for unsigned ranges, i8 bit patterns for signed ones) and
 /// per-row scales.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,11 +104,7 @@ impl QuantActivations {
                 steps.rows()
             )));
         }
-        #[cfg(target_arch = "x86_64")]
-        let simd = simd_encode();
-        #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
-        Self::quantize_on(x, m, k, range, steps, simd)
+        Self::quantize_on(x, m, k, range, steps, encode_simd())
     }
 
     /// [`QuantActivations::quantize`] on the AVX-512 path (`simd`, the CPU must have AVX-512 F
@@ -85,33 +118,12 @@ impl QuantActivations {
         simd: bool,
     ) -> Result<Self> {
         let mut out = Self::zeroed(m, k, range)?;
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            steps.validate()?;
-            let (lower, upper) = (range.min() as f32, range.max() as f32);
-            for r in 0..m {
-                let s = steps.get(r);
-                out.scales[r] = s;
-                let row = &mut out.codes[r * out.kp..r * out.kp + k];
-                let xr = &x[r * k..(r + 1) * k];
-                // SAFETY: `simd` is set only when AVX-512 F and BW were detected.
-                unsafe { crate::x86::avx512::encode_row(xr, s, lower, upper, row) };
-            }
-            return Ok(out);
-        }
-        let _ = simd;
-        let grid = IntGrid::new(range);
-        let signed = matches!(range.signedness(), Signedness::Signed);
+        steps.validate()?;
         for r in 0..m {
             let s = steps.get(r);
             out.scales[r] = s;
             let row = &mut out.codes[r * out.kp..r * out.kp + k];
-            quant::encode(&grid, &x[r * k..(r + 1) * k], Steps::PerRow(&[s]), row)?;
-            if signed {
-                // Raw b-bit two's complement -> i8 bit pattern.
-                row.iter_mut()
-                    .for_each(|c| *c = range.from_raw(*c) as i8 as u8);
-            }
+            encode_run(&x[r * k..(r + 1) * k], s, range, simd, row)?;
         }
         Ok(out)
     }

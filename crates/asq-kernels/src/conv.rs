@@ -17,9 +17,10 @@
 
 use rayon::prelude::*;
 
-use crate::activations::QuantActivations;
+use crate::activations::{encode_run, QuantActivations};
 use crate::dispatch::Isa;
 use crate::error::{Error, Result};
+use asq_core::quant::Steps;
 use asq_core::QuantRange;
 
 use crate::frame::{
@@ -94,18 +95,38 @@ impl Conv2dShape {
 
 /// im2col: `[batch·OH·OW, KH·KW·C]` codes, each row with its sample's scale.
 pub fn im2col(x: &QuantActivations, shape: &Conv2dShape) -> Result<QuantActivations> {
+    im2col_rows(x, shape, 0..shape.batch * shape.out_h() * shape.out_w())
+}
+
+/// Rows `rows` of [`im2col`] (output positions in NHWC order): what a thread computing those
+/// outputs needs.
+pub fn im2col_rows(
+    x: &QuantActivations,
+    shape: &Conv2dShape,
+    rows: std::ops::Range<usize>,
+) -> Result<QuantActivations> {
     shape.validate(x)?;
     let (oh, ow, c) = (shape.out_h(), shape.out_w(), shape.in_c);
+    if rows.start >= rows.end || rows.end > shape.batch * oh * ow {
+        return Err(Error::Shape(format!(
+            "rows {rows:?} of a convolution with {} output rows",
+            shape.batch * oh * ow
+        )));
+    }
     let k = shape.kh * shape.kw * c;
-    let mut out = QuantActivations::zeroed(shape.batch * oh * ow, k, x.range())?;
+    let mut out = QuantActivations::zeroed(rows.len(), k, x.range())?;
     let kp = out.stride();
     let (codes, scales) = out.rows_and_scales_mut();
     for n in 0..shape.batch {
         let src_row = x.row(n);
-        scales[n * oh * ow..(n + 1) * oh * ow].fill(x.scales()[n]);
         for oy in 0..oh {
             for ox in 0..ow {
-                let r = (n * oh + oy) * ow + ox;
+                let global = (n * oh + oy) * ow + ox;
+                if !rows.contains(&global) {
+                    continue;
+                }
+                let r = global - rows.start;
+                scales[r] = x.scales()[n];
                 let row = &mut codes[r * kp..r * kp + k];
                 // The window's columns kx_lo..kx_hi lie inside the input: in NHWC their pixels
                 // are one contiguous run per window row, on both sides.
@@ -224,6 +245,8 @@ pub struct ImplicitConv {
     img: usize,
     row: usize,
     segs: Vec<Seg>,
+    /// The output rows this layout can compute (all but after [`ImplicitConv::quantize_for`]).
+    valid: std::ops::Range<usize>,
 }
 
 impl ImplicitConv {
@@ -236,13 +259,138 @@ impl ImplicitConv {
     /// Pads `x` (`[batch, H·W·C]` NHWC codes) for `shape`.
     pub fn new(x: &QuantActivations, shape: &Conv2dShape) -> Result<Self> {
         shape.validate(x)?;
+        let mut out = Self::layout(shape, x.range())?;
+        let c = shape.in_c;
+        let line = shape.in_w * c;
+        for n in 0..shape.batch {
+            let src = x.row(n);
+            for iy in 0..shape.in_h {
+                let at = n * out.img + (iy + shape.pad) * out.row + shape.pad * c;
+                out.codes[at..at + line].copy_from_slice(&src[iy * line..(iy + 1) * line]);
+            }
+        }
+        out.scales.extend_from_slice(&x.scales()[..shape.batch]);
+        Ok(out)
+    }
+
+    /// Quantizes float NHWC activations straight into the padded layout (no intermediate
+    /// [`QuantActivations`]): `x` is `[batch, H, W, C]` given as consecutive pieces (their
+    /// concatenation; e.g. the row ranges different threads produced), sample `n` with step
+    /// `steps.get(n)`. The codes equal [`QuantActivations::quantize`]'s, so this equals
+    /// `ImplicitConv::new(&QuantActivations::quantize(..), shape)`.
+    pub fn quantize(
+        x: &[&[f32]],
+        shape: &Conv2dShape,
+        range: QuantRange,
+        steps: Steps<'_>,
+    ) -> Result<Self> {
+        let all = shape.batch * shape.out_h() * shape.out_w();
+        Self::quantize_for(x, shape, range, steps, 0..all)
+    }
+
+    /// [`ImplicitConv::quantize`] of only the input rows that output rows `rows` read (their
+    /// windows, padding aside): what a thread computing those rows needs. The result computes
+    /// output rows inside `rows` only ([`ImplicitConv::conv2d_rows_with`] refuses others).
+    pub fn quantize_for(
+        x: &[&[f32]],
+        shape: &Conv2dShape,
+        range: QuantRange,
+        steps: Steps<'_>,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Self> {
+        let line = shape.in_w * shape.in_c;
+        let per = shape.in_h * line;
+        let total: usize = x.iter().map(|p| p.len()).sum();
+        if total != shape.batch * per || steps.rows() != shape.batch {
+            return Err(Error::Shape(format!(
+                "{total} values and {} steps for {shape:?}",
+                steps.rows()
+            )));
+        }
+        steps.validate()?;
+        let mut out = Self::layout(shape, range)?;
+        let (oh, ow) = (out.oh, out.ow);
+        if rows.start > rows.end || rows.end > shape.batch * oh * ow {
+            return Err(Error::Shape(format!(
+                "rows {rows:?} of a convolution with {} output rows",
+                shape.batch * oh * ow
+            )));
+        }
+        out.valid = rows.clone();
+        let simd = crate::activations::encode_simd();
+        // Walk the pieces once, cutting at image-row ends and at piece ends; encode the input
+        // rows under the windows of output rows `rows`.
+        let (mut piece, mut at) = (0usize, 0usize);
+        for n in 0..shape.batch {
+            let s = steps.get(n);
+            out.scales.push(s);
+            let (first, last) = (rows.start.max(n * oh * ow), rows.end.min((n + 1) * oh * ow));
+            let needed = if first < last {
+                let (oy0, oy1) = ((first - n * oh * ow) / ow, (last - 1 - n * oh * ow) / ow);
+                (oy0 * shape.stride).saturating_sub(shape.pad)
+                    ..(oy1 * shape.stride + shape.kh)
+                        .saturating_sub(shape.pad)
+                        .min(shape.in_h)
+            } else {
+                0..0
+            };
+            for iy in 0..shape.in_h {
+                let mut dst = n * out.img + (iy + shape.pad) * out.row + shape.pad * shape.in_c;
+                if !needed.contains(&iy) {
+                    // Skip the row in the pieces.
+                    let mut left = line;
+                    while left > 0 {
+                        while at == x[piece].len() {
+                            piece += 1;
+                            at = 0;
+                        }
+                        let take = left.min(x[piece].len() - at);
+                        at += take;
+                        left -= take;
+                    }
+                    continue;
+                }
+                let mut left = line;
+                while left > 0 {
+                    while at == x[piece].len() {
+                        piece += 1;
+                        at = 0;
+                    }
+                    let take = left.min(x[piece].len() - at);
+                    encode_run(
+                        &x[piece][at..at + take],
+                        s,
+                        range,
+                        simd,
+                        &mut out.codes[dst..dst + take],
+                    )?;
+                    at += take;
+                    dst += take;
+                    left -= take;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Zero codes in the padded layout of `shape`, no scales yet.
+    fn layout(shape: &Conv2dShape, range: QuantRange) -> Result<Self> {
+        let c = shape.in_c;
+        if shape.batch == 0 || c == 0 || shape.kh == 0 || shape.kw == 0 || shape.stride == 0 {
+            return Err(Error::Shape(format!("degenerate convolution {shape:?}")));
+        }
+        if shape.in_h + 2 * shape.pad < shape.kh || shape.in_w + 2 * shape.pad < shape.kw {
+            return Err(Error::Shape(format!(
+                "window {}x{} larger than the padded input",
+                shape.kh, shape.kw
+            )));
+        }
         if !Self::applies(shape) {
             return Err(Error::Shape(format!(
                 "implicit convolution needs KW·C a multiple of 4, got {}·{}",
-                shape.kw, shape.in_c
+                shape.kw, c
             )));
         }
-        let c = shape.in_c;
         let (hp, wp) = (shape.in_h + 2 * shape.pad, shape.in_w + 2 * shape.pad);
         let row = wp * c;
         let img = hp * row;
@@ -253,15 +401,6 @@ impl ImplicitConv {
             .checked_mul(img)
             .and_then(|v| v.checked_add(slack))
             .ok_or_else(|| Error::Shape(format!("padded input of {shape:?} is too large")))?;
-        let mut codes = vec![0u8; total];
-        let line = shape.in_w * c;
-        for n in 0..shape.batch {
-            let src = x.row(n);
-            for iy in 0..shape.in_h {
-                let at = n * img + (iy + shape.pad) * row + shape.pad * c;
-                codes[at..at + line].copy_from_slice(&src[iy * line..(iy + 1) * line]);
-            }
-        }
         let segs = (0..shape.kh)
             .map(|ky| Seg {
                 off: ky * row,
@@ -269,15 +408,16 @@ impl ImplicitConv {
             })
             .collect();
         Ok(Self {
-            codes,
-            scales: x.scales()[..shape.batch].to_vec(),
-            range: x.range(),
+            codes: vec![0u8; total],
+            scales: Vec::with_capacity(shape.batch),
+            range,
             shape: *shape,
             oh: shape.out_h(),
             ow: shape.out_w(),
             img,
             row,
             segs,
+            valid: 0..shape.batch * shape.out_h() * shape.out_w(),
         })
     }
 
@@ -324,9 +464,33 @@ impl ImplicitConv {
         epi: &Epilogue<'_>,
         out: &mut [f32],
     ) -> Result<()> {
+        self.conv2d_rows_with(isa, w, 0..self.rows(), epi, out)
+    }
+
+    /// Output rows `rows` (of the `batch·OH·OW` in NHWC order) of [`ImplicitConv::conv2d_with`]:
+    /// `out` and the epilogue's residual hold those rows only (`rows.len() · C_out` values).
+    /// Each output gets the same bits as in a whole call, so callers may split a layer between
+    /// threads by rows.
+    pub fn conv2d_rows_with(
+        &self,
+        isa: Isa,
+        w: &PackedWeights,
+        rows: std::ops::Range<usize>,
+        epi: &Epilogue<'_>,
+        out: &mut [f32],
+    ) -> Result<()> {
         check_weights(w, &self.shape)?;
-        let plan = crate::frame::check_parts(self.rows(), w.cols(), self.range, w, epi, out, isa)?;
-        crate::frame::gemm_planned(&plan, Rows::Conv(self), w, epi, out);
+        if rows.start > rows.end || rows.start < self.valid.start || rows.end > self.valid.end {
+            return Err(Error::Shape(format!(
+                "rows {rows:?} of a convolution laid out for output rows {:?}",
+                self.valid
+            )));
+        }
+        let plan = crate::frame::check_parts(rows.len(), w.cols(), self.range, w, epi, out, isa)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        crate::frame::gemm_planned(&plan, Rows::Conv(self), rows, w, epi, out);
         Ok(())
     }
 
@@ -342,7 +506,7 @@ impl ImplicitConv {
         check_weights(w, &self.shape)?;
         crate::frame::check_parts(self.rows(), w.cols(), self.range, w, epi, out, Isa::Scalar)?;
         let plan = crate::dispatch::Plan::emulated_vnni(self.range, w)?;
-        crate::frame::gemm_planned(&plan, Rows::Conv(self), w, epi, out);
+        crate::frame::gemm_planned(&plan, Rows::Conv(self), 0..self.rows(), w, epi, out);
         Ok(())
     }
 }
@@ -645,4 +809,71 @@ pub fn global_avg_pool(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suite::pseudo;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Quantizing pieces straight into the padded layout gives the codes and scales of
+        /// quantize-then-pad, wherever the pieces are cut (inside image rows too), for both
+        /// activation kinds and per-sample steps.
+        #[test]
+        fn quantize_into_the_layout_equals_quantize_then_pad(
+            batch in 1usize..4, h in 1usize..7, w in 1usize..9, cq in 1usize..5,
+            pad in 0usize..3, signed in any::<bool>(), bits in 2u32..=8,
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..4),
+            seed in any::<u64>(), lo in any::<prop::sample::Index>(), hi in any::<prop::sample::Index>(),
+        ) {
+            let c = 4 * cq;
+            let shape = Conv2dShape { batch, in_h: h, in_w: w, in_c: c, kh: 3, kw: 3, stride: 1, pad };
+            prop_assume!(h + 2 * pad >= 3 && w + 2 * pad >= 3);
+            let per = h * w * c;
+            let x: Vec<f32> = (0..batch * per).map(|i| pseudo(seed, i) * 3.0).collect();
+            let steps: Vec<f32> = (0..batch).map(|n| 0.05 + pseudo(seed ^ 1, n).abs() * 0.2).collect();
+            let range = if signed { QuantRange::signed(bits) } else { QuantRange::unsigned(bits) }.unwrap();
+            let whole = QuantActivations::quantize(&x, batch, per, range, Steps::PerRow(&steps)).unwrap();
+            let expect = ImplicitConv::new(&whole, &shape).unwrap();
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(x.len() + 1)).collect();
+            at.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut prev = 0;
+            for a in at.into_iter().chain([x.len()]) {
+                pieces.push(&x[prev..a]);
+                prev = a;
+            }
+            let got = ImplicitConv::quantize(&pieces, &shape, range, Steps::PerRow(&steps)).unwrap();
+            prop_assert_eq!(&got.codes, &expect.codes);
+            prop_assert_eq!(&got.scales, &expect.scales);
+            prop_assert!(ImplicitConv::quantize(&pieces[1..], &shape, range, Steps::PerRow(&steps)).is_err() || pieces[0].is_empty());
+
+            // Only the rows under some outputs' windows: those outputs are the same bits.
+            let m = got.rows();
+            let (r0, r1) = {
+                let (a, b) = (lo.index(m + 1), hi.index(m + 1));
+                (a.min(b), a.max(b))
+            };
+            let part = ImplicitConv::quantize_for(&pieces, &shape, range, Steps::PerRow(&steps), r0..r1).unwrap();
+            let levels = asq_core::LevelSet::post_int(asq_core::BitWidth::new(4).unwrap(), 64).unwrap();
+            let oc = 20;
+            let wv: Vec<f32> = (0..oc * 9 * c).map(|i| pseudo(seed ^ 3, i)).collect();
+            let w = PackedWeights::quantize_levels(&wv, oc, 9 * c, &levels, &vec![0.5; oc]).unwrap();
+            let mut whole = vec![0.0f32; m * oc];
+            expect.conv2d_with(Isa::Scalar, &w, &Epilogue::default(), &mut whole).unwrap();
+            for isa in Isa::available_all() {
+                let mut out = vec![f32::NAN; (r1 - r0) * oc];
+                part.conv2d_rows_with(isa, &w, r0..r1, &Epilogue::default(), &mut out).unwrap();
+                prop_assert_eq!(&out[..], &whole[r0 * oc..r1 * oc], "{}", isa.name());
+            }
+            if r0 > 0 {
+                let mut out = vec![0.0f32; oc];
+                prop_assert!(part.conv2d_rows_with(Isa::Scalar, &w, r0 - 1..r0, &Epilogue::default(), &mut out).is_err());
+            }
+        }
+    }
 }

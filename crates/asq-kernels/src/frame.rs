@@ -286,21 +286,27 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// Runs the blocked GEMM with an already checked plan.
+/// Runs the blocked GEMM with an already checked plan over the activation rows `rows`: `out`
+/// (and the epilogue's residual) hold those rows only, `rows.len() · N` values from row
+/// `rows.start` on.
 pub(crate) fn gemm_planned(
     plan: &Plan,
     a: Rows<'_>,
+    rows: std::ops::Range<usize>,
     w: &PackedWeights,
     epi: &Epilogue<'_>,
     out: &mut [f32],
 ) {
+    debug_assert!(rows.end <= a.rows() && out.len() == rows.len() * w.rows());
     let panels = w.panels();
-    let macs = a.rows() * w.rows() * w.cols();
+    let m = rows.len();
+    let macs = m * w.rows() * w.cols();
     let threads = threads();
     // Several tasks per thread balance large problems; small ones (a batch-1 layer) get one
     // task per thread, as each task costs a rayon hand-off and its own panel expansion.
     // Under 4M multiply-adds (a batch-1 ResNet-20 layer is 1.8M) splitting costs more than it
-    // saves: measured 0.96x at batch 1 with two threads against 1.0x serial.
+    // saves: measured 0.96x at batch 1 with two threads against 1.0x serial (the engine splits
+    // batch-1 layers itself, see asq-models' `IntModel`).
     let want = if macs < 4 * PARALLEL_MIN_MACS || threads == 1 {
         1
     } else if macs < 16 * PARALLEL_MIN_MACS {
@@ -310,7 +316,7 @@ pub(crate) fn gemm_planned(
     };
     // Split the channels first (no repeated expansion), in whole tiles of panels; when there are
     // too few (small C_out, e.g. the first convs of ResNet-20) split the rows too.
-    let shape = plan.shape(a.rows(), w);
+    let shape = plan.shape(m, w);
     let segs = match &a {
         Rows::Dense(x) => vec![Seg {
             off: 0,
@@ -320,7 +326,7 @@ pub(crate) fn gemm_planned(
     };
     let blocks = panels.div_ceil(shape.panels);
     let split_n = want.min(blocks);
-    let tiles = a.rows().div_ceil(shape.rows);
+    let tiles = m.div_ceil(shape.rows);
     let split_m = want.div_ceil(split_n).min(tiles);
     let ptr = OutPtr(out.as_mut_ptr());
     let run = |t: usize| {
@@ -336,7 +342,8 @@ pub(crate) fn gemm_planned(
             epi,
             ptr,
             (b0 * shape.panels)..(b1 * shape.panels).min(panels),
-            t0 * shape.rows..(t1 * shape.rows).min(a.rows()),
+            rows.start,
+            rows.start + t0 * shape.rows..(rows.start + t1 * shape.rows).min(rows.end),
         );
     };
     for_tasks(split_n * split_m, run);
@@ -351,7 +358,8 @@ fn for_tasks(tasks: usize, f: impl Fn(usize) + Send + Sync) {
     }
 }
 
-/// The epilogue of one run of outputs: row `m`, columns `c0..c0 + acc.len()` (at most 16).
+/// The epilogue of one run of outputs: row `m` of `out` and of the residual (the row within
+/// the call's rows), columns `c0..c0 + acc.len()` (at most 16).
 /// `odd` holds the odd-exponent sums of exact POST. The one place GEMM and GEMV form outputs.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -452,6 +460,8 @@ fn store_run(out: OutPtr, i: usize, vals: &[f32]) {
     }
 }
 
+/// One task of the blocked GEMM: panels `panels` x activation rows `rows` (global row numbers;
+/// `out` starts at row `base`).
 #[allow(clippy::too_many_arguments)]
 fn run_panels(
     plan: &Plan,
@@ -462,6 +472,7 @@ fn run_panels(
     epi: &Epilogue<'_>,
     out: OutPtr,
     panels: std::ops::Range<usize>,
+    base: usize,
     rows: std::ops::Range<usize>,
 ) {
     let groups = w.groups();
@@ -532,7 +543,7 @@ fn run_panels(
                         w,
                         epi,
                         a.scale(m),
-                        m,
+                        m - base,
                         c0,
                         &acc[at..at + cols],
                         odd,

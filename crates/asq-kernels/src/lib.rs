@@ -85,7 +85,7 @@ fn run_plan(
     if a.rows() == 1 && plan.has_gemv(w) {
         frame::gemv_planned(plan, a, w, epi, out);
     } else {
-        frame::gemm_planned(plan, frame::Rows::Dense(a), w, epi, out);
+        frame::gemm_planned(plan, frame::Rows::Dense(a), 0..a.rows(), w, epi, out);
     }
 }
 

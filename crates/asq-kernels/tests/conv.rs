@@ -6,7 +6,7 @@ use asq_core::quant::Steps;
 use asq_core::{BitWidth, LevelSet, QuantRange};
 use asq_kernels::conv::{
     conv2d, conv2d_with, depthwise_conv2d, depthwise_conv2d_with, global_avg_pool, im2col,
-    max_pool2d, Conv2dShape, DepthwiseWeights, ImplicitConv,
+    im2col_rows, max_pool2d, Conv2dShape, DepthwiseWeights, ImplicitConv,
 };
 use asq_kernels::reference::gemm_reference;
 use asq_kernels::suite::pseudo;
@@ -231,6 +231,7 @@ proptest! {
         k in prop_oneof![Just(1usize), Just(3)], stride in 1usize..3, pad in 0usize..3,
         out_c in prop_oneof![1usize..17, 17usize..70], form in 0u8..3,
         seed in any::<u64>(), signed in any::<bool>(), relu in any::<bool>(),
+        cut in any::<prop::sample::Index>(),
     ) {
         let c = 4 * cq;
         prop_assume!(h + 2 * pad >= k && wd + 2 * pad >= k);
@@ -262,7 +263,17 @@ proptest! {
             let mut out2 = vec![f32::NAN; m * out_c];
             conv2d_with(isa, &x, &w, &s, &epi, &mut out2).unwrap();
             prop_assert_eq!(&out, &out2);
+            // Split by output rows (as the engine's threads do): the same bits per output.
+            let at = cut.index(m + 1);
+            let mut parts = vec![f32::NAN; m * out_c];
+            let (lo, hi) = parts.split_at_mut(at * out_c);
+            let (r_lo, r_hi) = res.split_at(at * out_c);
+            input.conv2d_rows_with(isa, &w, 0..at, &Epilogue { residual: Some(r_lo), ..epi }, lo).unwrap();
+            input.conv2d_rows_with(isa, &w, at..m, &Epilogue { residual: Some(r_hi), ..epi }, hi).unwrap();
+            prop_assert!(parts.iter().zip(&expect).all(|(o, e)| o.to_bits() == e.to_bits()), "{} split at {}", isa.name(), at);
         }
+        let mut none = vec![0.0f32; out_c];
+        prop_assert!(input.conv2d_rows_with(Isa::Scalar, &w, m..m + 1, &epi, &mut none).is_err());
     }
 
     #[test]
@@ -306,6 +317,18 @@ fn im2col_rows_keep_their_sample_scale_and_bad_shapes_fail() {
     let x = input(&s, 3, false);
     let cols = im2col(&x, &s).unwrap();
     assert_eq!((cols.rows(), cols.cols()), (18, 18));
+    // Any row range is those rows of the whole (codes and scales).
+    for (a, b) in [(0, 1), (3, 12), (8, 18), (17, 18)] {
+        let part = im2col_rows(&x, &s, a..b).unwrap();
+        assert_eq!(part.rows(), b - a);
+        for r in a..b {
+            assert_eq!(part.scales()[r - a], cols.scales()[r]);
+            for k in 0..18 {
+                assert_eq!(part.code(r - a, k), cols.code(r, k), "row {r} col {k}");
+            }
+        }
+    }
+    assert!(im2col_rows(&x, &s, 5..5).is_err() && im2col_rows(&x, &s, 17..19).is_err());
     assert!(cols.scales()[..9].iter().all(|&v| v == x.scales()[0]));
     assert!(cols.scales()[9..].iter().all(|&v| v == x.scales()[1]));
     let w = weights(4, 17, 1, false);

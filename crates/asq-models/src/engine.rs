@@ -17,9 +17,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use asq_core::quant::Steps;
 use asq_core::QuantRange;
+
 use asq_kernels::conv::{Conv2dShape, DepthwiseWeights, ImplicitConv};
 use asq_kernels::{Epilogue, PackedWeights, QuantActivations};
 use asq_train::checkpoint::atomic_write;
@@ -291,6 +294,90 @@ enum Kernel {
     Gemm(PackedWeights),
     Depthwise(DepthwiseWeights, PackedWeights),
     None,
+}
+
+static DBG: [std::sync::atomic::AtomicUsize; 2] = [
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+];
+/// Error text of a team thread that stopped because another one failed.
+const STOPPED: &str = "stopped: another thread of the pass failed";
+
+/// A value of [`IntModel::forward_team`]: its rows in parts, each claimed by one thread and
+/// published once.
+struct Slot {
+    parts: Vec<OnceLock<Vec<f32>>>,
+    claimed: Vec<AtomicBool>,
+}
+
+impl Slot {
+    fn new(parts: usize) -> Self {
+        Self {
+            parts: (0..parts).map(|_| OnceLock::new()).collect(),
+            claimed: (0..parts).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    /// A slot holding `v` already.
+    fn with(v: Vec<f32>) -> Self {
+        let slot = Self::new(1);
+        slot.claimed[0].store(true, Ordering::Relaxed);
+        slot.parts[0].set(v).expect("a new slot");
+        slot
+    }
+
+    /// The parts, once every one is published (spinning: parts take microseconds); an error if
+    /// another thread failed meanwhile.
+    fn pieces(&self, failed: &AtomicBool) -> Result<Vec<&[f32]>> {
+        let mut got: Vec<&[f32]> = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            let mut spins = 0u32;
+            let v = loop {
+                if let Some(v) = part.get() {
+                    break v;
+                }
+                if failed.load(Ordering::Acquire) {
+                    return Err(Error::Config(STOPPED.into()));
+                }
+                spins += 1;
+                if spins < 1 << 14 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            };
+            got.push(v);
+        }
+        Ok(got)
+    }
+
+    /// The whole value (see [`Slot::pieces`]).
+    fn gather(&self, failed: &AtomicBool) -> Result<std::borrow::Cow<'_, [f32]>> {
+        Ok(match self.pieces(failed)?.as_slice() {
+            [one] => std::borrow::Cow::Borrowed(*one),
+            many => std::borrow::Cow::Owned(many.concat()),
+        })
+    }
+
+    /// Values `range` of the whole value: borrowed when one part holds them (a residual read
+    /// by a layer split the same way), else copied.
+    fn range(
+        &self,
+        range: std::ops::Range<usize>,
+        failed: &AtomicBool,
+    ) -> Result<std::borrow::Cow<'_, [f32]>> {
+        let pieces = self.pieces(failed)?;
+        let mut start = 0;
+        for p in &pieces {
+            if range.start >= start && range.end <= start + p.len() {
+                return Ok(std::borrow::Cow::Borrowed(
+                    &p[range.start - start..range.end - start],
+                ));
+            }
+            start += p.len();
+        }
+        Ok(std::borrow::Cow::Owned(pieces.concat()[range].to_vec()))
+    }
 }
 
 /// A validated model ready to run.
@@ -594,15 +681,212 @@ impl IntModel {
                 .par_iter()
                 .map(|chunk| asq_kernels::serial(|| self.forward_chunk(chunk, chunk.len() / per)))
                 .collect::<Result<_>>()?
+        } else if rayon::current_num_threads() > 1 {
+            // One chunk (small batches, batch 1): a team of threads splits every layer by
+            // output rows (see `forward_team`).
+            vec![self.forward_team(x, n, rayon::current_num_threads())?]
         } else {
-            // One chunk (small batches): the kernels split a layer's channels (or rows) across
-            // threads where it is big enough.
             chunks
                 .iter()
                 .map(|chunk| self.forward_chunk(chunk, chunk.len() / per))
                 .collect::<Result<_>>()?
         };
         Ok(parts.concat())
+    }
+
+    /// The forward pass of one chunk by a team of `threads` rayon threads that split every
+    /// implicit-GEMM convolution by output rows (one part per thread), node after node, without
+    /// a rayon hand-off per layer: a batch-1 ResNet-20 layer is 20-50 µs, about what waking a
+    /// sleeping thread costs. Each thread claims parts (an atomic flag per part), quantizes the
+    /// layer's input itself (the same codes on every thread) and publishes its rows; a thread
+    /// needing rows another thread claimed spins until they are published. A thread that
+    /// starts late finds the parts claimed, so one thread alone still finishes the pass (no
+    /// deadlock when the pool is busy). Every output has the same bits as in
+    /// [`IntModel::forward_chunk`]: the integer sums are exact and the epilogue is per output.
+    fn forward_team(&self, x: &[f32], n: usize, threads: usize) -> Result<Vec<f32>> {
+        let [h, w, c] = self.shapes[0];
+        let mut nhwc = vec![0.0f32; x.len()];
+        for (src, dst) in x
+            .chunks_exact(c * h * w)
+            .zip(nhwc.chunks_exact_mut(c * h * w))
+        {
+            for (ch, plane) in src.chunks_exact(h * w).enumerate() {
+                for (p, v) in plane.iter().enumerate() {
+                    dst[p * c + ch] = *v;
+                }
+            }
+        }
+        let slots: Vec<Slot> = std::iter::once(Slot::with(nhwc))
+            .chain((0..self.spec.nodes.len()).map(|i| {
+                let parts = if self.splits(i) { threads } else { 1 };
+                Slot::new(parts)
+            }))
+            .collect();
+        let failed = AtomicBool::new(false);
+        let work = |t: usize| -> Result<()> {
+            let r = asq_kernels::serial(|| self.team_worker(t, n, &slots, &failed));
+            if r.is_err() {
+                failed.store(true, Ordering::Release);
+            }
+            r
+        };
+        let results: Vec<Result<()>> = {
+            use rayon::prelude::*;
+            (0..threads).into_par_iter().map(work).collect()
+        };
+        // Report the error that stopped the pass, not a "stopped" of another thread.
+        if let Some(e) = results
+            .into_iter()
+            .filter_map(|r| r.err())
+            .find(|e| !matches!(e, Error::Config(m) if m == STOPPED))
+        {
+            return Err(e);
+        }
+        let last = slots.last().expect("the output slot");
+        Ok(last.gather(&failed)?.into_owned())
+    }
+
+    /// Whether node `i` is split by output rows in [`IntModel::forward_team`]: convolutions
+    /// through the GEMM (implicit or on im2col rows).
+    fn splits(&self, i: usize) -> bool {
+        matches!(
+            (&self.spec.nodes[i].op, &self.kernels[i]),
+            (Op::Conv { .. }, Kernel::Gemm(_))
+        )
+    }
+
+    /// The geometry of convolution node `i` on `n` samples.
+    fn conv_shape(&self, i: usize, n: usize) -> Option<Conv2dShape> {
+        let node = &self.spec.nodes[i];
+        let Op::Conv {
+            kernel: (kh, kw),
+            stride,
+            pad,
+            ..
+        } = &node.op
+        else {
+            return None;
+        };
+        let [h, w, c] = self.shapes[node.input];
+        Some(Conv2dShape {
+            batch: n,
+            in_h: h,
+            in_w: w,
+            in_c: c,
+            kh: *kh,
+            kw: *kw,
+            stride: *stride,
+            pad: *pad,
+        })
+    }
+
+    /// One thread of [`IntModel::forward_team`].
+    fn team_worker(&self, t: usize, n: usize, slots: &[Slot], failed: &AtomicBool) -> Result<()> {
+        for (i, node) in self.spec.nodes.iter().enumerate() {
+            let slot = &slots[i + 1];
+            let parts = slot.parts.len();
+            // Threads start with different parts, then take what is left.
+            for k in 0..parts {
+                let p = (t + k) % parts;
+                if slot.claimed[p].swap(true, Ordering::AcqRel) {
+                    continue;
+                }
+                let out = if self.splits(i) {
+                    self.conv_part(i, node, n, p, parts, slots, failed)?
+                } else {
+                    // Unsplit nodes run as in the serial pass, on gathered copies of the values
+                    // they read.
+                    let mut values: Vec<Option<Vec<f32>>> = vec![None; slots.len()];
+                    values[node.input] = Some(slots[node.input].gather(failed)?.into_owned());
+                    if let Op::Conv {
+                        residual: Some(r), ..
+                    } = &node.op
+                    {
+                        values[*r] = Some(slots[*r].gather(failed)?.into_owned());
+                    }
+                    let x = values[node.input].as_deref().expect("gathered");
+                    self.run_node(i, node, x, &values, n, None)?
+                };
+                slot.parts[p].set(out).expect("a claimed part is set once");
+            }
+        }
+        if std::env::var_os("ASQ_TEAM_DEBUG").is_some() && t == 0 {
+            let (a, b) = (
+                DBG[0].load(Ordering::Relaxed),
+                DBG[1].load(Ordering::Relaxed),
+            );
+            eprintln!("parts by thread 0: {a}, thread 1: {b}");
+        }
+        Ok(())
+    }
+
+    /// Part `p` of `parts` (output rows `M·p/parts..M·(p+1)/parts`) of convolution node `i`,
+    /// quantizing only the input rows under those outputs' windows.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_part(
+        &self,
+        i: usize,
+        node: &Node,
+        n: usize,
+        p: usize,
+        parts: usize,
+        slots: &[Slot],
+        failed: &AtomicBool,
+    ) -> Result<Vec<f32>> {
+        let (
+            Op::Conv {
+                bias,
+                quant,
+                residual,
+                act,
+                ..
+            },
+            Kernel::Gemm(pw),
+        ) = (&node.op, &self.kernels[i])
+        else {
+            unreachable!("split nodes are GEMM convolutions");
+        };
+        let shape = self.conv_shape(i, n).expect("a convolution");
+        let oc = self.shapes[i + 1][2];
+        let m = n * shape.out_h() * shape.out_w();
+        let rows = m * p / parts..m * (p + 1) / parts;
+        let pieces = slots[node.input].pieces(failed)?;
+        let implicit = if ImplicitConv::applies(&shape) {
+            Some(quantize_conv(&pieces, &shape, quant, rows.clone())?)
+        } else {
+            None
+        };
+        let res = match residual {
+            Some(r) => Some(slots[*r].range(rows.start * oc..rows.end * oc, failed)?),
+            None => None,
+        };
+        let epi = Epilogue {
+            bias: Some(bias),
+            residual: res.as_deref(),
+            relu: *act != Act::None,
+        };
+        let mut out = vec![0.0f32; rows.len() * oc];
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        match implicit {
+            Some(input) => {
+                input.conv2d_rows_with(asq_kernels::Isa::best(), pw, rows, &epi, &mut out)
+            }
+            None => {
+                let x = pieces.concat();
+                let [h, w, c] = self.shapes[node.input];
+                let qa = quantize(&x, n, h * w, c, quant)?;
+                let cols =
+                    asq_kernels::conv::im2col_rows(&qa, &shape, rows).map_err(kernel_error)?;
+                asq_kernels::gemm(&cols, pw, &epi, &mut out)
+            }
+        }
+        .map_err(kernel_error)?;
+        if *act == Act::Relu6 {
+            out.iter_mut().for_each(|v| *v = v.min(6.0));
+        }
+        Ok(out)
     }
 
     fn forward_chunk(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
@@ -704,8 +988,6 @@ impl IntModel {
                 },
                 kernel,
             ) => {
-                let qa = quantize(x, n, h * w, c, quant)?;
-                lap(|t| &mut t.quantize, &mut since);
                 let shape = Conv2dShape {
                     batch: n,
                     in_h: h,
@@ -721,15 +1003,27 @@ impl IntModel {
                     residual: residual.map(|r| values[r].as_deref().expect("validated order")),
                     relu: *act != Act::None,
                 };
-                match kernel {
-                    // Implicit GEMM on the padded input where the window rows are whole
-                    // groups of 4 codes (every body conv of the zoo), else im2col + GEMM: the
-                    // same bits either way.
-                    Kernel::Gemm(pw) if ImplicitConv::applies(&shape) => {
-                        let input = ImplicitConv::new(&qa, &shape).map_err(kernel_error)?;
-                        lap(|t| &mut t.im2col, &mut since);
-                        input.conv2d_with(asq_kernels::Isa::best(), pw, &epi, &mut out)
+                // Implicit GEMM on the padded input (quantized straight into it) where the
+                // window rows are whole groups of 4 codes (every body conv of the zoo), else
+                // im2col + GEMM: the same bits either way.
+                if let Kernel::Gemm(pw) = kernel {
+                    if ImplicitConv::applies(&shape) {
+                        let all = n * shape.out_h() * shape.out_w();
+                        let input = quantize_conv(&[x], &shape, quant, 0..all)?;
+                        lap(|t| &mut t.quantize, &mut since);
+                        input
+                            .conv2d_with(asq_kernels::Isa::best(), pw, &epi, &mut out)
+                            .map_err(kernel_error)?;
+                        if *act == Act::Relu6 {
+                            out.iter_mut().for_each(|v| *v = v.min(6.0));
+                        }
+                        lap(|t| &mut t.kernel, &mut since);
+                        return Ok(out);
                     }
+                }
+                let qa = quantize(x, n, h * w, c, quant)?;
+                lap(|t| &mut t.quantize, &mut since);
+                match kernel {
                     Kernel::Gemm(pw) => {
                         let cols = asq_kernels::conv::im2col(&qa, &shape).map_err(kernel_error)?;
                         lap(|t| &mut t.im2col, &mut since);
@@ -848,6 +1142,32 @@ fn check_quant(q: &InputQuant, channels: usize) -> std::result::Result<(), Strin
     Ok(())
 }
 
+/// ASQ's per-sample multipliers for `[n, positions, channels]` NHWC values given as
+/// consecutive pieces cut at pixel boundaries: the adapter on each sample's channel means
+/// (summed pixel by pixel in order, so any cut gives the same bits); 1 without an adapter.
+fn betas(
+    pieces: &[&[f32]],
+    n: usize,
+    positions: usize,
+    channels: usize,
+    q: &InputQuant,
+) -> Vec<f32> {
+    let Some(a) = &q.adapter else {
+        return vec![1.0; n];
+    };
+    let mut pixels = pieces.iter().flat_map(|p| p.chunks_exact(channels));
+    (0..n)
+        .map(|_| {
+            let mut pooled = vec![0.0f32; channels];
+            for px in pixels.by_ref().take(positions) {
+                pooled.iter_mut().zip(px).for_each(|(p, v)| *p += v);
+            }
+            pooled.iter_mut().for_each(|v| *v /= positions as f32);
+            a.beta(&pooled)
+        })
+        .collect()
+}
+
 /// Quantizes `[n, positions, channels]` NHWC values with per-sample steps `s · beta`.
 fn quantize(
     x: &[f32],
@@ -856,29 +1176,38 @@ fn quantize(
     channels: usize,
     q: &InputQuant,
 ) -> Result<QuantActivations> {
-    let per = positions * channels;
-    let betas: Vec<f32> = match &q.adapter {
-        Some(a) => (0..n)
-            .map(|s| {
-                let mut pooled = vec![0.0f32; channels];
-                for px in x[s * per..(s + 1) * per].chunks_exact(channels) {
-                    pooled.iter_mut().zip(px).for_each(|(p, v)| *p += v);
-                }
-                pooled.iter_mut().for_each(|v| *v /= positions as f32);
-                a.beta(&pooled)
-            })
-            .collect(),
-        None => vec![1.0; n],
-    };
+    let betas = betas(&[x], n, positions, channels, q);
     QuantActivations::quantize(
         x,
         n,
-        per,
+        positions * channels,
         q.range()?,
         Steps::Scaled {
             step: q.step,
             betas: &betas,
         },
+    )
+    .map_err(kernel_error)
+}
+
+/// [`quantize`] straight into the padded layout of an implicit convolution, for output rows
+/// `rows`; `x` is the input in consecutive pieces cut at pixel boundaries.
+fn quantize_conv(
+    x: &[&[f32]],
+    shape: &Conv2dShape,
+    q: &InputQuant,
+    rows: std::ops::Range<usize>,
+) -> Result<ImplicitConv> {
+    let betas = betas(x, shape.batch, shape.in_h * shape.in_w, shape.in_c, q);
+    ImplicitConv::quantize_for(
+        x,
+        shape,
+        q.range()?,
+        Steps::Scaled {
+            step: q.step,
+            betas: &betas,
+        },
+        rows,
     )
     .map_err(kernel_error)
 }

@@ -127,6 +127,26 @@ fn every_architecture_trains_exports_and_agrees_with_fake_quant() {
                 .unwrap(),
             int
         );
+        // Small batches run as a team of threads splitting every GEMM layer by output rows
+        // (more threads than cores too): each sample's logits keep every bit.
+        let per = batch.images.len() / test.len();
+        let classes = int.len() / test.len();
+        for threads in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for (first, n) in [(0, 1), (5, 1), (9, 3)] {
+                let x = &batch.images.as_slice().unwrap()[first * per..(first + n) * per];
+                let got = pool.install(|| model.forward(x, n).unwrap());
+                assert_eq!(
+                    got,
+                    int[first * classes..(first + n) * classes],
+                    "{arch} {policy}: {threads} threads, images {first}..{}",
+                    first + n
+                );
+            }
+        }
     }
 }
 
