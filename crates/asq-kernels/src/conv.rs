@@ -60,7 +60,8 @@ impl Conv2dShape {
         (self.in_w + 2 * self.pad - self.kw) / self.stride + 1
     }
 
-    fn validate(&self, x: &QuantActivations) -> Result<()> {
+    /// The geometry alone: no zero size, the window inside the padded input.
+    fn validate_geometry(&self) -> Result<()> {
         if self.batch == 0 || self.in_c == 0 || self.kh == 0 || self.kw == 0 || self.stride == 0 {
             return Err(Error::Shape(format!("degenerate convolution {self:?}")));
         }
@@ -70,6 +71,11 @@ impl Conv2dShape {
                 self.kh, self.kw
             )));
         }
+        Ok(())
+    }
+
+    fn validate(&self, x: &QuantActivations) -> Result<()> {
+        self.validate_geometry()?;
         if x.rows() != self.batch || x.cols() != self.in_h * self.in_w * self.in_c {
             return Err(Error::Shape(format!(
                 "input is [{}, {}], expected [{}, {}·{}·{}]",
@@ -230,7 +236,7 @@ fn check_weights(w: &PackedWeights, shape: &Conv2dShape) -> Result<()> {
 /// NHWC (`(H + 2·pad) x (W + 2·pad) x C`), samples back to back, plus slack for the rows a tile
 /// reads past its last output. The GEMM reads the im2col rows in place instead of copying them:
 /// output `(n, oy, ox)`'s row is, for each window row `ky`, the `KW·C` contiguous codes at
-/// padded position `(n, oy·stride + ky, ox·stride)` (one [`Seg`] per window row, the same for
+/// padded position `(n, oy·stride + ky, ox·stride)` (one run per window row, the same for
 /// every row), and the rows of a tile within one output row are `stride·C` bytes apart. The
 /// copy is the input's size where im2col writes `KH·KW` times as much.
 #[derive(Debug, Clone)]
@@ -376,15 +382,7 @@ impl ImplicitConv {
     /// Zero codes in the padded layout of `shape`, no scales yet.
     fn layout(shape: &Conv2dShape, range: QuantRange) -> Result<Self> {
         let c = shape.in_c;
-        if shape.batch == 0 || c == 0 || shape.kh == 0 || shape.kw == 0 || shape.stride == 0 {
-            return Err(Error::Shape(format!("degenerate convolution {shape:?}")));
-        }
-        if shape.in_h + 2 * shape.pad < shape.kh || shape.in_w + 2 * shape.pad < shape.kw {
-            return Err(Error::Shape(format!(
-                "window {}x{} larger than the padded input",
-                shape.kh, shape.kw
-            )));
-        }
+        shape.validate_geometry()?;
         if !Self::applies(shape) {
             return Err(Error::Shape(format!(
                 "implicit convolution needs KW·C a multiple of 4, got {}·{}",

@@ -704,18 +704,7 @@ impl IntModel {
     /// deadlock when the pool is busy). Every output has the same bits as in
     /// [`IntModel::forward_chunk`]: the integer sums are exact and the epilogue is per output.
     fn forward_team(&self, x: &[f32], n: usize, threads: usize) -> Result<Vec<f32>> {
-        let [h, w, c] = self.shapes[0];
-        let mut nhwc = vec![0.0f32; x.len()];
-        for (src, dst) in x
-            .chunks_exact(c * h * w)
-            .zip(nhwc.chunks_exact_mut(c * h * w))
-        {
-            for (ch, plane) in src.chunks_exact(h * w).enumerate() {
-                for (p, v) in plane.iter().enumerate() {
-                    dst[p * c + ch] = *v;
-                }
-            }
-        }
+        let nhwc = self.to_nhwc(x);
         let slots: Vec<Slot> = std::iter::once(Slot::with(nhwc))
             .chain((0..self.spec.nodes.len()).map(|i| {
                 let parts = if self.splits(i) { threads } else { 1 };
@@ -744,6 +733,23 @@ impl IntModel {
         }
         let last = slots.last().expect("the output slot");
         Ok(last.gather(&failed)?.into_owned())
+    }
+
+    /// The NCHW input as NHWC (the layout of every value of the graph).
+    fn to_nhwc(&self, x: &[f32]) -> Vec<f32> {
+        let [h, w, c] = self.shapes[0];
+        let mut nhwc = vec![0.0f32; x.len()];
+        for (src, dst) in x
+            .chunks_exact(c * h * w)
+            .zip(nhwc.chunks_exact_mut(c * h * w))
+        {
+            for (ch, plane) in src.chunks_exact(h * w).enumerate() {
+                for (p, v) in plane.iter().enumerate() {
+                    dst[p * c + ch] = *v;
+                }
+            }
+        }
+        nhwc
     }
 
     /// Whether node `i` is split by output rows in [`IntModel::forward_team`]: convolutions
@@ -919,18 +925,7 @@ impl IntModel {
         n: usize,
         mut times: Option<&mut [NodeTime]>,
     ) -> Result<Vec<f32>> {
-        let [h, w, c] = self.shapes[0];
-        let mut nhwc = vec![0.0f32; x.len()];
-        for (src, dst) in x
-            .chunks_exact(c * h * w)
-            .zip(nhwc.chunks_exact_mut(c * h * w))
-        {
-            for (ch, plane) in src.chunks_exact(h * w).enumerate() {
-                for (p, v) in plane.iter().enumerate() {
-                    dst[p * c + ch] = *v;
-                }
-            }
-        }
+        let nhwc = self.to_nhwc(x);
         let mut values: Vec<Option<Vec<f32>>> = vec![None; self.shapes.len()];
         values[0] = Some(nhwc);
         for (i, node) in self.spec.nodes.iter().enumerate() {
