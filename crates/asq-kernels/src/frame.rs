@@ -317,12 +317,16 @@ pub(crate) fn gemm_planned(
     // Split the channels first (no repeated expansion), in whole tiles of panels; when there are
     // too few (small C_out, e.g. the first convs of ResNet-20) split the rows too.
     let shape = plan.shape(m, w);
-    let segs = match &a {
-        Rows::Dense(x) => vec![Seg {
-            off: 0,
-            groups: x.stride() / KGROUP,
-        }],
-        Rows::Conv(c) => c.segs().to_vec(),
+    let one;
+    let segs: &[Seg] = match &a {
+        Rows::Dense(x) => {
+            one = [Seg {
+                off: 0,
+                groups: x.stride() / KGROUP,
+            }];
+            &one
+        }
+        Rows::Conv(c) => c.segs(),
     };
     let blocks = panels.div_ceil(shape.panels);
     let split_n = want.min(blocks);
@@ -337,7 +341,7 @@ pub(crate) fn gemm_planned(
             plan,
             shape,
             &a,
-            &segs,
+            segs,
             w,
             epi,
             ptr,

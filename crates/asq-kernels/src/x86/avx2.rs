@@ -121,6 +121,26 @@ fn check_tile(a: &[u8], lda: usize, b: &[i8], half: usize, segs: &[Seg]) -> usiz
     groups
 }
 
+/// Calls `run(activations, first weight group, groups)` for every run of `segs` (a GEMM row's
+/// single run directly, the plain loop of a GEMM). `a` and `b` must hold the runs (checked by
+/// the caller with [`check_tile`]).
+#[inline(always)]
+fn for_runs(a: &[u8], b: &[i8], segs: &[Seg], run: &mut impl FnMut(*const u8, *const i8, usize)) {
+    if let [seg] = segs {
+        run(a[seg.off..].as_ptr(), b.as_ptr(), seg.groups);
+        return;
+    }
+    let mut gb = 0;
+    for seg in segs {
+        run(
+            a[seg.off..].as_ptr(),
+            b[gb * GROUP_BYTES..].as_ptr(),
+            seg.groups,
+        );
+        gb += seg.groups;
+    }
+}
+
 /// `vpmaddubsw` micro-kernel, MR rows x the 8 channels of `half` (into `acc[..][8·half..]`),
 /// `depth` pair sums added in i16 before widening (within a run of `segs`). Exact when
 /// `depth · 2 · max|a| · max|b| <= 32767` (the planner's contract).
@@ -141,13 +161,8 @@ pub(crate) unsafe fn tile_maddubs(
     assert!(depth >= 1);
     let ones = _mm256_set1_epi16(1);
     let mut c = [_mm256_setzero_si256(); MR];
-    let mut gb = 0;
-    for seg in segs {
-        // SAFETY (pointer offsets): the run and its groups lie inside `a` and `b` (checked).
-        let ap = unsafe { a.as_ptr().add(seg.off) };
-        let bp = unsafe { b[half * 32..].as_ptr().add(gb * GROUP_BYTES) };
-        let groups = seg.groups;
-        gb += groups;
+    // One run: `groups` groups from `ap` (activations) and `bp` (its first weight group).
+    let mut run = |ap: *const u8, bp: *const i8, groups: usize| {
         let load_b = |g: usize| {
             // SAFETY: g < the run's groups, whose 64-byte groups lie inside `b` (checked).
             unsafe { _mm256_loadu_si256(bp.add(g * GROUP_BYTES) as *const __m256i) }
@@ -189,7 +204,8 @@ pub(crate) unsafe fn tile_maddubs(
                 }
             }
         }
-    }
+    };
+    for_runs(a, &b[half * 32..], segs, &mut run);
     for (row, cr) in acc.iter_mut().zip(&c) {
         // SAFETY: a row of `acc` is 16 i32; half < 2 (checked), so 8 i32 at 8·half fit.
         unsafe { _mm256_storeu_si256(row.as_mut_ptr().add(half * 8) as *mut __m256i, *cr) };
@@ -243,13 +259,8 @@ pub(crate) unsafe fn tile_widen(
 ) {
     check_tile(a, lda, b, half, segs);
     let mut c = [[_mm256_setzero_si256(); 2]; MR];
-    let mut gb = 0;
-    for seg in segs {
-        // SAFETY (pointer offsets): the run and its groups lie inside `a` and `b` (checked).
-        let ap = unsafe { a.as_ptr().add(seg.off) };
-        let bp = unsafe { b[half * 32..].as_ptr().add(gb * GROUP_BYTES) };
-        gb += seg.groups;
-        for g in 0..seg.groups {
+    let mut run = |ap: *const u8, bp: *const i8, groups: usize| {
+        for g in 0..groups {
             // SAFETY: 32 bytes at 64g + 32·half of the run's groups lie inside `b` (checked).
             let (b0, b1) = unsafe {
                 let p = bp.add(g * GROUP_BYTES) as *const __m128i;
@@ -265,7 +276,8 @@ pub(crate) unsafe fn tile_widen(
                 cr[1] = _mm256_add_epi32(cr[1], _mm256_madd_epi16(av, b1));
             }
         }
-    }
+    };
+    for_runs(a, &b[half * 32..], segs, &mut run);
     for (row, cr) in acc.iter_mut().zip(&c) {
         // SAFETY: a row of `acc` is 16 i32; half < 2 (checked), so 8 i32 at 8·half fit.
         unsafe {

@@ -274,14 +274,9 @@ macro_rules! vnni_kernels {
                     && acc.len() >= R * P * 16
             );
             let mut c = [[_mm512_setzero_si512(); P]; R];
-            let mut gb = 0;
-            for seg in segs {
-                // SAFETY (pointer offsets): the run lies inside `a`, its groups inside `b`
-                // (checked above).
-                let (ap, bp) =
-                    unsafe { (a.as_ptr().add(seg.off), b.as_ptr().add(gb * GROUP_BYTES)) };
-                gb += seg.groups;
-                for g in 0..seg.groups {
+            // One run: `groups` groups from `ap` (activations) and `bp` (its first weight group).
+            let mut run = |ap: *const u8, bp: *const i8, groups: usize| {
+                for g in 0..groups {
                     let mut bv = [_mm512_setzero_si512(); P];
                     for (q, v) in bv.iter_mut().enumerate() {
                         // SAFETY: q < P and g < the run's groups: 64 bytes at q·pb + 64g from
@@ -303,6 +298,21 @@ macro_rules! vnni_kernels {
                             c[r][q] = _mm512_dpbusd_epi32(c[r][q], av, bv[q]);
                         }
                     }
+                }
+            };
+            if let [seg] = segs {
+                // A GEMM row: one run from the start (the loop of a plain GEMM).
+                // SAFETY: the run lies inside `a` (checked above).
+                run(unsafe { a.as_ptr().add(seg.off) }, b.as_ptr(), seg.groups);
+            } else {
+                let mut gb = 0;
+                for seg in segs {
+                    // SAFETY (pointer offsets): the run lies inside `a`, its groups inside `b`
+                    // (checked above).
+                    let (ap, bp) =
+                        unsafe { (a.as_ptr().add(seg.off), b.as_ptr().add(gb * GROUP_BYTES)) };
+                    gb += seg.groups;
+                    run(ap, bp, seg.groups);
                 }
             }
             for q in 0..P {
