@@ -972,9 +972,6 @@ impl IntModel {
         match (&node.op, &self.kernels[i]) {
             (
                 Op::Conv {
-                    kernel: (kh, kw),
-                    stride,
-                    pad,
                     bias,
                     quant,
                     residual,
@@ -983,16 +980,7 @@ impl IntModel {
                 },
                 kernel,
             ) => {
-                let shape = Conv2dShape {
-                    batch: n,
-                    in_h: h,
-                    in_w: w,
-                    in_c: c,
-                    kh: *kh,
-                    kw: *kw,
-                    stride: *stride,
-                    pad: *pad,
-                };
+                let shape = self.conv_shape(i, n).expect("a convolution");
                 let epi = Epilogue {
                     bias: Some(bias),
                     residual: residual.map(|r| values[r].as_deref().expect("validated order")),
