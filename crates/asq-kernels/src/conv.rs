@@ -324,12 +324,19 @@ impl ImplicitConv {
         }
         out.valid = rows.clone();
         let simd = crate::activations::encode_simd();
-        // Walk the pieces once, cutting at image-row ends and at piece ends; encode the input
-        // rows under the windows of output rows `rows`.
-        let (mut piece, mut at) = (0usize, 0usize);
+        // Where each piece starts in the concatenation; an image row may span pieces.
+        let starts: Vec<usize> = x
+            .iter()
+            .scan(0, |at, p| {
+                let start = *at;
+                *at += p.len();
+                Some(start)
+            })
+            .collect();
         for n in 0..shape.batch {
             let s = steps.get(n);
             out.scales.push(s);
+            // The input rows under the windows of this sample's outputs in `rows`.
             let (first, last) = (rows.start.max(n * oh * ow), rows.end.min((n + 1) * oh * ow));
             let needed = if first < last {
                 let (oy0, oy1) = ((first - n * oh * ow) / ow, (last - 1 - n * oh * ow) / ow);
@@ -340,39 +347,25 @@ impl ImplicitConv {
             } else {
                 0..0
             };
-            for iy in 0..shape.in_h {
-                let mut dst = n * out.img + (iy + shape.pad) * out.row + shape.pad * shape.in_c;
-                if !needed.contains(&iy) {
-                    // Skip the row in the pieces.
-                    let mut left = line;
-                    while left > 0 {
-                        while at == x[piece].len() {
-                            piece += 1;
-                            at = 0;
-                        }
-                        let take = left.min(x[piece].len() - at);
-                        at += take;
-                        left -= take;
+            for iy in needed {
+                let dst = n * out.img + (iy + shape.pad) * out.row + shape.pad * shape.in_c;
+                let src = (n * shape.in_h + iy) * line;
+                // The pieces overlapping values src..src + line, each encoded where it lands.
+                let first_piece = starts.partition_point(|&st| st <= src) - 1;
+                for (piece, &st) in x.iter().zip(&starts).skip(first_piece) {
+                    if st >= src + line {
+                        break;
                     }
-                    continue;
-                }
-                let mut left = line;
-                while left > 0 {
-                    while at == x[piece].len() {
-                        piece += 1;
-                        at = 0;
+                    let (lo, hi) = (src.max(st), (src + line).min(st + piece.len()));
+                    if lo < hi {
+                        encode_run(
+                            &piece[lo - st..hi - st],
+                            s,
+                            range,
+                            simd,
+                            &mut out.codes[dst + lo - src..dst + hi - src],
+                        )?;
                     }
-                    let take = left.min(x[piece].len() - at);
-                    encode_run(
-                        &x[piece][at..at + take],
-                        s,
-                        range,
-                        simd,
-                        &mut out.codes[dst..dst + take],
-                    )?;
-                    at += take;
-                    dst += take;
-                    left -= take;
                 }
             }
         }

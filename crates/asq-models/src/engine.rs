@@ -22,7 +22,6 @@ use std::sync::OnceLock;
 
 use asq_core::quant::Steps;
 use asq_core::QuantRange;
-
 use asq_kernels::conv::{Conv2dShape, DepthwiseWeights, ImplicitConv};
 use asq_kernels::{Epilogue, PackedWeights, QuantActivations};
 use asq_train::checkpoint::atomic_write;
@@ -66,8 +65,8 @@ pub struct NodeTime {
     pub op: String,
     /// Quantizing the float input to codes.
     pub quantize: f64,
-    /// Laying out the codes for the GEMM: zero-padding the input of an implicit convolution, or
-    /// im2col where a window row is not whole groups of 4 codes.
+    /// im2col on the codes, for convolutions whose window rows are not whole groups of 4 codes
+    /// (implicit convolutions are quantized straight into their padded layout: `quantize`).
     pub im2col: f64,
     /// The integer kernel with its epilogue (GEMM, depthwise), or the pooling.
     pub kernel: f64,
@@ -296,10 +295,6 @@ enum Kernel {
     None,
 }
 
-static DBG: [std::sync::atomic::AtomicUsize; 2] = [
-    std::sync::atomic::AtomicUsize::new(0),
-    std::sync::atomic::AtomicUsize::new(0),
-];
 /// Error text of a team thread that stopped because another one failed.
 const STOPPED: &str = "stopped: another thread of the pass failed";
 
@@ -815,13 +810,6 @@ impl IntModel {
                 };
                 slot.parts[p].set(out).expect("a claimed part is set once");
             }
-        }
-        if std::env::var_os("ASQ_TEAM_DEBUG").is_some() && t == 0 {
-            let (a, b) = (
-                DBG[0].load(Ordering::Relaxed),
-                DBG[1].load(Ordering::Relaxed),
-            );
-            eprintln!("parts by thread 0: {a}, thread 1: {b}");
         }
         Ok(())
     }
