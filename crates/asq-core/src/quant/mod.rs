@@ -318,25 +318,6 @@ pub fn decode<G: Grid>(grid: &G, codes: &[u8], steps: Steps<'_>, out: &mut [f32]
     Ok(())
 }
 
-/// One call of a [`map_rows`] function, run through `pulp`'s dispatch: `with_simd` is generic
-/// over the instruction set, so `f` is compiled inside each target-feature function (a closure
-/// handed to the dispatch directly stays compiled for the baseline).
-struct Rows<'a, 'b, T, F> {
-    f: &'a F,
-    r: usize,
-    xs: &'b [f32],
-    os: &'b mut [T],
-}
-
-impl<T, F: Fn(usize, &[f32], &mut [T])> pulp::WithSimd for Rows<'_, '_, T, F> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _simd: S) {
-        (self.f)(self.r, self.xs, self.os)
-    }
-}
-
 /// Applies `f(row, x_row, out_row)` to every row, in parallel for large tensors, each piece
 /// compiled for the CPU's widest vectors (`pulp`'s run-time dispatch; the same IEEE operations
 /// on every path, so results do not depend on it). Measured on a Xeon (criterion `quantizers`,
@@ -352,7 +333,7 @@ fn map_rows<T: Send>(
         return;
     }
     let arch = pulp::Arch::new();
-    let f = |r: usize, xs: &[f32], os: &mut [T]| arch.dispatch(Rows { f: &f, r, xs, os });
+    let f = |r: usize, xs: &[f32], os: &mut [T]| arch.dispatch(Call(|| f(r, xs, os)));
     if x.len() >= PARALLEL_MIN {
         // Rows in parallel, and long rows split further so that one step still spreads out.
         x.par_chunks(row_len)
@@ -404,7 +385,8 @@ fn terms<G: Grid>(grid: &G, x: &[f32], g: &[f32], s: f32, dx: &mut [f32], gis: &
 }
 
 /// A call run through `pulp`'s dispatch: `with_simd` is generic over the instruction set, so
-/// the closure's body is compiled inside each target-feature function.
+/// the closure's body is compiled inside each target-feature function (a closure handed to the
+/// dispatch directly stays compiled for the baseline). Used by [`map_rows`] and [`backward`].
 struct Call<F>(F);
 
 impl<R, F: FnOnce() -> R> pulp::WithSimd for Call<F> {
@@ -464,17 +446,18 @@ pub fn backward<G: Grid>(
             let w = weight(r);
             let mut part = [0.0f64; LANES];
             // One element: input gradient and its step-gradient contribution (as f32).
+            // One element (head and tail): the same terms as the chunks.
             let elem = |k: usize, dx: &mut f32| -> f32 {
-                let (term, pass) = step_term(grid, x[k], s);
-                let g = grad_out[k];
-                *dx = if pass { g } else { 0.0 };
-                // A zero term contributes exactly 0, even against an infinite incoming gradient.
-                let p = g * term;
-                if term == 0.0 {
-                    0.0
-                } else {
-                    p
-                }
+                let mut gi = [0.0f32];
+                terms(
+                    grid,
+                    &x[k..k + 1],
+                    &grad_out[k..k + 1],
+                    s,
+                    std::slice::from_mut(dx),
+                    &mut gi,
+                );
+                gi[0]
             };
             let mut k = i;
             // Scalar head up to a lane boundary, whole groups of LANES (vectorisable), scalar
