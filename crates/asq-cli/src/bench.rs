@@ -1,7 +1,7 @@
 //! `asq bench kernels`: every integer path and f32 sgemm measured in the same process, on GEMM
 //! shapes of real layers, with the machine's peaks, as a table or JSON.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use asq_kernels::probe::{peak_f32, peak_int8};
 use asq_kernels::suite::{pseudo, KERNELS, SHAPES};
@@ -340,6 +340,32 @@ pub fn models(args: &ModelArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The table of `asq bench train --profile`: milliseconds per step by op kind, and the rest
+/// of the step (optimizer update, loss, zeroing of gradients) as "outside the tape".
+fn print_train_profile(ops: &[asq_train::graph::OpTime], elapsed: Duration, steps: usize) {
+    let per_step = |d: Duration| d.as_secs_f64() * 1e3 / steps as f64;
+    let step = per_step(elapsed);
+    println!("| op | calls/step | forward ms | backward ms | share of the step |");
+    println!("|---|---|---|---|---|");
+    let mut taped = 0.0;
+    for t in ops {
+        let (f, b) = (per_step(t.forward), per_step(t.backward));
+        taped += f + b;
+        println!(
+            "| {} | {} | {f:.2} | {b:.2} | {:.1} % |",
+            t.op,
+            t.calls / steps as u64,
+            100.0 * (f + b) / step
+        );
+    }
+    let rest = (step - taped).max(0.0);
+    println!(
+        "| outside the tape | | | | {:.1} % ({rest:.2} ms) |",
+        100.0 * rest / step
+    );
+    println!("| step | | | | {step:.2} ms |");
+}
+
 /// Options of `asq bench train`.
 #[derive(clap::Args)]
 pub struct TrainBenchArgs {
@@ -364,6 +390,10 @@ pub struct TrainBenchArgs {
     /// Print one JSON object per line (model, quant, bits, batch, threads, images_per_s).
     #[arg(long)]
     json: bool,
+    /// Also print where a step's time goes: forward and backward time per op kind, averaged
+    /// over the timed steps (measured in extra profiled steps after the timed ones).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// `asq bench train`: training throughput, the step of the criterion bench `train` (forward,
@@ -411,6 +441,17 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                     if i >= 3 {
                         times.push(t.elapsed().as_secs_f64());
                     }
+                }
+                if args.profile {
+                    asq_train::graph::set_profiling(true);
+                    let t = Instant::now();
+                    for _ in 0..args.steps {
+                        train_step(&net, &mut ps, &mut opt, images.clone(), &labels, 0.0, 0.01)?;
+                    }
+                    let elapsed = t.elapsed();
+                    asq_train::graph::set_profiling(false);
+                    let ops = asq_train::graph::take_profile();
+                    print_train_profile(&ops, elapsed, args.steps);
                 }
                 Ok(())
             })?;

@@ -9,9 +9,8 @@
 //!   count, so that its state dicts import (`crate::torch`).
 
 use asq_train::nn::{BatchNorm2d, Init, Module, QConv2d, QLinear};
-use asq_train::ops::act::relu;
-use asq_train::ops::basic::add;
 use asq_train::ops::conv::ConvSpec;
+use asq_train::ops::norm::BnAct;
 use asq_train::ops::pool::{global_avg_pool, max_pool2d_padded};
 use asq_train::{Error, Graph, ParamStore, Result, Var};
 
@@ -31,10 +30,8 @@ struct Block {
 impl Block {
     fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
         let h = self.conv1.forward(g, ps, x)?;
-        let h = self.bn1.forward(g, ps, h)?;
-        let h = relu(g, h);
+        let h = self.bn1.forward_act(g, ps, h, None, BnAct::Relu)?;
         let h = self.conv2.forward(g, ps, h)?;
-        let h = self.bn2.forward(g, ps, h)?;
         let s = match &self.shortcut {
             Some((conv, bn)) => {
                 let s = conv.forward(g, ps, x)?;
@@ -42,8 +39,8 @@ impl Block {
             }
             None => x,
         };
-        let y = add(g, h, s)?;
-        Ok(relu(g, y))
+        // relu(bn2(h) + s) as one op in training.
+        self.bn2.forward_act(g, ps, h, Some(s), BnAct::Relu)
     }
 }
 
@@ -292,8 +289,7 @@ impl ResNet {
 impl Module for ResNet {
     fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
         let h = self.stem.forward(g, ps, x)?;
-        let h = self.stem_bn.forward(g, ps, h)?;
-        let mut h = relu(g, h);
+        let mut h = self.stem_bn.forward_act(g, ps, h, None, BnAct::Relu)?;
         if self.imagenet_stem {
             let (size, stride, pad) = STEM_POOL;
             h = max_pool2d_padded(g, h, size, stride, pad)?;

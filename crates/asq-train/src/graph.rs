@@ -5,6 +5,10 @@
 //! which op it is. Leaves are inputs (no gradient) or parameters (gradient accumulated into the
 //! [`ParamStore`] on [`Graph::backward`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use crate::buffers;
 use crate::error::{shape, Result};
 use crate::params::{ParamId, ParamStore};
@@ -40,6 +44,96 @@ pub trait Backward: Send + Sync {
         let _ = needed;
         self.backward(inputs, output, grad)
     }
+
+    /// The op's name in profiles ([`set_profiling`]): by default the backward rule's type name
+    /// without its module path.
+    fn name(&self) -> &'static str {
+        let full = std::any::type_name::<Self>();
+        let base = full.split('<').next().unwrap_or(full);
+        base.rsplit("::").next().unwrap_or(base)
+    }
+}
+
+/// Wall time of one op kind over the passes profiled since the last [`take_profile`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OpTime {
+    /// The op's [`Backward::name`] (`"gradient sum"` for adding up the gradients of a value
+    /// used by several ops).
+    pub op: &'static str,
+    /// Recorded ops of this kind.
+    pub calls: u64,
+    /// Forward time: from the previous node's recording to this op's (so it includes whatever
+    /// ran between two ops, e.g. a layer's own bookkeeping).
+    pub forward: Duration,
+    /// Time in the op's backward rule.
+    pub backward: Duration,
+}
+
+static PROFILING: AtomicBool = AtomicBool::new(false);
+static PROFILE: Mutex<Vec<OpTime>> = Mutex::new(Vec::new());
+
+/// Turns the per-op profile of training graphs on or off (off by default: no cost). Graphs
+/// created while it is on time every op's forward and backward pass and add them up, read
+/// with [`take_profile`]. A profiled graph adds two clock reads per node.
+pub fn set_profiling(on: bool) {
+    PROFILING.store(on, Ordering::Relaxed);
+}
+
+/// The op times gathered since the last call (graphs add theirs when dropped), largest total
+/// first; clears them.
+pub fn take_profile() -> Vec<OpTime> {
+    let mut all = std::mem::take(&mut *PROFILE.lock().unwrap_or_else(|e| e.into_inner()));
+    all.sort_by_key(|t| std::cmp::Reverse(t.forward + t.backward));
+    all
+}
+
+/// One graph's timings, merged into [`PROFILE`] on drop.
+#[derive(Default)]
+struct Profile {
+    mark: Option<Instant>,
+    ops: Vec<OpTime>,
+}
+
+impl Profile {
+    fn entry(&mut self, op: &'static str) -> &mut OpTime {
+        let at = match self.ops.iter().position(|t| t.op == op) {
+            Some(at) => at,
+            None => {
+                self.ops.push(OpTime {
+                    op,
+                    ..OpTime::default()
+                });
+                self.ops.len() - 1
+            }
+        };
+        &mut self.ops[at]
+    }
+
+    /// Forward time of `op` up to now; a leaf (`None`) only moves the mark.
+    fn lap(&mut self, op: Option<&'static str>) {
+        let now = Instant::now();
+        let since = self.mark.map_or(Duration::ZERO, |m| now - m);
+        self.mark = Some(now);
+        if let Some(op) = op {
+            let e = self.entry(op);
+            e.calls += 1;
+            e.forward += since;
+        }
+    }
+
+    fn merge_into_global(&mut self) {
+        let mut all = PROFILE.lock().unwrap_or_else(|e| e.into_inner());
+        for t in self.ops.drain(..) {
+            match all.iter_mut().find(|a| a.op == t.op) {
+                Some(a) => {
+                    a.calls += t.calls;
+                    a.forward += t.forward;
+                    a.backward += t.backward;
+                }
+                None => all.push(t),
+            }
+        }
+    }
 }
 
 struct Node {
@@ -55,11 +149,15 @@ pub struct Graph {
     nodes: Vec<Node>,
     training: bool,
     observations: Option<Vec<(String, Vec<f32>)>>,
+    profile: Option<Profile>,
 }
 
 impl Drop for Graph {
     /// Hands the recorded values back to [`crate::buffers`] for the next pass.
     fn drop(&mut self) {
+        if let Some(p) = &mut self.profile {
+            p.merge_into_global();
+        }
         for node in self.nodes.drain(..) {
             buffers::recycle(node.value);
         }
@@ -73,6 +171,10 @@ impl Graph {
             nodes: Vec::new(),
             training,
             observations: None,
+            profile: PROFILING.load(Ordering::Relaxed).then(|| Profile {
+                mark: Some(Instant::now()),
+                ops: Vec::new(),
+            }),
         }
     }
 
@@ -107,6 +209,7 @@ impl Graph {
 
     /// A constant input (no gradient).
     pub fn input(&mut self, value: Tensor) -> Var {
+        self.lap(None);
         self.nodes.push(Node {
             value,
             inputs: Vec::new(),
@@ -119,6 +222,7 @@ impl Graph {
 
     /// An input that receives a gradient (for gradient checks and input attributions).
     pub fn input_with_grad(&mut self, value: Tensor) -> Var {
+        self.lap(None);
         self.nodes.push(Node {
             value,
             inputs: Vec::new(),
@@ -131,7 +235,9 @@ impl Graph {
 
     /// A parameter leaf: its gradient goes to `store` on [`Graph::backward`] (in training).
     pub fn param(&mut self, store: &ParamStore, id: ParamId) -> Var {
+        self.lap(None);
         let value = store.get(id).value.clone();
+        self.lap(Some("parameter copy"));
         let needs_grad = self.training;
         self.nodes.push(Node {
             value,
@@ -145,6 +251,7 @@ impl Graph {
 
     /// Records an op's output. The backward rule is kept only if an input needs a gradient.
     pub fn record(&mut self, value: Tensor, inputs: &[Var], op: impl Backward + 'static) -> Var {
+        self.lap(Some(op.name()));
         let needs_grad = inputs.iter().any(|v| self.nodes[v.0].needs_grad);
         let op: Option<Box<dyn Backward>> = if needs_grad { Some(Box::new(op)) } else { None };
         self.nodes.push(Node {
@@ -155,6 +262,13 @@ impl Graph {
             param: None,
         });
         Var(self.nodes.len() - 1)
+    }
+
+    /// Profiling only: the forward time since the previous node goes to `op`.
+    fn lap(&mut self, op: Option<&'static str>) {
+        if let Some(p) = &mut self.profile {
+            p.lap(op);
+        }
     }
 
     /// The value of `v`.
@@ -200,10 +314,12 @@ impl Graph {
     pub fn gradients(&self, loss: Var) -> Result<Vec<Option<Tensor>>> {
         let mut grads: Vec<Option<Tensor>> = (0..self.nodes.len()).map(|_| None).collect();
         grads[loss.0] = Some(Tensor::ones(self.nodes[loss.0].value.raw_dim()));
+        let mut profile = self.profile.is_some().then(Profile::default);
         for i in (0..=loss.0).rev() {
             let Some(g) = grads[i].take() else { continue };
             let node = &self.nodes[i];
             if let Some(op) = &node.op {
+                let start = profile.as_ref().map(|_| Instant::now());
                 let inputs: Vec<&Tensor> =
                     node.inputs.iter().map(|v| &self.nodes[v.0].value).collect();
                 let needed: Vec<bool> = node
@@ -212,6 +328,9 @@ impl Graph {
                     .map(|v| self.nodes[v.0].needs_grad)
                     .collect();
                 let gin = op.backward_needed(&inputs, &node.value, &g, &needed);
+                if let (Some(p), Some(start)) = (&mut profile, start) {
+                    p.entry(op.name()).backward += start.elapsed();
+                }
                 for (v, gi) in node.inputs.iter().zip(gin) {
                     let Some(gi) = gi else { continue };
                     if !self.nodes[v.0].needs_grad {
@@ -229,8 +348,14 @@ impl Graph {
                     }
                     match &mut grads[v.0] {
                         Some(acc) => {
+                            let start = profile.as_ref().map(|_| Instant::now());
                             crate::ops::ew::add_assign(acc, &gi);
                             buffers::recycle(gi);
+                            if let (Some(p), Some(start)) = (&mut profile, start) {
+                                let e = p.entry("gradient sum");
+                                e.calls += 1;
+                                e.backward += start.elapsed();
+                            }
                         }
                         slot => *slot = Some(gi),
                     }
@@ -242,6 +367,9 @@ impl Graph {
             } else {
                 buffers::recycle(g);
             }
+        }
+        if let Some(p) = &mut profile {
+            p.merge_into_global();
         }
         Ok(grads)
     }

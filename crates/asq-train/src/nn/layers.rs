@@ -6,9 +6,11 @@ use crate::error::Result;
 use crate::graph::{Graph, Var};
 use crate::nn::init::Init;
 use crate::nn::Module;
+use crate::ops::act::relu;
+use crate::ops::basic::add;
 use crate::ops::conv::{conv2d, ConvSpec};
 use crate::ops::matmul::linear;
-use crate::ops::norm::{batch_norm2d_eval, batch_norm2d_train};
+use crate::ops::norm::{batch_norm2d_eval, batch_norm2d_train_act, BnAct};
 use crate::params::{ParamId, ParamKind, ParamStore};
 use crate::Tensor;
 
@@ -169,29 +171,61 @@ impl BatchNorm2d {
     }
 }
 
+impl BatchNorm2d {
+    /// `act(bn(x) + residual)`: in training one fused op ([`batch_norm2d_train_act`]), in
+    /// evaluation the separate ops; the same values either way as [`Module::forward`] followed
+    /// by the add and the activation.
+    pub fn forward_act(
+        &self,
+        g: &mut Graph,
+        ps: &mut ParamStore,
+        x: Var,
+        residual: Option<Var>,
+        act: BnAct,
+    ) -> Result<Var> {
+        if !g.is_training() {
+            let mut y = self.forward(g, ps, x)?;
+            if let Some(r) = residual {
+                y = add(g, y, r)?;
+            }
+            return Ok(match act {
+                BnAct::Identity => y,
+                BnAct::Relu => relu(g, y),
+            });
+        }
+        let (gm, bt) = (g.param(ps, self.gamma), g.param(ps, self.beta));
+        let s = g.shape(x);
+        let count = (s[0] * s[2] * s[3]) as f32;
+        let (y, mean, var) = batch_norm2d_train_act(g, x, gm, bt, self.eps, residual, act)?;
+        self.update_running(ps, &mean, &var, count);
+        Ok(y)
+    }
+
+    /// Running statistics update from one batch's `mean` and biased `var` over `count` values.
+    fn update_running(&self, ps: &mut ParamStore, mean: &[f32], var: &[f32], count: f32) {
+        let m = self.momentum;
+        ps.buffer_mut(self.running_mean)
+            .iter_mut()
+            .zip(mean)
+            .for_each(|(r, v)| *r = (1.0 - m) * *r + m * v);
+        let unbias = if count > 1.0 {
+            count / (count - 1.0)
+        } else {
+            1.0
+        };
+        ps.buffer_mut(self.running_var)
+            .iter_mut()
+            .zip(var)
+            .for_each(|(r, v)| *r = (1.0 - m) * *r + m * v * unbias);
+    }
+}
+
 impl Module for BatchNorm2d {
     fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
-        let (gm, bt) = (g.param(ps, self.gamma), g.param(ps, self.beta));
         if g.is_training() {
-            let s = g.shape(x);
-            let count = (s[0] * s[2] * s[3]) as f32;
-            let (y, mean, var) = batch_norm2d_train(g, x, gm, bt, self.eps)?;
-            let m = self.momentum;
-            ps.buffer_mut(self.running_mean)
-                .iter_mut()
-                .zip(&mean)
-                .for_each(|(r, v)| *r = (1.0 - m) * *r + m * v);
-            let unbias = if count > 1.0 {
-                count / (count - 1.0)
-            } else {
-                1.0
-            };
-            ps.buffer_mut(self.running_var)
-                .iter_mut()
-                .zip(&var)
-                .for_each(|(r, v)| *r = (1.0 - m) * *r + m * v * unbias);
-            Ok(y)
+            self.forward_act(g, ps, x, None, BnAct::Identity)
         } else {
+            let (gm, bt) = (g.param(ps, self.gamma), g.param(ps, self.beta));
             let (mean, var) = self.running(ps);
             batch_norm2d_eval(g, x, gm, bt, &mean, &var, self.eps)
         }

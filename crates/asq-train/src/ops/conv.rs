@@ -258,6 +258,14 @@ impl Backward for ConvOp {
         }
         out
     }
+
+    fn name(&self) -> &'static str {
+        match self.path {
+            Path::Gemm => "conv (im2col + GEMM)",
+            Path::Depthwise => "conv (depthwise)",
+            Path::Direct { .. } => "conv (direct)",
+        }
+    }
 }
 
 /// The fixed sample chunks of a backward pass, `(first sample, samples)`, each with its part of

@@ -15,151 +15,326 @@ fn dims(t: &Tensor) -> (usize, usize, usize) {
 }
 
 /// f32 lanes of a plane's partial sums: fixed, so that the order (and result) is the same on
-/// every instruction set; each plane's lanes are combined in f64, planes summed in f64.
+/// every instruction set; each plane's lanes are combined in f64, and the planes of a channel
+/// are added in f64 in sample order (the same on any thread count).
 const LANES: usize = 16;
 
-/// Per-plane kernels of batch norm, compiled for the CPU's widest vectors by pulp's dispatch
-/// (`with_simd` is instantiated per instruction set; the arithmetic is identical on each).
-enum Plane<'a> {
-    /// `(Σ x, Σ x²)`.
-    ValueSums(&'a [f32]),
-    /// `(Σ g, Σ g·(x - mu))` of `(g, x, mu)`.
-    GradSums(&'a [f32], &'a [f32], f32),
-    /// `out = (x - mu)·k + b` of `(out, x, mu, k, b)`.
-    Normalise(&'a mut [f32], &'a [f32], f32, f32, f32),
-    /// `out = a·g + (b·(x - mu) + c)` of `(out, g, x, (a, b, c, mu))`.
-    InputGrad(&'a mut [f32], &'a [f32], &'a [f32], (f32, f32, f32, f32)),
+#[inline(always)]
+fn combine(l: [f32; LANES]) -> f64 {
+    l.iter().map(|&v| v as f64).sum()
 }
 
-impl pulp::WithSimd for Plane<'_> {
-    type Output = (f64, f64);
+/// `(Σ x, Σ x²)` of one plane.
+#[inline(always)]
+fn value_sums(x: &[f32]) -> (f64, f64) {
+    let (mut s, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for ch in chunks {
+        for l in 0..LANES {
+            s[l] += ch[l];
+            s2[l] += ch[l] * ch[l];
+        }
+    }
+    let (mut a, mut a2) = (combine(s), combine(s2));
+    for &v in tail {
+        a += v as f64;
+        a2 += v as f64 * v as f64;
+    }
+    (a, a2)
+}
+
+/// `(Σ g, Σ g·(x - mu))` of one plane.
+#[inline(always)]
+fn grad_sums(g: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
+    let (mut s, mut sx) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let (gc, xc) = (g.chunks_exact(LANES), x.chunks_exact(LANES));
+    let (gt, xt) = (gc.remainder(), xc.remainder());
+    for (gch, xch) in gc.zip(xc) {
+        for l in 0..LANES {
+            s[l] += gch[l];
+            sx[l] += gch[l] * (xch[l] - mu);
+        }
+    }
+    let (mut a, mut b) = (combine(s), combine(sx));
+    for (&gv, &xv) in gt.iter().zip(xt) {
+        a += gv as f64;
+        b += gv as f64 * (xv - mu) as f64;
+    }
+    (a, b)
+}
+
+/// The activation fused into training-mode batch norm ([`batch_norm2d_train_act`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BnAct {
+    /// None: plain batch norm.
+    Identity,
+    /// `max(·, 0)`, the gradient passed where the output is positive (PyTorch's rule).
+    Relu,
+}
+
+/// The passes of training-mode batch norm over one sample (`C` planes of `hw` values), compiled
+/// for the CPU's widest vectors by pulp's dispatch (`with_simd` is instantiated per instruction
+/// set; the arithmetic is identical on each, and so are the results).
+enum Pass<'a> {
+    /// `sums[ch] = (Σ x, Σ x²)` of plane `ch`.
+    ValueSums {
+        x: &'a [f32],
+        hw: usize,
+        sums: &'a mut [(f64, f64)],
+    },
+    /// `out = act((x - mu)·k + b [+ res])` with `coef[ch] = (mu, k, b)`.
+    Normalise {
+        out: &'a mut [f32],
+        x: &'a [f32],
+        res: Option<&'a [f32]>,
+        hw: usize,
+        coef: &'a [(f32, f32, f32)],
+        act: BnAct,
+    },
+    /// The gradient through the activation `gm = g·act'(y)` (written to `masked`, given when
+    /// the activation is not the identity: else `gm = g`), and `sums[ch] = (Σ gm,
+    /// Σ gm·(x - mean[ch]))`.
+    GradSums {
+        g: &'a [f32],
+        y: &'a [f32],
+        x: &'a [f32],
+        masked: Option<&'a mut [f32]>,
+        hw: usize,
+        mean: &'a [f32],
+        sums: &'a mut [(f64, f64)],
+    },
+    /// `dx = a·gm + (b·(x - mu) + c)` with `coef[ch] = (a, b, c, mu)`.
+    InputGrad {
+        dx: &'a mut [f32],
+        gm: &'a [f32],
+        x: &'a [f32],
+        hw: usize,
+        coef: &'a [(f32, f32, f32, f32)],
+    },
+}
+
+impl pulp::WithSimd for Pass<'_> {
+    type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _simd: S) -> (f64, f64) {
-        let combine = |l: [f32; LANES]| l.iter().map(|&v| v as f64).sum::<f64>();
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
         match self {
-            Plane::ValueSums(x) => {
-                let (mut s, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
-                let chunks = x.chunks_exact(LANES);
-                let tail = chunks.remainder();
-                for ch in chunks {
-                    for l in 0..LANES {
-                        s[l] += ch[l];
-                        s2[l] += ch[l] * ch[l];
+            Pass::ValueSums { x, hw, sums } => {
+                for (xp, s) in x.chunks_exact(hw).zip(sums) {
+                    *s = value_sums(xp);
+                }
+            }
+            Pass::Normalise {
+                out,
+                x,
+                res,
+                hw,
+                coef,
+                act,
+            } => {
+                let planes = out.chunks_exact_mut(hw).zip(x.chunks_exact(hw));
+                for (ch, (op, xp)) in planes.enumerate() {
+                    let (mu, k, b) = coef[ch];
+                    match (res, act) {
+                        (None, BnAct::Identity) => {
+                            for (o, &v) in op.iter_mut().zip(xp) {
+                                *o = (v - mu) * k + b;
+                            }
+                        }
+                        (None, BnAct::Relu) => {
+                            for (o, &v) in op.iter_mut().zip(xp) {
+                                *o = ((v - mu) * k + b).max(0.0);
+                            }
+                        }
+                        (Some(r), BnAct::Identity) => {
+                            let rp = &r[ch * hw..][..hw];
+                            for ((o, &v), &r) in op.iter_mut().zip(xp).zip(rp) {
+                                *o = ((v - mu) * k + b) + r;
+                            }
+                        }
+                        (Some(r), BnAct::Relu) => {
+                            let rp = &r[ch * hw..][..hw];
+                            for ((o, &v), &r) in op.iter_mut().zip(xp).zip(rp) {
+                                *o = (((v - mu) * k + b) + r).max(0.0);
+                            }
+                        }
                     }
                 }
-                let (mut a, mut a2) = (combine(s), combine(s2));
-                for &v in tail {
-                    a += v as f64;
-                    a2 += v as f64 * v as f64;
-                }
-                (a, a2)
             }
-            Plane::GradSums(g, x, mu) => {
-                let (mut s, mut sx) = ([0.0f32; LANES], [0.0f32; LANES]);
-                let (gc, xc) = (g.chunks_exact(LANES), x.chunks_exact(LANES));
-                let (gt, xt) = (gc.remainder(), xc.remainder());
-                for (gch, xch) in gc.zip(xc) {
-                    for l in 0..LANES {
-                        s[l] += gch[l];
-                        sx[l] += gch[l] * (xch[l] - mu);
+            Pass::GradSums {
+                g,
+                y,
+                x,
+                mut masked,
+                hw,
+                mean,
+                sums,
+            } => {
+                for (ch, s) in sums.iter_mut().enumerate() {
+                    let at = ch * hw;
+                    let (gp, xp) = (&g[at..at + hw], &x[at..at + hw]);
+                    *s = match masked.as_deref_mut() {
+                        Some(m) => {
+                            let (mp, yp) = (&mut m[at..at + hw], &y[at..at + hw]);
+                            for ((m, &gv), &yv) in mp.iter_mut().zip(gp).zip(yp) {
+                                *m = if yv > 0.0 { gv } else { 0.0 };
+                            }
+                            grad_sums(mp, xp, mean[ch])
+                        }
+                        None => grad_sums(gp, xp, mean[ch]),
+                    };
+                }
+            }
+            Pass::InputGrad {
+                dx,
+                gm,
+                x,
+                hw,
+                coef,
+            } => {
+                let planes = dx
+                    .chunks_exact_mut(hw)
+                    .zip(gm.chunks_exact(hw))
+                    .zip(x.chunks_exact(hw));
+                for (ch, ((d, gp), xp)) in planes.enumerate() {
+                    let (a, b, c, mu) = coef[ch];
+                    for ((o, &gv), &xv) in d.iter_mut().zip(gp).zip(xp) {
+                        *o = a * gv + (b * (xv - mu) + c);
                     }
                 }
-                let (mut a, mut b) = (combine(s), combine(sx));
-                for (&gv, &xv) in gt.iter().zip(xt) {
-                    a += gv as f64;
-                    b += gv as f64 * (xv - mu) as f64;
-                }
-                (a, b)
-            }
-            Plane::Normalise(out, x, mu, k, b) => {
-                for (o, &xv) in out.iter_mut().zip(x) {
-                    *o = (xv - mu) * k + b;
-                }
-                (0.0, 0.0)
-            }
-            Plane::InputGrad(out, g, x, (a, b, c, mu)) => {
-                for ((o, &gv), &xv) in out.iter_mut().zip(g).zip(x) {
-                    *o = a * gv + (b * (xv - mu) + c);
-                }
-                (0.0, 0.0)
             }
         }
     }
 }
 
-fn value_sums(x: &[f32]) -> (f64, f64) {
-    pulp::Arch::new().dispatch(Plane::ValueSums(x))
-}
-
-fn grad_sums(g: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
-    pulp::Arch::new().dispatch(Plane::GradSums(g, x, mu))
+/// Per-channel totals of per-sample partial sums `[N][C]`, added in sample order.
+fn add_in_order(partial: &[(f64, f64)], c: usize) -> Vec<(f64, f64)> {
+    let mut total = vec![(0.0f64, 0.0f64); c];
+    for p in partial.chunks_exact(c) {
+        for (t, q) in total.iter_mut().zip(p) {
+            t.0 += q.0;
+            t.1 += q.1;
+        }
+    }
+    total
 }
 
 struct BnTrainOp {
     mean: Vec<f32>,
     inv_std: Vec<f32>,
+    act: BnAct,
+    /// Whether a residual was added (the op's fourth input).
+    residual: bool,
 }
 
 impl Backward for BnTrainOp {
-    fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
+    fn backward(&self, inputs: &[&Tensor], out: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
         let (n, c, hw) = dims(inputs[0]);
         let xs = inputs[0].as_standard_layout();
-        let gs = grad.as_standard_layout();
-        let (x, gy, gamma) = (
+        let (gs, ys) = (grad.as_standard_layout(), out.as_standard_layout());
+        let (x, gy, y, gamma) = (
             xs.as_slice().expect("std"),
             gs.as_slice().expect("std"),
+            ys.as_slice().expect("std"),
             inputs[1],
         );
+        let len = c * hw;
         let m = (n * hw) as f64;
-        // Per-channel sums in parallel over channels (each in a fixed order in f64 lanes:
-        // deterministic).
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let mu = self.mean[ch];
-                let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-                for s in 0..n {
-                    let o = (s * c + ch) * hw;
-                    let (a, b) = grad_sums(&gy[o..o + hw], &x[o..o + hw], mu);
-                    sg += a;
-                    sgx += b;
-                }
-                (sg, sgx * self.inv_std[ch] as f64)
+        let arch = pulp::Arch::new();
+        // The gradient through the activation and its per-channel sums, in parallel over
+        // samples.
+        let mut masked = match self.act {
+            BnAct::Relu => buffers::take(x.len()),
+            BnAct::Identity => Vec::new(),
+        };
+        let mut partial = vec![(0.0f64, 0.0f64); n * c];
+        let pass = |s: usize, masked: Option<&mut [f32]>, sums: &mut [(f64, f64)]| {
+            arch.dispatch(Pass::GradSums {
+                g: &gy[s * len..][..len],
+                y: &y[s * len..][..len],
+                x: &x[s * len..][..len],
+                masked,
+                hw,
+                mean: &self.mean,
+                sums,
             })
+        };
+        if masked.is_empty() {
+            partial
+                .par_chunks_mut(c)
+                .enumerate()
+                .for_each(|(s, p)| pass(s, None, p));
+        } else {
+            partial
+                .par_chunks_mut(c)
+                .zip(masked.par_chunks_mut(len))
+                .enumerate()
+                .for_each(|(s, (p, mk))| pass(s, Some(mk), p));
+        }
+        let sums = add_in_order(&partial, c);
+        // Σ gm·x̂ per channel.
+        let sgx: Vec<f64> = sums
+            .iter()
+            .zip(&self.inv_std)
+            .map(|(s, &is)| s.1 * is as f64)
             .collect();
         let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
-        let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
-        // dx = gamma·is/m · (m·gy - Σgy - x̂·Σgy·x̂) = A·gy + B·(x - mu) + C per channel.
+        let dgamma: Vec<f32> = sgx.iter().map(|&v| v as f32).collect();
+        // dx = gamma·is/m · (m·gm - Σgm - x̂·Σgm·x̂) = A·gm + B·(x - mu) + C per channel.
         let coef: Vec<(f32, f32, f32, f32)> = (0..c)
             .map(|ch| {
-                let (is, (sg, sgx)) = (self.inv_std[ch] as f64, sums[ch]);
+                let is = self.inv_std[ch] as f64;
                 let a = gamma[ch] as f64 * is;
                 (
                     a as f32,
-                    (-a * is * sgx / m) as f32,
-                    (-a * sg / m) as f32,
+                    (-a * is * sgx[ch] / m) as f32,
+                    (-a * sums[ch].0 / m) as f32,
                     self.mean[ch],
                 )
             })
             .collect();
+        let gm: &[f32] = if masked.is_empty() { gy } else { &masked };
         let mut dx = buffers::take(x.len());
-        let arch = pulp::Arch::new();
-        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, d)| {
-            let (a, b, cc, mu) = coef[plane % c];
-            let o = plane * hw;
-            arch.dispatch(Plane::InputGrad(
-                d,
-                &gy[o..o + hw],
-                &x[o..o + hw],
-                (a, b, cc, mu),
-            ));
+        dx.par_chunks_mut(len).enumerate().for_each(|(s, d)| {
+            arch.dispatch(Pass::InputGrad {
+                dx: d,
+                gm: &gm[s * len..][..len],
+                x: &x[s * len..][..len],
+                hw,
+                coef: &coef,
+            })
         });
-        vec![
+        let mut grads = vec![
             Some(Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape")),
             Some(Tensor::from_shape_vec(IxDyn(&[c]), dgamma).expect("shape")),
             Some(Tensor::from_shape_vec(IxDyn(&[c]), dbeta).expect("shape")),
-        ]
+        ];
+        if self.residual {
+            // The residual's gradient is the gradient through the activation.
+            let gr = if masked.is_empty() {
+                let mut v = buffers::take(gy.len());
+                v.copy_from_slice(gy);
+                v
+            } else {
+                masked
+            };
+            grads.push(Some(
+                Tensor::from_shape_vec(inputs[0].raw_dim(), gr).expect("shape"),
+            ));
+        } else {
+            buffers::give(masked);
+        }
+        grads
+    }
+
+    fn name(&self) -> &'static str {
+        match (self.act, self.residual) {
+            (BnAct::Identity, false) => "BnTrainOp",
+            (BnAct::Relu, false) => "BnTrainOp+relu",
+            (BnAct::Identity, true) => "BnTrainOp+add",
+            (BnAct::Relu, true) => "BnTrainOp+add+relu",
+        }
     }
 }
 
@@ -187,43 +362,83 @@ pub fn batch_norm2d_train(
     beta: Var,
     eps: f32,
 ) -> Result<(Var, Vec<f32>, Vec<f32>)> {
+    batch_norm2d_train_act(g, x, gamma, beta, eps, None, BnAct::Identity)
+}
+
+/// Training-mode batch norm with the residual add and the activation that follow it fused into
+/// its passes: `act(bn(x) + residual)` (a ResNet block's `relu(bn2(h) + shortcut)`), statistics
+/// as in [`batch_norm2d_train`]. The same values and gradients, bit for bit, as the separate
+/// ops, with two to five fewer passes over the activation each way.
+pub fn batch_norm2d_train_act(
+    g: &mut Graph,
+    x: Var,
+    gamma: Var,
+    beta: Var,
+    eps: f32,
+    residual: Option<Var>,
+    act: BnAct,
+) -> Result<(Var, Vec<f32>, Vec<f32>)> {
     let c = check(g, x, gamma, beta)?;
+    if let Some(r) = residual {
+        if g.shape(r) != g.shape(x) {
+            return Err(shape(
+                "batch_norm2d",
+                format!("residual {:?} for input {:?}", g.shape(r), g.shape(x)),
+            ));
+        }
+    }
     let xv = g.value(x).as_standard_layout();
+    let rv = residual.map(|r| g.value(r).as_standard_layout());
     let (n, _, hw) = dims(g.value(x));
+    let len = c * hw;
     let xs = xv.as_slice().expect("std");
+    let rs = rv.as_ref().map(|r| r.as_slice().expect("std"));
     let m = (n * hw) as f64;
-    let stats: Vec<(f32, f32)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let (mut s, mut s2) = (0.0f64, 0.0f64);
-            for b in 0..n {
-                let (a, a2) = value_sums(&xs[(b * c + ch) * hw..][..hw]);
-                s += a;
-                s2 += a2;
-            }
+    let arch = pulp::Arch::new();
+    let mut partial = vec![(0.0f64, 0.0f64); n * c];
+    partial.par_chunks_mut(c).enumerate().for_each(|(s, sums)| {
+        arch.dispatch(Pass::ValueSums {
+            x: &xs[s * len..][..len],
+            hw,
+            sums,
+        })
+    });
+    let sums = add_in_order(&partial, c);
+    let mean: Vec<f32> = sums.iter().map(|&(s, _)| (s / m) as f32).collect();
+    let var: Vec<f32> = sums
+        .iter()
+        .map(|&(s, s2)| {
             let mu = s / m;
-            (mu as f32, (s2 / m - mu * mu).max(0.0) as f32)
+            (s2 / m - mu * mu).max(0.0) as f32
         })
         .collect();
-    let mean: Vec<f32> = stats.iter().map(|s| s.0).collect();
-    let var: Vec<f32> = stats.iter().map(|s| s.1).collect();
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let (gm, bt) = (g.value(gamma), g.value(beta));
+    let coef: Vec<(f32, f32, f32)> = (0..c)
+        .map(|ch| (mean[ch], inv_std[ch] * gm[ch], bt[ch]))
+        .collect();
     let mut y = buffers::take(xs.len());
-    let arch = pulp::Arch::new();
-    y.par_chunks_mut(hw).enumerate().for_each(|(plane, ys)| {
-        let ch = plane % c;
-        let (mu, k, be) = (mean[ch], inv_std[ch] * gm[ch], bt[ch]);
-        arch.dispatch(Plane::Normalise(ys, &xs[plane * hw..][..hw], mu, k, be));
+    y.par_chunks_mut(len).enumerate().for_each(|(s, ys)| {
+        arch.dispatch(Pass::Normalise {
+            out: ys,
+            x: &xs[s * len..][..len],
+            res: rs.map(|r| &r[s * len..][..len]),
+            hw,
+            coef: &coef,
+            act,
+        })
     });
     let y = Tensor::from_shape_vec(g.value(x).raw_dim(), y).expect("shape");
-    drop(xv);
+    drop((xv, rv));
+    let inputs: Vec<Var> = [x, gamma, beta].into_iter().chain(residual).collect();
     let out = g.record(
         y,
-        &[x, gamma, beta],
+        &inputs,
         BnTrainOp {
             mean: mean.clone(),
             inv_std,
+            act,
+            residual: residual.is_some(),
         },
     );
     Ok((out, mean, var))
@@ -324,6 +539,123 @@ mod tests {
         check(&[x, gm, bt], 1e-2, 1e-2, 30, |g, v| {
             batch_norm2d_eval(g, v[0], v[1], v[2], &m, &var, 1e-5).unwrap()
         });
+    }
+
+    /// Output and every input gradient of `sum(w · f(x, gamma, beta, residual))` for a fixed
+    /// random `w`.
+    fn value_and_grads(
+        inputs: &[Tensor],
+        f: impl Fn(&mut Graph, &[Var]) -> Var,
+    ) -> (Tensor, Vec<Option<Tensor>>) {
+        let mut g = Graph::new(true);
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| g.input_with_grad(t.clone()))
+            .collect();
+        let y = f(&mut g, &vars);
+        let w = g.input(random(g.shape(y), 77));
+        let prod = crate::ops::basic::mul(&mut g, y, w).unwrap();
+        let loss = crate::ops::basic::sum(&mut g, prod);
+        let grads = g.gradients(loss).unwrap();
+        let value = g.value(y).clone();
+        (
+            value,
+            vars.iter().map(|v| grads[v.index()].clone()).collect(),
+        )
+    }
+
+    fn fused(residual: bool, act: BnAct) -> impl Fn(&mut Graph, &[Var]) -> Var {
+        move |g, v| {
+            let r = residual.then_some(v[3]);
+            batch_norm2d_train_act(g, v[0], v[1], v[2], 1e-5, r, act)
+                .unwrap()
+                .0
+        }
+    }
+
+    fn inputs(shape: [usize; 4], seed: u64) -> Vec<Tensor> {
+        let c = shape[1];
+        vec![
+            random(&shape, seed).mapv(|v| v * 3.0 + 1.0),
+            random(&[c], seed + 1),
+            random(&[c], seed + 2),
+            random(&shape, seed + 3),
+        ]
+    }
+
+    #[test]
+    fn fused_residual_and_relu_match_the_separate_ops_bit_for_bit() {
+        for (i, shape) in [[4, 3, 5, 5], [2, 5, 7, 3], [3, 2, 1, 17], [5, 4, 4, 4]]
+            .into_iter()
+            .enumerate()
+        {
+            let inp = inputs(shape, 10 * i as u64);
+            for residual in [false, true] {
+                for act in [BnAct::Identity, BnAct::Relu] {
+                    let separate = value_and_grads(&inp, |g, v| {
+                        let mut y = batch_norm2d_train(g, v[0], v[1], v[2], 1e-5).unwrap().0;
+                        if residual {
+                            y = crate::ops::basic::add(g, y, v[3]).unwrap();
+                        }
+                        match act {
+                            BnAct::Identity => y,
+                            BnAct::Relu => crate::ops::act::relu(g, y),
+                        }
+                    });
+                    let one = value_and_grads(&inp, fused(residual, act));
+                    assert_eq!(one.0, separate.0, "{shape:?} {residual} {act:?}: values");
+                    assert_eq!(one.1, separate.1, "{shape:?} {residual} {act:?}: gradients");
+                    // Some outputs clipped, some not: the mask matters.
+                    if act == BnAct::Relu {
+                        assert!(one.0.iter().any(|&v| v == 0.0) && one.0.iter().any(|&v| v > 0.0));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_gradients_match_finite_differences() {
+        // Inputs where no output lies within 0.05 of the ReLU's kink (a finite-difference step
+        // then never crosses it).
+        let inp = (0..50)
+            .map(|seed| inputs([3, 2, 3, 3], 100 + seed))
+            .find(|inp| {
+                let (y, _) = value_and_grads(inp, fused(true, BnAct::Identity));
+                y.iter().all(|v| v.abs() > 0.05)
+            })
+            .expect("a seed without outputs near 0");
+        for residual in [false, true] {
+            let f = fused(residual, BnAct::Relu);
+            check(&inp, 1e-3, 2e-2, 20, f);
+        }
+    }
+
+    #[test]
+    fn fused_batch_norm_is_independent_of_the_thread_count() {
+        let inp = inputs([9, 3, 6, 5], 7);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| value_and_grads(&inp, fused(true, BnAct::Relu)))
+        };
+        let one = run(1);
+        for threads in [2, 3] {
+            assert_eq!(run(threads), one, "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn residual_of_another_shape_is_an_error() {
+        let mut g = Graph::new(true);
+        let x = g.input(random(&[2, 3, 4, 4], 1));
+        let r = g.input(random(&[2, 3, 4, 5], 2));
+        let gm = g.input(Tensor::ones(IxDyn(&[3])));
+        let bt = g.input(Tensor::zeros(IxDyn(&[3])));
+        let err = batch_norm2d_train_act(&mut g, x, gm, bt, 1e-5, Some(r), BnAct::Relu);
+        assert!(err.is_err());
     }
 
     #[test]
