@@ -183,6 +183,9 @@ enum Path {
     /// The direct stride-1 kernels of `ops::direct`, with the zero-padded input `[N][C][plane]`
     /// kept from the forward pass for the weight gradient.
     Direct { padded: Vec<f32> },
+    /// Stride 2 as stride-1 direct convolutions on the four phases of the padded input (see
+    /// [`Phases`]), the phase planes `[N][4][C][plane]` kept for the weight gradient.
+    Strided { phases: Vec<f32> },
 }
 
 struct ConvOp {
@@ -194,8 +197,10 @@ struct ConvOp {
 impl Drop for ConvOp {
     /// Hands the direct path's padded input back to the buffer pool.
     fn drop(&mut self) {
-        if let Path::Direct { padded } = &mut self.path {
-            buffers::give(std::mem::take(padded));
+        match &mut self.path {
+            Path::Direct { padded } => buffers::give(std::mem::take(padded)),
+            Path::Strided { phases } => buffers::give(std::mem::take(phases)),
+            Path::Gemm | Path::Depthwise => {}
         }
     }
 }
@@ -247,6 +252,7 @@ impl Backward for ConvOp {
                 (Some(dx), dw)
             }
             Path::Direct { padded } => direct_grads(&geo, w, gy, want_dx, padded),
+            Path::Strided { phases } => strided_grads(&geo, w, gy, want_dx, phases),
             Path::Gemm => gemm_grads(&geo, x, w, gy, want_dx),
         };
         let mut out = vec![
@@ -264,6 +270,7 @@ impl Backward for ConvOp {
             Path::Gemm => "conv (im2col + GEMM)",
             Path::Depthwise => "conv (depthwise)",
             Path::Direct { .. } => "conv (direct)",
+            Path::Strided { .. } => "conv (direct, stride 2)",
         }
     }
 }
@@ -405,12 +412,16 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
     let reference = FORCE_IM2COL.with(|f| f.get());
     let depthwise = !reference && geo.spec.groups == c && co == c;
     let direct = !reference && !depthwise && direct_fits(&geo);
+    let strided = !reference && !depthwise && Phases::new(&geo).is_some();
     let (y, path) = with_operands(g, x, w, b, |xv, wv, bias| {
         if depthwise {
             (depthwise_forward(&geo, xv, wv, bias), Path::Depthwise)
         } else if direct {
             let (y, padded) = direct_forward(&geo, xv, wv, bias);
             (y, Path::Direct { padded })
+        } else if strided {
+            let (y, phases) = strided_forward(&geo, xv, wv, bias);
+            (y, Path::Strided { phases })
         } else {
             (gemm_forward(&geo, xv, wv, bias), Path::Gemm)
         }
@@ -593,11 +604,275 @@ fn direct_grads(
             }
             let mut dwp = vec![0.0f32; co_pad * geo.c * taps];
             direct::weight_grad(
-                xp, fwd.plane, geo.c, &offs_f, pixels, &gyt, co_pad, samples, &mut dwp,
+                xp, pad_len, fwd.plane, geo.c, &offs_f, pixels, &gyt, co_pad, samples, &mut dwp,
             );
             scratch::give(2, gyt);
             dwp.truncate(w.len());
             dwp
+        })
+        .collect();
+    (want_dx.then_some(dx), sum_in_order(&partials, w.len()))
+}
+
+/// A stride-2 convolution with an odd `k x k` kernel and padding `(k - 1) / 2` as stride-1
+/// direct convolutions: phase `(a, b)` of the zero-padded input holds its pixels `(2i + a,
+/// 2j + b)`, and output `(oy, ox)` is the sum over the phases of their `(ky, kx) ≡ (a, b) mod 2`
+/// taps at `(oy + ky/2, ox + kx/2)`. So the four phase planes (each a quarter of the input) go
+/// through [`direct::forward`] with their own taps, accumulating into one output: exactly the
+/// convolution's multiply-adds, and no im2col copy.
+#[derive(Debug, Clone)]
+struct Phases {
+    /// The phase planes' grid (`ceil((H + 2p) / 2)` rows of `ceil((W + 2p) / 2)`) for the
+    /// largest phase kernel, `(k + 1) / 2` square; its output is the convolution's.
+    grid: Grid,
+    /// Per phase `a·2 + b`: its kernel taps `(ky, kx)`, row-major.
+    taps: [Vec<(usize, usize)>; 4],
+}
+
+impl Phases {
+    /// `None` unless the convolution is one this path takes: stride 2, no groups, an odd
+    /// square kernel larger than 1x1 with padding `(k - 1) / 2`, and up to 128 channels.
+    fn new(geo: &Geo) -> Option<Self> {
+        let (k, p) = (geo.kh, geo.spec.pad);
+        if geo.spec.stride != 2
+            || geo.spec.groups != 1
+            || geo.kw != k
+            || k < 3
+            || k % 2 == 0
+            || p != (k - 1) / 2
+            || geo.c > 128
+            || geo.co > 128
+        {
+            return None;
+        }
+        let (hp, wp) = ((geo.h + 2 * p).div_ceil(2), (geo.w + 2 * p).div_ceil(2));
+        let kq = k.div_ceil(2);
+        let grid = Grid::new(hp, wp, 0, 0, kq, kq)?;
+        if (grid.oh, grid.ow) != (geo.oh, geo.ow) {
+            return None;
+        }
+        let taps = std::array::from_fn(|ph| {
+            let (a, b) = (ph / 2, ph % 2);
+            (a..k)
+                .step_by(2)
+                .flat_map(|ky| (b..k).step_by(2).map(move |kx| (ky, kx)))
+                .collect()
+        });
+        Some(Self { grid, taps })
+    }
+
+    /// Phase `ph`'s kernel height and width.
+    fn size(&self, ph: usize, k: usize) -> (usize, usize) {
+        ((k - ph / 2).div_ceil(2), (k - ph % 2).div_ceil(2))
+    }
+
+    /// Grid offsets of phase `ph`'s taps.
+    fn offsets(&self, ph: usize) -> Vec<usize> {
+        let wp = self.grid.wp;
+        self.taps[ph]
+            .iter()
+            .map(|&(ky, kx)| (ky / 2) * wp + kx / 2)
+            .collect()
+    }
+
+    /// Phase `ph`'s weights `[co][ci][taps]` out of `w` `[co][ci][k][k]`.
+    fn weights(&self, ph: usize, w: &[f32], co: usize, ci: usize, k: usize) -> Vec<f32> {
+        let taps = &self.taps[ph];
+        let mut out = Vec::with_capacity(co * ci * taps.len());
+        for oi in 0..co * ci {
+            out.extend(taps.iter().map(|&(ky, kx)| w[(oi * k + ky) * k + kx]));
+        }
+        out
+    }
+
+    /// The four phase planes `[4][C][plane]` of one sample's `C x H x W` input.
+    fn split(&self, x: &[f32], geo: &Geo, dst: &mut [f32]) {
+        let (g, p, (h, w)) = (&self.grid, geo.spec.pad, (geo.h, geo.w));
+        for (pc, d) in dst.chunks_exact_mut(g.plane).take(4 * geo.c).enumerate() {
+            let (ph, ch) = (pc / geo.c, pc % geo.c);
+            let (a, b) = (ph / 2, ph % 2);
+            d.fill(0.0);
+            let src = &x[ch * h * w..][..h * w];
+            for (i, row) in d.chunks_exact_mut(g.wp).take(g.h).enumerate() {
+                let y = 2 * i + a;
+                if y < p || y - p >= h {
+                    continue;
+                }
+                let sr = &src[(y - p) * w..][..w];
+                for (j, v) in row.iter_mut().enumerate() {
+                    let xx = 2 * j + b;
+                    if xx >= p && xx - p < w {
+                        *v = sr[xx - p];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forward pass on the phases (see [`Phases`]): the output and the phase planes `[N][4][C]
+/// [plane]` (kept for the weight gradient).
+fn strided_forward(
+    geo: &Geo,
+    xv: &[f32],
+    wv: &[f32],
+    bias: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let ph = Phases::new(geo).expect("checked by conv2d");
+    let grid = &ph.grid;
+    let k = geo.kh;
+    let packed: Vec<(Vec<f32>, Vec<usize>)> = (0..4)
+        .map(|p| {
+            let wk = ph.weights(p, wv, geo.co, geo.c, k);
+            let wk =
+                direct::pack_weights(&wk, geo.co, geo.c, ph.taps[p].len(), false, grid.co_block());
+            (wk, ph.offsets(p))
+        })
+        .collect();
+    let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
+    let co_pad = direct::padded_channels(geo.co);
+    let split_len = 4 * geo.c * grid.plane;
+    let mut y = buffers::take(geo.n * out_len);
+    let mut phases = buffers::take(geo.n * split_len);
+    y.par_chunks_mut(out_len)
+        .zip(xv.par_chunks(in_len))
+        .zip(phases.par_chunks_mut(split_len))
+        .for_each(|((yn, xn), xp)| {
+            let mut tmp = scratch::take(1, co_pad * grid.nq);
+            ph.split(xn, geo, xp);
+            for (p, (wk, offs)) in packed.iter().enumerate() {
+                let planes = &xp[p * geo.c * grid.plane..][..geo.c * grid.plane];
+                direct::forward_into(grid, p > 0, planes, grid.plane, geo.c, offs, wk, &mut tmp);
+            }
+            grid.extract(&tmp, geo.co, yn, bias);
+            scratch::give(1, tmp);
+        });
+    (y, phases)
+}
+
+/// `(dx, dw)` on the phases: each phase's input gradient is its stride-1 kernel's (the forward
+/// kernel on the output gradient padded by the phase kernel's size - 1, kernel transposed and
+/// flipped), scattered back to the pixels of that phase; each phase's weight gradient comes
+/// from its planes kept by the forward pass. `dw` is reduced over fixed sample chunks in order.
+fn strided_grads(
+    geo: &Geo,
+    w: &[f32],
+    gy: &[f32],
+    want_dx: bool,
+    phases: &[f32],
+) -> (Option<Vec<f32>>, Vec<f32>) {
+    let geo = *geo;
+    let ph = Phases::new(&geo).expect("checked by conv2d");
+    let (grid, k, p) = (&ph.grid, geo.kh, geo.spec.pad);
+    let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
+    let (ci_pad, co_pad) = (
+        direct::padded_channels(geo.c),
+        direct::padded_channels(geo.co),
+    );
+    // Per phase: its transposed grid, flipped kernel and offsets for the input gradient, and
+    // its forward offsets for the weight gradient.
+    struct Back {
+        grid: Grid,
+        wt: Vec<f32>,
+        offs: Vec<usize>,
+        fwd_offs: Vec<usize>,
+    }
+    let backs: Vec<Back> = (0..4)
+        .map(|i| {
+            let (ka, kb) = ph.size(i, k);
+            let grid = Grid::new(geo.oh, geo.ow, ka - 1, kb - 1, ka, kb)
+                .expect("a phase kernel fits its padded output gradient");
+            let wk = ph.weights(i, w, geo.co, geo.c, k);
+            let wt = direct::pack_weights(&wk, geo.co, geo.c, ka * kb, true, grid.co_block());
+            Back {
+                offs: grid.offsets(),
+                grid,
+                wt,
+                fwd_offs: ph.offsets(i),
+            }
+        })
+        .collect();
+    let split_len = 4 * geo.c * grid.plane;
+    let pixels = geo.oh * grid.wp;
+    let mut dx = if want_dx {
+        buffers::take_zeroed(geo.n * in_len)
+    } else {
+        Vec::new()
+    };
+    let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, &mut dx)
+        .into_par_iter()
+        .map(|((n0, samples), dxc)| {
+            // Input gradient, sample by sample and phase by phase (nothing when not wanted).
+            for (j, dxn) in dxc.chunks_exact_mut(in_len).enumerate() {
+                let gyn = &gy[(n0 + j) * out_len..][..out_len];
+                for (i, b) in backs.iter().enumerate() {
+                    let (a, bb) = (i / 2, i % 2);
+                    let mut gp = scratch::take(0, geo.co * b.grid.plane);
+                    let mut tmp = scratch::take(1, ci_pad * b.grid.nq);
+                    b.grid.pad(gyn, geo.co, &mut gp);
+                    direct::forward(&b.grid, &gp, b.grid.plane, geo.co, &b.offs, &b.wt, &mut tmp);
+                    // Phase pixel (r, s) is input pixel (2r + a - p, 2s + b - p); every input
+                    // pixel is in exactly one phase, and one its grid covers.
+                    for (ch, dxc) in dxn.chunks_exact_mut(geo.h * geo.w).enumerate() {
+                        let t = &tmp[ch * b.grid.nq..][..b.grid.nq];
+                        for r in 0..b.grid.oh {
+                            let y = 2 * r + a;
+                            if y < p || y - p >= geo.h {
+                                continue;
+                            }
+                            let drow = &mut dxc[(y - p) * geo.w..][..geo.w];
+                            let trow = &t[r * b.grid.wp..][..b.grid.ow];
+                            for (s, &v) in trow.iter().enumerate() {
+                                let xx = 2 * s + bb;
+                                if xx >= p && xx - p < geo.w {
+                                    drow[xx - p] = v;
+                                }
+                            }
+                        }
+                    }
+                    scratch::give(0, gp);
+                    scratch::give(1, tmp);
+                }
+            }
+            // Weight gradient over the chunk's samples, phase by phase.
+            let mut gyt = scratch::take(2, samples * pixels * co_pad);
+            for j in 0..samples {
+                grid.transpose_out(
+                    &gy[(n0 + j) * out_len..][..out_len],
+                    geo.co,
+                    co_pad,
+                    &mut gyt[j * pixels * co_pad..][..pixels * co_pad],
+                );
+            }
+            let mut dw = vec![0.0f32; w.len()];
+            for (i, b) in backs.iter().enumerate() {
+                let taps = &ph.taps[i];
+                let xp = &phases[n0 * split_len + i * geo.c * grid.plane..];
+                let mut dwp = vec![0.0f32; co_pad * geo.c * taps.len()];
+                direct::weight_grad(
+                    xp,
+                    split_len,
+                    grid.plane,
+                    geo.c,
+                    &b.fwd_offs,
+                    pixels,
+                    &gyt,
+                    co_pad,
+                    samples,
+                    &mut dwp,
+                );
+                for (oi, d) in dwp
+                    .chunks_exact(taps.len())
+                    .take(geo.co * geo.c)
+                    .enumerate()
+                {
+                    for (&(ky, kx), &v) in taps.iter().zip(d) {
+                        dw[(oi * k + ky) * k + kx] = v;
+                    }
+                }
+            }
+            scratch::give(2, gyt);
+            dw
         })
         .collect();
     (want_dx.then_some(dx), sum_in_order(&partials, w.len()))
@@ -872,6 +1147,68 @@ mod tests {
     }
 
     #[test]
+    fn strided_path_matches_im2col_and_finite_differences() {
+        for (n, c, co, h, w, k, seed) in [
+            (3, 3, 5, 7, 9, 3, 1),
+            (2, 16, 32, 28, 28, 3, 2),
+            (2, 5, 7, 6, 4, 5, 3),
+            (1, 4, 3, 1, 1, 3, 4),
+            (3, 32, 64, 14, 14, 3, 5),
+            (3, 2, 4, 8, 5, 3, 6),
+            (2, 1, 16, 9, 3, 3, 7),
+            (2, 3, 17, 11, 13, 7, 8),
+        ] {
+            let spec = ConvSpec {
+                stride: 2,
+                pad: (k - 1) / 2,
+                groups: 1,
+            };
+            let geo = Geo {
+                n,
+                c,
+                h,
+                w,
+                co,
+                kh: k,
+                kw: k,
+                oh: (h + 2 * spec.pad - k) / 2 + 1,
+                ow: (w + 2 * spec.pad - k) / 2 + 1,
+                spec,
+            };
+            assert!(Phases::new(&geo).is_some(), "{geo:?}");
+            let x = random(&[n, c, h, w], seed);
+            let wt = random(&[co, c, k, k], seed + 100);
+            let b = random(&[co], seed + 200);
+            compare_with_im2col(&x, &wt, &b, spec);
+            if n * c * h * w < 400 {
+                check(&[x, wt, b], 1e-2, 1e-2, 25, |g, v| {
+                    conv2d(g, v[0], v[1], Some(v[2]), spec).unwrap()
+                });
+            }
+        }
+        // Not taken: even kernels, other paddings, 1x1, stride 3.
+        for (k, pad, stride) in [(2, 0, 2), (3, 0, 2), (1, 0, 2), (3, 1, 3)] {
+            let geo = Geo {
+                n: 1,
+                c: 2,
+                h: 8,
+                w: 8,
+                co: 2,
+                kh: k,
+                kw: k,
+                oh: (8 + 2 * pad - k) / stride + 1,
+                ow: (8 + 2 * pad - k) / stride + 1,
+                spec: ConvSpec {
+                    stride,
+                    pad,
+                    groups: 1,
+                },
+            };
+            assert!(Phases::new(&geo).is_none(), "{geo:?}");
+        }
+    }
+
+    #[test]
     fn weight_gradients_do_not_depend_on_whether_the_input_needs_one() {
         // The op skips the input gradient of a constant input (the images); the weight
         // gradient must not change, on the direct and the GEMM path.
@@ -907,29 +1244,32 @@ mod tests {
     }
 
     #[test]
-    fn direct_path_is_independent_of_the_thread_count() {
-        let spec = ConvSpec {
-            stride: 1,
-            pad: 1,
-            groups: 1,
-        };
-        let (x, wt) = (random(&[37, 16, 9, 9], 1), random(&[32, 16, 3, 3], 2));
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                let mut g = Graph::new(true);
-                let (xv, wv) = (g.input_with_grad(x.clone()), g.input_with_grad(wt.clone()));
-                let y = conv2d(&mut g, xv, wv, None, spec).unwrap();
-                let l = crate::ops::basic::sum(&mut g, y);
-                let l = crate::ops::basic::mul(&mut g, l, l).unwrap();
-                let all = g.gradients(l).unwrap();
-                (all[xv.0].clone().unwrap(), all[wv.0].clone().unwrap())
-            })
-        };
-        assert_eq!(run(1), run(3));
+    fn direct_paths_are_independent_of_the_thread_count() {
+        // Stride 1 (direct) and stride 2 (phases).
+        for stride in [1, 2] {
+            let spec = ConvSpec {
+                stride,
+                pad: 1,
+                groups: 1,
+            };
+            let (x, wt) = (random(&[37, 16, 9, 9], 1), random(&[32, 16, 3, 3], 2));
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut g = Graph::new(true);
+                    let (xv, wv) = (g.input_with_grad(x.clone()), g.input_with_grad(wt.clone()));
+                    let y = conv2d(&mut g, xv, wv, None, spec).unwrap();
+                    let l = crate::ops::basic::sum(&mut g, y);
+                    let l = crate::ops::basic::mul(&mut g, l, l).unwrap();
+                    let all = g.gradients(l).unwrap();
+                    (all[xv.0].clone().unwrap(), all[wv.0].clone().unwrap())
+                })
+            };
+            assert_eq!(run(1), run(3), "stride {stride}");
+        }
     }
 
     #[test]

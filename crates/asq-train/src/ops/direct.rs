@@ -289,6 +289,8 @@ fn store<S: Simd>(d: &mut [f32], v: S::f32s) {
 }
 
 struct Forward<'a, const CB: usize, const QB: usize> {
+    /// Add to `out` instead of overwriting it.
+    accumulate: bool,
     x: &'a [f32],
     plane: usize,
     ci: usize,
@@ -305,6 +307,7 @@ impl<const CB: usize, const QB: usize> WithSimd for Forward<'_, CB, QB> {
     fn with_simd<S: Simd>(self, simd: S) {
         let lanes = S::F32_LANES;
         let Self {
+            accumulate,
             x,
             plane,
             ci,
@@ -318,6 +321,13 @@ impl<const CB: usize, const QB: usize> WithSimd for Forward<'_, CB, QB> {
         for (wb, ob) in w.chunks_exact(block).zip(out.chunks_exact_mut(CB * nq)) {
             for q0 in (0..nq).step_by(lanes * QB) {
                 let mut acc = [[simd.splat_f32s(0.0); QB]; CB];
+                if accumulate {
+                    for (o, a) in acc.iter_mut().enumerate() {
+                        for (j, av) in a.iter_mut().enumerate() {
+                            *av = load::<S>(&ob[o * nq + q0 + j * lanes..]);
+                        }
+                    }
+                }
                 for (xp, wc) in x.chunks_exact(plane).zip(wb.chunks_exact(taps * CB)) {
                     let xp = &xp[q0..];
                     for (&off, wt) in offs.iter().zip(wc.chunks_exact(CB)) {
@@ -354,11 +364,28 @@ pub(crate) fn forward(
     w: &[f32],
     out: &mut [f32],
 ) {
+    forward_into(grid, false, x, plane, ci, offs, w, out)
+}
+
+/// [`forward`], or with `accumulate` its products added to what `out` holds (each sum starts
+/// from `out`'s value, then the products in [`forward`]'s order).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_into(
+    grid: &Grid,
+    accumulate: bool,
+    x: &[f32],
+    plane: usize,
+    ci: usize,
+    offs: &[usize],
+    w: &[f32],
+    out: &mut [f32],
+) {
     let nq = grid.nq;
     debug_assert!(x.len() >= ci * plane && nq.is_multiple_of(grid.tile));
     let x = &x[..ci * plane];
     if grid.tile == 2 * MAX_LANES {
         dispatch(Forward::<8, 2> {
+            accumulate,
             x,
             plane,
             ci,
@@ -369,6 +396,7 @@ pub(crate) fn forward(
         })
     } else if grid.tile > MAX_LANES {
         dispatch(Forward::<8, 3> {
+            accumulate,
             x,
             plane,
             ci,
@@ -379,6 +407,7 @@ pub(crate) fn forward(
         })
     } else {
         dispatch(Forward::<16, 1> {
+            accumulate,
             x,
             plane,
             ci,
@@ -392,6 +421,7 @@ pub(crate) fn forward(
 
 struct WeightGrad<'a, const R: usize, const V: usize> {
     x: &'a [f32],
+    xstride: usize,
     plane: usize,
     ci: usize,
     offs: &'a [usize],
@@ -410,6 +440,7 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
         let lanes = S::F32_LANES;
         let Self {
             x,
+            xstride,
             plane,
             ci,
             offs,
@@ -433,7 +464,7 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
                 });
                 let mut acc = [[simd.splat_f32s(0.0); V]; R];
                 for s in 0..samples {
-                    let (x, g) = (&x[s * xs..][..xs], &gyt[s * gs..][..gs]);
+                    let (x, g) = (&x[s * xstride..][..xs], &gyt[s * gs..][..gs]);
                     let xr: [&[f32]; R] = std::array::from_fn(|r| &x[xo[r]..][..pixels]);
                     for (q, gr) in g.chunks_exact(co_pad).enumerate() {
                         let gr = &gr[c0..][..width];
@@ -460,11 +491,12 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
 }
 
 /// `dw[o][i·taps + t] += Σ_{s,q} gyt[s][q][o] · x[s][i][q + offs[t]]` over `samples` samples:
-/// `x` as for [`forward`] (samples back to back), `gyt` from [`Grid::transpose_out`] with
-/// `pixels = oh·wp`, `dw` `[co_pad][ci·taps]`.
+/// `x` as for [`forward`] (samples `xstride >= ci·plane` apart), `gyt` from
+/// [`Grid::transpose_out`] with `pixels = oh·wp`, `dw` `[co_pad][ci·taps]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn weight_grad(
     x: &[f32],
+    xstride: usize,
     plane: usize,
     ci: usize,
     offs: &[usize],
@@ -481,6 +513,7 @@ pub(crate) fn weight_grad(
         fn with_simd<S: Simd>(self, simd: S) {
             let WeightGrad {
                 x,
+                xstride,
                 plane,
                 ci,
                 offs,
@@ -497,6 +530,7 @@ pub(crate) fn weight_grad(
                 ($r:literal, $v:literal) => {
                     WeightGrad::<$r, $v> {
                         x,
+                        xstride,
                         plane,
                         ci,
                         offs,
@@ -521,6 +555,7 @@ pub(crate) fn weight_grad(
     debug_assert!(co_pad.is_multiple_of(CO_BLOCK));
     dispatch(Pick(WeightGrad {
         x,
+        xstride,
         plane,
         ci,
         offs,
@@ -606,6 +641,7 @@ mod tests {
         let mut dw = vec![0.0f32; cop * ci * taps];
         weight_grad(
             &xp,
+            ci * g.plane,
             g.plane,
             ci,
             &g.offsets(),
