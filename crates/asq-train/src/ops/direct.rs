@@ -454,17 +454,30 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
         let kt = ci * taps;
         let width = V * lanes;
         let (xs, gs) = (ci * plane, pixels * co_pad);
-        for c0 in (0..co_pad).step_by(width) {
-            for k0 in (0..kt).step_by(R) {
-                let rows = R.min(kt - k0);
-                // Rows past the end repeat the last one (computed, not stored).
-                let xo: [usize; R] = std::array::from_fn(|r| {
-                    let k = (k0 + r).min(kt - 1);
-                    (k / taps) * plane + offs[k % taps]
-                });
-                let mut acc = [[simd.splat_f32s(0.0); V]; R];
-                for s in 0..samples {
-                    let (x, g) = (&x[s * xstride..][..xs], &gyt[s * gs..][..gs]);
+        // Sample by sample: one sample's output gradient (16-53 KB on ResNet-20) stays in L1
+        // across all the register blocks; the blocks' sums wait between samples in `part`
+        // (`[kt][co_pad]`): the same additions in the same order as summing every sample in
+        // registers.
+        let mut part = vec![0.0f32; kt * co_pad];
+        for s in 0..samples {
+            let (x, g) = (&x[s * xstride..][..xs], &gyt[s * gs..][..gs]);
+            for c0 in (0..co_pad).step_by(width) {
+                for k0 in (0..kt).step_by(R) {
+                    let rows = R.min(kt - k0);
+                    // Rows past the end repeat the last one (computed, not stored).
+                    let xo: [usize; R] = std::array::from_fn(|r| {
+                        let k = (k0 + r).min(kt - 1);
+                        (k / taps) * plane + offs[k % taps]
+                    });
+                    let mut acc = [[simd.splat_f32s(0.0); V]; R];
+                    if s > 0 {
+                        for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                            let p = &part[(k0 + r) * co_pad + c0..][..width];
+                            for (v, av) in a.iter_mut().enumerate() {
+                                *av = load::<S>(&p[v * lanes..]);
+                            }
+                        }
+                    }
                     let xr: [&[f32]; R] = std::array::from_fn(|r| &x[xo[r]..][..pixels]);
                     for (q, gr) in g.chunks_exact(co_pad).enumerate() {
                         let gr = &gr[c0..][..width];
@@ -476,15 +489,18 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
                             }
                         }
                     }
-                }
-                for (r, a) in acc.iter().enumerate().take(rows) {
-                    for (v, av) in a.iter().enumerate() {
-                        let vals: &[f32] = bytemuck::cast_slice(std::slice::from_ref(av));
-                        for (l, &val) in vals.iter().enumerate() {
-                            dw[(c0 + v * lanes + l) * kt + k0 + r] += val;
+                    for (r, a) in acc.iter().enumerate().take(rows) {
+                        let p = &mut part[(k0 + r) * co_pad + c0..][..width];
+                        for (v, av) in a.iter().enumerate() {
+                            store::<S>(&mut p[v * lanes..], *av);
                         }
                     }
                 }
+            }
+        }
+        for (k, p) in part.chunks_exact(co_pad).enumerate() {
+            for (o, &v) in p.iter().enumerate() {
+                dw[o * kt + k] += v;
             }
         }
     }
