@@ -180,29 +180,18 @@ enum Path {
     Gemm,
     /// Direct per-plane loops for depthwise convolutions.
     Depthwise,
-    /// The direct stride-1 kernels of `ops::direct`, with the zero-padded input `[N][C][plane]`
-    /// kept from the forward pass for the weight gradient.
-    Direct { padded: Vec<f32> },
+    /// The direct stride-1 kernels of `ops::direct` (the backward pass pads the input again:
+    /// keeping the forward pass's padded copy cost more memory traffic than it saved).
+    Direct,
     /// Stride 2 as stride-1 direct convolutions on the four phases of the padded input (see
-    /// [`Phases`]), the phase planes `[N][4][C][plane]` kept for the weight gradient.
-    Strided { phases: Vec<f32> },
+    /// [`Phases`]; the backward pass splits the input again).
+    Strided,
 }
 
 struct ConvOp {
     geo: Geo,
     bias: bool,
     path: Path,
-}
-
-impl Drop for ConvOp {
-    /// Hands the direct path's padded input back to the buffer pool.
-    fn drop(&mut self) {
-        match &mut self.path {
-            Path::Direct { padded } => buffers::give(std::mem::take(padded)),
-            Path::Strided { phases } => buffers::give(std::mem::take(phases)),
-            Path::Gemm | Path::Depthwise => {}
-        }
-    }
 }
 
 /// The operands of a forward pass as flat slices (copied only if not in standard layout) and
@@ -251,8 +240,8 @@ impl Backward for ConvOp {
                 let (dx, dw) = depthwise_grads(&geo, x, w, gy);
                 (Some(dx), dw)
             }
-            Path::Direct { padded } => direct_grads(&geo, w, gy, want_dx, padded),
-            Path::Strided { phases } => strided_grads(&geo, w, gy, want_dx, phases),
+            Path::Direct => direct_grads(&geo, x, w, gy, want_dx),
+            Path::Strided => strided_grads(&geo, x, w, gy, want_dx),
             Path::Gemm => gemm_grads(&geo, x, w, gy, want_dx),
         };
         let mut out = vec![
@@ -269,8 +258,8 @@ impl Backward for ConvOp {
         match self.path {
             Path::Gemm => "conv (im2col + GEMM)",
             Path::Depthwise => "conv (depthwise)",
-            Path::Direct { .. } => "conv (direct)",
-            Path::Strided { .. } => "conv (direct, stride 2)",
+            Path::Direct => "conv (direct)",
+            Path::Strided => "conv (direct, stride 2)",
         }
     }
 }
@@ -417,11 +406,9 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
         if depthwise {
             (depthwise_forward(&geo, xv, wv, bias), Path::Depthwise)
         } else if direct {
-            let (y, padded) = direct_forward(&geo, xv, wv, bias);
-            (y, Path::Direct { padded })
+            (direct_forward(&geo, xv, wv, bias), Path::Direct)
         } else if strided {
-            let (y, phases) = strided_forward(&geo, xv, wv, bias);
-            (y, Path::Strided { phases })
+            (strided_forward(&geo, xv, wv, bias), Path::Strided)
         } else {
             (gemm_forward(&geo, xv, wv, bias), Path::Gemm)
         }
@@ -516,9 +503,9 @@ fn forward_grid(geo: &Geo) -> Grid {
     Grid::new(geo.h, geo.w, p, p, geo.kh, geo.kw).expect("checked by conv2d")
 }
 
-/// Forward pass on the direct stride-1 kernels (see [`direct_fits`]): the output and the
-/// zero-padded input (kept for the weight gradient).
-fn direct_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+/// Forward pass on the direct stride-1 kernels (see [`direct_fits`]), each sample's input
+/// padded into a per-thread buffer.
+fn direct_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let grid = forward_grid(geo);
     let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
     let wk = direct::pack_weights(wv, geo.co, geo.c, taps, false, grid.co_block());
@@ -526,18 +513,18 @@ fn direct_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> (V
     let co_pad = direct::padded_channels(geo.co);
     let mut y = buffers::take(geo.n * out_len);
     let pad_len = geo.c * grid.plane;
-    let mut padded = buffers::take(geo.n * pad_len);
     y.par_chunks_mut(out_len)
         .zip(xv.par_chunks(in_len))
-        .zip(padded.par_chunks_mut(pad_len))
-        .for_each(|((yn, xn), xp)| {
+        .for_each(|(yn, xn)| {
+            let mut xp = scratch::take(0, pad_len);
             let mut tmp = scratch::take(1, co_pad * grid.nq);
-            grid.pad(xn, geo.c, xp);
-            direct::forward(&grid, xp, grid.plane, geo.c, &offs, &wk, &mut tmp);
+            grid.pad(xn, geo.c, &mut xp);
+            direct::forward(&grid, &xp, grid.plane, geo.c, &offs, &wk, &mut tmp);
             grid.extract(&tmp, geo.co, yn, bias);
+            scratch::give(0, xp);
             scratch::give(1, tmp);
         });
-    (y, padded)
+    y
 }
 
 /// `(dx, dw)` on the direct kernels: `dx` (only if `want_dx`) is the forward kernel run on the
@@ -545,10 +532,10 @@ fn direct_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> (V
 /// reduced over fixed sample chunks in order, as on the GEMM path.
 fn direct_grads(
     geo: &Geo,
+    x: &[f32],
     w: &[f32],
     gy: &[f32],
     want_dx: bool,
-    padded: &[f32],
 ) -> (Option<Vec<f32>>, Vec<f32>) {
     let geo = *geo;
     let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
@@ -589,10 +576,15 @@ fn direct_grads(
             }
             scratch::give(0, gp);
             scratch::give(1, tmp);
-            // Weight gradient over the chunk's samples, on the padded input kept by the
-            // forward pass.
+            // Weight gradient over the chunk's samples, on their input padded again.
             let pad_len = geo.c * fwd.plane;
-            let xp = &padded[n0 * pad_len..][..samples * pad_len];
+            let mut xp = scratch::take(3, samples * pad_len);
+            for (xn, dst) in x[n0 * in_len..][..samples * in_len]
+                .chunks_exact(in_len)
+                .zip(xp.chunks_exact_mut(pad_len))
+            {
+                fwd.pad(xn, geo.c, dst);
+            }
             let mut gyt = scratch::take(2, samples * pixels * co_pad);
             for j in 0..samples {
                 fwd.transpose_out(
@@ -604,9 +596,10 @@ fn direct_grads(
             }
             let mut dwp = vec![0.0f32; co_pad * geo.c * taps];
             direct::weight_grad(
-                xp, pad_len, fwd.plane, geo.c, &offs_f, pixels, &gyt, co_pad, samples, &mut dwp,
+                &xp, pad_len, fwd.plane, geo.c, &offs_f, pixels, &gyt, co_pad, samples, &mut dwp,
             );
             scratch::give(2, gyt);
+            scratch::give(3, xp);
             dwp.truncate(w.len());
             dwp
         })
@@ -710,14 +703,8 @@ impl Phases {
     }
 }
 
-/// Forward pass on the phases (see [`Phases`]): the output and the phase planes `[N][4][C]
-/// [plane]` (kept for the weight gradient).
-fn strided_forward(
-    geo: &Geo,
-    xv: &[f32],
-    wv: &[f32],
-    bias: Option<&[f32]>,
-) -> (Vec<f32>, Vec<f32>) {
+/// Forward pass on the phases (see [`Phases`]), each sample split into a per-thread buffer.
+fn strided_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let ph = Phases::new(geo).expect("checked by conv2d");
     let grid = &ph.grid;
     let k = geo.kh;
@@ -733,33 +720,34 @@ fn strided_forward(
     let co_pad = direct::padded_channels(geo.co);
     let split_len = 4 * geo.c * grid.plane;
     let mut y = buffers::take(geo.n * out_len);
-    let mut phases = buffers::take(geo.n * split_len);
     y.par_chunks_mut(out_len)
         .zip(xv.par_chunks(in_len))
-        .zip(phases.par_chunks_mut(split_len))
-        .for_each(|((yn, xn), xp)| {
+        .for_each(|(yn, xn)| {
+            let mut xp = scratch::take(0, split_len);
             let mut tmp = scratch::take(1, co_pad * grid.nq);
-            ph.split(xn, geo, xp);
+            ph.split(xn, geo, &mut xp);
             for (p, (wk, offs)) in packed.iter().enumerate() {
                 let planes = &xp[p * geo.c * grid.plane..][..geo.c * grid.plane];
                 direct::forward_into(grid, p > 0, planes, grid.plane, geo.c, offs, wk, &mut tmp);
             }
             grid.extract(&tmp, geo.co, yn, bias);
+            scratch::give(0, xp);
             scratch::give(1, tmp);
         });
-    (y, phases)
+    y
 }
 
 /// `(dx, dw)` on the phases: each phase's input gradient is its stride-1 kernel's (the forward
 /// kernel on the output gradient padded by the phase kernel's size - 1, kernel transposed and
 /// flipped), scattered back to the pixels of that phase; each phase's weight gradient comes
-/// from its planes kept by the forward pass. `dw` is reduced over fixed sample chunks in order.
+/// from its planes (split again from the input). `dw` is reduced over fixed sample chunks in
+/// order.
 fn strided_grads(
     geo: &Geo,
+    x: &[f32],
     w: &[f32],
     gy: &[f32],
     want_dx: bool,
-    phases: &[f32],
 ) -> (Option<Vec<f32>>, Vec<f32>) {
     let geo = *geo;
     let ph = Phases::new(&geo).expect("checked by conv2d");
@@ -844,10 +832,17 @@ fn strided_grads(
                     &mut gyt[j * pixels * co_pad..][..pixels * co_pad],
                 );
             }
+            let mut phases = scratch::take(3, samples * split_len);
+            for (xn, dst) in x[n0 * in_len..][..samples * in_len]
+                .chunks_exact(in_len)
+                .zip(phases.chunks_exact_mut(split_len))
+            {
+                ph.split(xn, &geo, dst);
+            }
             let mut dw = vec![0.0f32; w.len()];
             for (i, b) in backs.iter().enumerate() {
                 let taps = &ph.taps[i];
-                let xp = &phases[n0 * split_len + i * geo.c * grid.plane..];
+                let xp = &phases[i * geo.c * grid.plane..];
                 let mut dwp = vec![0.0f32; co_pad * geo.c * taps.len()];
                 direct::weight_grad(
                     xp,
@@ -872,6 +867,7 @@ fn strided_grads(
                 }
             }
             scratch::give(2, gyt);
+            scratch::give(3, phases);
             dw
         })
         .collect();

@@ -18,8 +18,8 @@ pub(crate) mod scratch {
     use std::cell::RefCell;
 
     thread_local! {
-        static SLOTS: RefCell<[Vec<f32>; 3]> =
-            const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+        static SLOTS: RefCell<[Vec<f32>; 4]> =
+            const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
     }
 
     /// Takes slot `i` resized to `len` (contents unspecified: callers overwrite what they read).
