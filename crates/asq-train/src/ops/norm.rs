@@ -44,6 +44,32 @@ fn value_sums(x: &[f32]) -> (f64, f64) {
     (a, a2)
 }
 
+/// [`grad_sums`] of `g` where `y > 0`, zero elsewhere (ReLU's gradient), without writing it.
+#[inline(always)]
+fn grad_sums_relu(g: &[f32], y: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
+    let (mut s, mut sx) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let (gc, yc, xc) = (
+        g.chunks_exact(LANES),
+        y.chunks_exact(LANES),
+        x.chunks_exact(LANES),
+    );
+    let (gt, yt, xt) = (gc.remainder(), yc.remainder(), xc.remainder());
+    for ((gch, ych), xch) in gc.zip(yc).zip(xc) {
+        for l in 0..LANES {
+            let gm = if ych[l] > 0.0 { gch[l] } else { 0.0 };
+            s[l] += gm;
+            sx[l] += gm * (xch[l] - mu);
+        }
+    }
+    let (mut a, mut b) = (combine(s), combine(sx));
+    for ((&gv, &yv), &xv) in gt.iter().zip(yt).zip(xt) {
+        let gm = if yv > 0.0 { gv } else { 0.0 };
+        a += gm as f64;
+        b += gm as f64 * (xv - mu) as f64;
+    }
+    (a, b)
+}
+
 /// `(Σ g, Σ g·(x - mu))` of one plane.
 #[inline(always)]
 fn grad_sums(g: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
@@ -92,22 +118,25 @@ enum Pass<'a> {
         coef: &'a [(f32, f32, f32)],
         act: BnAct,
     },
-    /// The gradient through the activation `gm = g·act'(y)` (written to `masked`, given when
-    /// the activation is not the identity: else `gm = g`), and `sums[ch] = (Σ gm,
-    /// Σ gm·(x - mean[ch]))`.
+    /// The gradient through the activation `gm = g·act'(y)` and `sums[ch] = (Σ gm,
+    /// Σ gm·(x - mean[ch]))`; `gm` is written to `masked` when given (a residual needs it),
+    /// else only summed.
     GradSums {
         g: &'a [f32],
         y: &'a [f32],
         x: &'a [f32],
+        act: BnAct,
         masked: Option<&'a mut [f32]>,
         hw: usize,
         mean: &'a [f32],
         sums: &'a mut [(f64, f64)],
     },
-    /// `dx = a·gm + (b·(x - mu) + c)` with `coef[ch] = (a, b, c, mu)`.
+    /// `dx = a·gm + (b·(x - mu) + c)` with `coef[ch] = (a, b, c, mu)`, where `gm = g`, or
+    /// `g·[y > 0]` when `relu_of` holds the ReLU's output `y`.
     InputGrad {
         dx: &'a mut [f32],
-        gm: &'a [f32],
+        g: &'a [f32],
+        relu_of: Option<&'a [f32]>,
         x: &'a [f32],
         hw: usize,
         coef: &'a [(f32, f32, f32, f32)],
@@ -166,6 +195,7 @@ impl pulp::WithSimd for Pass<'_> {
                 g,
                 y,
                 x,
+                act,
                 mut masked,
                 hw,
                 mean,
@@ -173,34 +203,47 @@ impl pulp::WithSimd for Pass<'_> {
             } => {
                 for (ch, s) in sums.iter_mut().enumerate() {
                     let at = ch * hw;
-                    let (gp, xp) = (&g[at..at + hw], &x[at..at + hw]);
-                    *s = match masked.as_deref_mut() {
-                        Some(m) => {
-                            let (mp, yp) = (&mut m[at..at + hw], &y[at..at + hw]);
+                    let (gp, yp, xp) = (&g[at..at + hw], &y[at..at + hw], &x[at..at + hw]);
+                    *s = match (act, masked.as_deref_mut()) {
+                        (BnAct::Relu, Some(m)) => {
+                            let mp = &mut m[at..at + hw];
                             for ((m, &gv), &yv) in mp.iter_mut().zip(gp).zip(yp) {
                                 *m = if yv > 0.0 { gv } else { 0.0 };
                             }
                             grad_sums(mp, xp, mean[ch])
                         }
-                        None => grad_sums(gp, xp, mean[ch]),
+                        (BnAct::Relu, None) => grad_sums_relu(gp, yp, xp, mean[ch]),
+                        (BnAct::Identity, _) => grad_sums(gp, xp, mean[ch]),
                     };
                 }
             }
             Pass::InputGrad {
                 dx,
-                gm,
+                g,
+                relu_of,
                 x,
                 hw,
                 coef,
             } => {
                 let planes = dx
                     .chunks_exact_mut(hw)
-                    .zip(gm.chunks_exact(hw))
+                    .zip(g.chunks_exact(hw))
                     .zip(x.chunks_exact(hw));
                 for (ch, ((d, gp), xp)) in planes.enumerate() {
                     let (a, b, c, mu) = coef[ch];
-                    for ((o, &gv), &xv) in d.iter_mut().zip(gp).zip(xp) {
-                        *o = a * gv + (b * (xv - mu) + c);
+                    match relu_of {
+                        None => {
+                            for ((o, &gv), &xv) in d.iter_mut().zip(gp).zip(xp) {
+                                *o = a * gv + (b * (xv - mu) + c);
+                            }
+                        }
+                        Some(y) => {
+                            let yp = &y[ch * hw..][..hw];
+                            for (((o, &gv), &xv), &yv) in d.iter_mut().zip(gp).zip(xp).zip(yp) {
+                                let gm = if yv > 0.0 { gv } else { 0.0 };
+                                *o = a * gm + (b * (xv - mu) + c);
+                            }
+                        }
                     }
                 }
             }
@@ -243,10 +286,11 @@ impl Backward for BnTrainOp {
         let m = (n * hw) as f64;
         let arch = pulp::Arch::new();
         // The gradient through the activation and its per-channel sums, in parallel over
-        // samples.
-        let mut masked = match self.act {
-            BnAct::Relu => buffers::take(x.len()),
-            BnAct::Identity => Vec::new(),
+        // samples; written out only when the residual needs it (else the input gradient's pass
+        // masks again).
+        let mut masked = match (self.act, self.residual) {
+            (BnAct::Relu, true) => buffers::take(x.len()),
+            _ => Vec::new(),
         };
         let mut partial = vec![(0.0f64, 0.0f64); n * c];
         let pass = |s: usize, masked: Option<&mut [f32]>, sums: &mut [(f64, f64)]| {
@@ -254,6 +298,7 @@ impl Backward for BnTrainOp {
                 g: &gy[s * len..][..len],
                 y: &y[s * len..][..len],
                 x: &x[s * len..][..len],
+                act: self.act,
                 masked,
                 hw,
                 mean: &self.mean,
@@ -294,12 +339,18 @@ impl Backward for BnTrainOp {
                 )
             })
             .collect();
-        let gm: &[f32] = if masked.is_empty() { gy } else { &masked };
+        // The input gradient from the masked gradient, or from `gy` masked on the fly.
+        let (gm, relu_of): (&[f32], Option<&[f32]>) = match (self.act, masked.is_empty()) {
+            (_, false) => (&masked, None),
+            (BnAct::Relu, true) => (gy, Some(y)),
+            (BnAct::Identity, true) => (gy, None),
+        };
         let mut dx = buffers::take(x.len());
         dx.par_chunks_mut(len).enumerate().for_each(|(s, d)| {
             arch.dispatch(Pass::InputGrad {
                 dx: d,
-                gm: &gm[s * len..][..len],
+                g: &gm[s * len..][..len],
+                relu_of: relu_of.map(|y| &y[s * len..][..len]),
                 x: &x[s * len..][..len],
                 hw,
                 coef: &coef,
