@@ -45,9 +45,18 @@ fn value_sums(x: &[f32]) -> (f64, f64) {
 }
 
 /// [`grad_sums`] of `g` where `y > 0`, zero elsewhere (ReLU's gradient), without writing it.
+/// Written with explicit vectors: the select inside the 16 fixed lanes compiled to scalar code.
+/// Lane `l` of the 16 holds the same sums in the same order as [`grad_sums`] on the masked
+/// gradient, on every instruction set.
 #[inline(always)]
-fn grad_sums_relu(g: &[f32], y: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
-    let (mut s, mut sx) = ([0.0f32; LANES], [0.0f32; LANES]);
+fn grad_sums_relu<S: pulp::Simd>(simd: S, g: &[f32], y: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
+    let lanes = S::F32_LANES;
+    let per = LANES / lanes;
+    debug_assert_eq!(per * lanes, LANES);
+    let load =
+        |v: &[f32]| -> S::f32s { bytemuck::pod_read_unaligned(bytemuck::cast_slice(&v[..lanes])) };
+    let (zero, muv) = (simd.splat_f32s(0.0), simd.splat_f32s(mu));
+    let (mut s, mut sx) = ([zero; LANES], [zero; LANES]);
     let (gc, yc, xc) = (
         g.chunks_exact(LANES),
         y.chunks_exact(LANES),
@@ -55,13 +64,21 @@ fn grad_sums_relu(g: &[f32], y: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
     );
     let (gt, yt, xt) = (gc.remainder(), yc.remainder(), xc.remainder());
     for ((gch, ych), xch) in gc.zip(yc).zip(xc) {
-        for l in 0..LANES {
-            let gm = if ych[l] > 0.0 { gch[l] } else { 0.0 };
-            s[l] += gm;
-            sx[l] += gm * (xch[l] - mu);
+        for v in 0..per {
+            let at = v * lanes;
+            let (gv, yv, xv) = (load(&gch[at..]), load(&ych[at..]), load(&xch[at..]));
+            let gm = simd.select_f32s(simd.greater_than_f32s(yv, zero), gv, zero);
+            s[v] = simd.add_f32s(s[v], gm);
+            sx[v] = simd.add_f32s(sx[v], simd.mul_f32s(gm, simd.sub_f32s(xv, muv)));
         }
     }
-    let (mut a, mut b) = (combine(s), combine(sx));
+    let unpack = |acc: &[S::f32s; LANES]| -> [f32; LANES] {
+        let mut out = [0.0f32; LANES];
+        let flat: &[f32] = bytemuck::cast_slice(&acc[..per]);
+        out.copy_from_slice(flat);
+        out
+    };
+    let (mut a, mut b) = (combine(unpack(&s)), combine(unpack(&sx)));
     for ((&gv, &yv), &xv) in gt.iter().zip(yt).zip(xt) {
         let gm = if yv > 0.0 { gv } else { 0.0 };
         a += gm as f64;
@@ -147,7 +164,7 @@ impl pulp::WithSimd for Pass<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
         match self {
             Pass::ValueSums { x, hw, sums } => {
                 for (xp, s) in x.chunks_exact(hw).zip(sums) {
@@ -212,7 +229,7 @@ impl pulp::WithSimd for Pass<'_> {
                             }
                             grad_sums(mp, xp, mean[ch])
                         }
-                        (BnAct::Relu, None) => grad_sums_relu(gp, yp, xp, mean[ch]),
+                        (BnAct::Relu, None) => grad_sums_relu(simd, gp, yp, xp, mean[ch]),
                         (BnAct::Identity, _) => grad_sums(gp, xp, mean[ch]),
                     };
                 }
@@ -695,6 +712,63 @@ mod tests {
         let one = run(1);
         for threads in [2, 3] {
             assert_eq!(run(threads), one, "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn masked_sums_match_the_written_mask_on_every_instruction_set() {
+        // grad_sums_relu (explicit vectors) against grad_sums on the written masked gradient,
+        // bit for bit, on the scalar path and every vector path this CPU has.
+        let mut ran = vec!["scalar"];
+        for len in [0, 1, 15, 16, 17, 49, 196, 784, 1000] {
+            let (g, y, x) = (
+                random(&[len.max(1)], 1),
+                random(&[len.max(1)], 2),
+                random(&[len.max(1)], 3),
+            );
+            let (g, y, x) = (
+                &g.as_slice().unwrap()[..len],
+                &y.as_slice().unwrap()[..len],
+                &x.as_slice().unwrap()[..len],
+            );
+            let masked: Vec<f32> = g
+                .iter()
+                .zip(y)
+                .map(|(&gv, &yv)| if yv > 0.0 { gv } else { 0.0 })
+                .collect();
+            let want = grad_sums(&masked, x, 0.3);
+            assert_eq!(
+                grad_sums_relu(pulp::Scalar, g, y, x, 0.3),
+                want,
+                "scalar {len}"
+            );
+            #[cfg(target_arch = "x86_64")]
+            {
+                if let Some(simd) = pulp::x86::V3::try_new() {
+                    let got = pulp::Simd::vectorize(simd, Sums(g, y, x));
+                    assert_eq!(got, want, "AVX2 {len}");
+                    ran.push("avx2");
+                }
+                if let Some(simd) = pulp::x86::V4::try_new() {
+                    let got = pulp::Simd::vectorize(simd, Sums(g, y, x));
+                    assert_eq!(got, want, "AVX-512 {len}");
+                    ran.push("avx512");
+                }
+            }
+        }
+        ran.sort_unstable();
+        ran.dedup();
+        eprintln!("masked batch-norm sums: checked {ran:?}");
+    }
+
+    /// `grad_sums_relu` compiled for an instruction set (the dispatch's way).
+    struct Sums<'a>(&'a [f32], &'a [f32], &'a [f32]);
+
+    impl pulp::WithSimd for Sums<'_> {
+        type Output = (f64, f64);
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, simd: S) -> (f64, f64) {
+            grad_sums_relu(simd, self.0, self.1, self.2, 0.3)
         }
     }
 
