@@ -503,28 +503,50 @@ fn forward_grid(geo: &Geo) -> Grid {
     Grid::new(geo.h, geo.w, p, p, geo.kh, geo.kw).expect("checked by conv2d")
 }
 
-/// Forward pass on the direct stride-1 kernels (see [`direct_fits`]), each sample's input
-/// padded into a per-thread buffer.
-fn direct_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let grid = forward_grid(geo);
-    let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
-    let wk = direct::pack_weights(wv, geo.co, geo.c, taps, false, grid.co_block());
-    let offs = grid.offsets();
+/// The forward pass of the direct paths, per sample in parallel: `prepare` lays the sample's
+/// input out in a per-thread buffer of `len` values, `product` computes the output channels on
+/// `grid` from it, and the valid part goes to the output with the bias.
+fn per_sample_forward(
+    geo: &Geo,
+    grid: &Grid,
+    xv: &[f32],
+    len: usize,
+    bias: Option<&[f32]>,
+    prepare: impl Fn(&[f32], &mut [f32]) + Sync,
+    product: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
     let co_pad = direct::padded_channels(geo.co);
     let mut y = buffers::take(geo.n * out_len);
-    let pad_len = geo.c * grid.plane;
     y.par_chunks_mut(out_len)
         .zip(xv.par_chunks(in_len))
         .for_each(|(yn, xn)| {
-            let mut xp = scratch::take(0, pad_len);
+            let mut xp = scratch::take(0, len);
             let mut tmp = scratch::take(1, co_pad * grid.nq);
-            grid.pad(xn, geo.c, &mut xp);
-            direct::forward(&grid, &xp, grid.plane, geo.c, &offs, &wk, &mut tmp);
+            prepare(xn, &mut xp);
+            product(&xp, &mut tmp);
             grid.extract(&tmp, geo.co, yn, bias);
             scratch::give(0, xp);
             scratch::give(1, tmp);
         });
     y
+}
+
+/// Forward pass on the direct stride-1 kernels (see [`direct_fits`]), each sample's input
+/// padded into a per-thread buffer.
+fn direct_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let grid = forward_grid(geo);
+    let wk = direct::pack_weights(wv, geo.co, geo.c, geo.kh * geo.kw, false, grid.co_block());
+    let offs = grid.offsets();
+    per_sample_forward(
+        geo,
+        &grid,
+        xv,
+        geo.c * grid.plane,
+        bias,
+        |xn, xp| grid.pad(xn, geo.c, xp),
+        |xp, out| direct::forward(&grid, xp, grid.plane, geo.c, &offs, &wk, out),
+    )
 }
 
 /// `(dx, dw)` on the direct kernels: `dx` (only if `want_dx`) is the forward kernel run on the
@@ -716,25 +738,21 @@ fn strided_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> V
             (wk, ph.offsets(p))
         })
         .collect();
-    let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
-    let co_pad = direct::padded_channels(geo.co);
-    let split_len = 4 * geo.c * grid.plane;
-    let mut y = buffers::take(geo.n * out_len);
-    y.par_chunks_mut(out_len)
-        .zip(xv.par_chunks(in_len))
-        .for_each(|(yn, xn)| {
-            let mut xp = scratch::take(0, split_len);
-            let mut tmp = scratch::take(1, co_pad * grid.nq);
-            ph.split(xn, geo, &mut xp);
+    let planes = geo.c * grid.plane;
+    per_sample_forward(
+        geo,
+        grid,
+        xv,
+        4 * planes,
+        bias,
+        |xn, xp| ph.split(xn, geo, xp),
+        |xp, out| {
             for (p, (wk, offs)) in packed.iter().enumerate() {
-                let planes = &xp[p * geo.c * grid.plane..][..geo.c * grid.plane];
-                direct::forward_into(grid, p > 0, planes, grid.plane, geo.c, offs, wk, &mut tmp);
+                let x = &xp[p * planes..][..planes];
+                direct::forward_into(grid, p > 0, x, grid.plane, geo.c, offs, wk, out);
             }
-            grid.extract(&tmp, geo.co, yn, bias);
-            scratch::give(0, xp);
-            scratch::give(1, tmp);
-        });
-    y
+        },
+    )
 }
 
 /// `(dx, dw)` on the phases: each phase's input gradient is its stride-1 kernel's (the forward

@@ -383,39 +383,24 @@ pub(crate) fn forward_into(
     let nq = grid.nq;
     debug_assert!(x.len() >= ci * plane && nq.is_multiple_of(grid.tile));
     let x = &x[..ci * plane];
-    if grid.tile == 2 * MAX_LANES {
-        dispatch(Forward::<8, 2> {
-            accumulate,
-            x,
-            plane,
-            ci,
-            offs,
-            nq,
-            w,
-            out,
-        })
-    } else if grid.tile > MAX_LANES {
-        dispatch(Forward::<8, 3> {
-            accumulate,
-            x,
-            plane,
-            ci,
-            offs,
-            nq,
-            w,
-            out,
-        })
-    } else {
-        dispatch(Forward::<16, 1> {
-            accumulate,
-            x,
-            plane,
-            ci,
-            offs,
-            nq,
-            w,
-            out,
-        })
+    macro_rules! run {
+        ($cb:literal, $qb:literal) => {
+            dispatch(Forward::<$cb, $qb> {
+                accumulate,
+                x,
+                plane,
+                ci,
+                offs,
+                nq,
+                w,
+                out,
+            })
+        };
+    }
+    match grid.tile {
+        t if t == 3 * MAX_LANES => run!(8, 3),
+        t if t == 2 * MAX_LANES => run!(8, 2),
+        _ => run!(16, 1),
     }
 }
 
