@@ -402,38 +402,42 @@ impl<R, F: FnOnce() -> R> pulp::WithSimd for Call<F> {
 /// lanes are combined in order. Keeps many additions in flight and stays deterministic.
 const LANES: usize = 8;
 
-/// Backward pass of [`fake_quant`].
-///
-/// Writes `dx` (straight-through inside the range), `row_sums[r] = R_r` (see the module docs)
-/// and returns the flat-order total `sum_i G_i · weight(row(i))` (`weights = None` means 1).
-/// Gradient scaling (LSQ's `g`) is left to the caller, which knows which sum it needs.
-pub fn backward<G: Grid>(
-    grid: &G,
-    x: &[f32],
-    steps: Steps<'_>,
-    grad_out: &[f32],
-    weights: Option<&[f32]>,
-    dx: &mut [f32],
-    row_sums: &mut [f32],
-) -> Result<f64> {
-    check_len("incoming gradient", x.len(), grad_out.len())?;
-    check_len("input gradient", x.len(), dx.len())?;
-    check_len("row sums", steps.rows(), row_sums.len())?;
-    if let Some(w) = weights {
-        check_len("row weights", steps.rows(), w.len())?;
-    }
-    steps.validate()?;
-    let n = row_len(x.len(), steps.rows())?;
-    if n == 0 {
-        row_sums.iter_mut().for_each(|r| *r = 0.0);
-        return Ok(0.0);
-    }
-    let weight = |r: usize| weights.map_or(1.0, |w| w[r] as f64);
+/// One block of [`backward`] (elements `b·BLOCK..`): its weighted total, with the partial sums
+/// of the rows it touches in `parts`. A struct run through pulp's dispatch rather than a
+/// closure: a closure this large was not inlined into the dispatch's target-feature function and
+/// ran as baseline (SSE) code.
+struct Block<'a, 'p, G> {
+    grid: &'a G,
+    x: &'a [f32],
+    steps: Steps<'a>,
+    grad_out: &'a [f32],
+    weights: Option<&'a [f32]>,
+    n: usize,
+    b: usize,
+    dxs: &'p mut [f32],
+    parts: &'p mut Vec<f64>,
+}
 
-    // One block: its weighted total and the partial sums of the rows it touches. Element k of
-    // the block feeds lane k % LANES of both sums whatever its row, so a tensor split into rows
-    // of weight 1 (ASQ with beta = 1) sums exactly like one row (LSQ).
-    let block = |b: usize, dxs: &mut [f32], parts: &mut Vec<f64>| -> f64 {
+impl<G: Grid> pulp::WithSimd for Block<'_, '_, G> {
+    type Output = f64;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> f64 {
+        let Block {
+            grid,
+            x,
+            steps,
+            grad_out,
+            weights,
+            n,
+            b,
+            dxs,
+            parts,
+        } = self;
+        let weight = |r: usize| weights.map_or(1.0, |w| w[r] as f64);
+        // Element k of the block feeds lane k % LANES of both sums whatever its row, so a
+        // tensor split into rows of weight 1 (ASQ with beta = 1) sums exactly like one row
+        // (LSQ).
         let start = b * BLOCK;
         let end = (start + BLOCK).min(x.len());
         parts.clear();
@@ -445,7 +449,6 @@ pub fn backward<G: Grid>(
             let s = steps.get(r);
             let w = weight(r);
             let mut part = [0.0f64; LANES];
-            // One element: input gradient and its step-gradient contribution (as f32).
             // One element (head and tail): the same terms as the chunks.
             let elem = |k: usize, dx: &mut f32| -> f32 {
                 let mut gi = [0.0f32];
@@ -499,8 +502,35 @@ pub fn backward<G: Grid>(
             i = row_end;
         }
         total.iter().sum()
-    };
+    }
+}
 
+/// Backward pass of [`fake_quant`].
+///
+/// Writes `dx` (straight-through inside the range), `row_sums[r] = R_r` (see the module docs)
+/// and returns the flat-order total `sum_i G_i · weight(row(i))` (`weights = None` means 1).
+/// Gradient scaling (LSQ's `g`) is left to the caller, which knows which sum it needs.
+pub fn backward<G: Grid>(
+    grid: &G,
+    x: &[f32],
+    steps: Steps<'_>,
+    grad_out: &[f32],
+    weights: Option<&[f32]>,
+    dx: &mut [f32],
+    row_sums: &mut [f32],
+) -> Result<f64> {
+    check_len("incoming gradient", x.len(), grad_out.len())?;
+    check_len("input gradient", x.len(), dx.len())?;
+    check_len("row sums", steps.rows(), row_sums.len())?;
+    if let Some(w) = weights {
+        check_len("row weights", steps.rows(), w.len())?;
+    }
+    steps.validate()?;
+    let n = row_len(x.len(), steps.rows())?;
+    if n == 0 {
+        row_sums.iter_mut().for_each(|r| *r = 0.0);
+        return Ok(0.0);
+    }
     let blocks = x.len().div_ceil(BLOCK);
     let mut row_acc = vec![0.0f64; steps.rows()];
     let mut total = 0.0f64;
@@ -515,7 +545,17 @@ pub fn backward<G: Grid>(
     // operations in the same order on every path).
     let arch = pulp::Arch::new();
     let block = |b: usize, dxs: &mut [f32], parts: &mut Vec<f64>| -> f64 {
-        arch.dispatch(Call(|| block(b, dxs, parts)))
+        arch.dispatch(Block {
+            grid,
+            x,
+            steps,
+            grad_out,
+            weights,
+            n,
+            b,
+            dxs,
+            parts,
+        })
     };
     if x.len() >= PARALLEL_MIN {
         let results: Vec<(f64, Vec<f64>)> = dx
