@@ -163,14 +163,16 @@ impl Grid for LevelSet {
     }
 }
 
-/// `x / step` clamped into the grid range, with NaN mapped to 0 (see the module docs).
+/// `x / step` clamped into the grid range `[lo, hi]` (the grid's bounds, read once per row by
+/// the callers: read per element they were recomputed inside the loop, which then did not
+/// vectorise), with NaN mapped to 0 (see the module docs).
 #[inline(always)]
-fn normalise<G: Grid>(grid: &G, x: f32, step: f32) -> f32 {
+fn normalise(lo: f32, hi: f32, x: f32, step: f32) -> f32 {
     let t = x / step;
     if t.is_nan() {
         0.0
     } else {
-        t.max(grid.lower()).min(grid.upper())
+        t.max(lo).min(hi)
     }
 }
 
@@ -265,9 +267,9 @@ pub fn fake_quant<G: Grid>(grid: &G, x: &[f32], steps: Steps<'_>, out: &mut [f32
     steps.validate()?;
     let n = row_len(x.len(), steps.rows())?;
     map_rows(x, out, n, |r, xs, os| {
-        let s = steps.get(r);
+        let (s, lo, hi) = (steps.get(r), grid.lower(), grid.upper());
         for (o, &v) in os.iter_mut().zip(xs) {
-            *o = s * grid.project(normalise(grid, v, s));
+            *o = s * grid.project(normalise(lo, hi, v, s));
         }
     });
     Ok(())
@@ -279,9 +281,9 @@ pub fn encode<G: Grid>(grid: &G, x: &[f32], steps: Steps<'_>, codes: &mut [u8]) 
     steps.validate()?;
     let n = row_len(x.len(), steps.rows())?;
     map_rows(x, codes, n, |r, xs, cs| {
-        let s = steps.get(r);
+        let (s, lo, hi) = (steps.get(r), grid.lower(), grid.upper());
         for (c, &v) in cs.iter_mut().zip(xs) {
-            *c = grid.encode(normalise(grid, v, s));
+            *c = grid.encode(normalise(lo, hi, v, s));
         }
     });
     Ok(())
