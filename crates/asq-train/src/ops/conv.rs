@@ -549,6 +549,37 @@ fn direct_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Ve
     )
 }
 
+/// The weight gradient's operands for the samples `n0..n0 + samples` of a direct path: each
+/// sample's input laid out by `prepare` (`len` values apart, scratch slot 3) and its output
+/// gradient pixel-major on `grid` ([`Grid::transpose_out`], scratch slot 2). The caller hands
+/// both back (`scratch::give`).
+fn chunk_operands(
+    geo: &Geo,
+    grid: &Grid,
+    x: &[f32],
+    gy: &[f32],
+    (n0, samples): (usize, usize),
+    len: usize,
+    prepare: impl Fn(&[f32], &mut [f32]),
+) -> (Vec<f32>, Vec<f32>) {
+    let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
+    let co_pad = direct::padded_channels(geo.co);
+    let pixels = geo.oh * grid.wp;
+    let mut xs = scratch::take(3, samples * len);
+    let mut gyt = scratch::take(2, samples * pixels * co_pad);
+    let inputs = x[n0 * in_len..][..samples * in_len].chunks_exact(in_len);
+    let grads = gy[n0 * out_len..][..samples * out_len].chunks_exact(out_len);
+    for (((xn, dst), gn), gt) in inputs
+        .zip(xs.chunks_exact_mut(len))
+        .zip(grads)
+        .zip(gyt.chunks_exact_mut(pixels * co_pad))
+    {
+        prepare(xn, dst);
+        grid.transpose_out(gn, geo.co, co_pad, gt);
+    }
+    (xs, gyt)
+}
+
 /// `(dx, dw)` on the direct kernels: `dx` (only if `want_dx`) is the forward kernel run on the
 /// output gradient padded by `k - 1 - pad` with the kernel transposed and flipped; `dw` is
 /// reduced over fixed sample chunks in order, as on the GEMM path.
@@ -600,22 +631,9 @@ fn direct_grads(
             scratch::give(1, tmp);
             // Weight gradient over the chunk's samples, on their input padded again.
             let pad_len = geo.c * fwd.plane;
-            let mut xp = scratch::take(3, samples * pad_len);
-            for (xn, dst) in x[n0 * in_len..][..samples * in_len]
-                .chunks_exact(in_len)
-                .zip(xp.chunks_exact_mut(pad_len))
-            {
-                fwd.pad(xn, geo.c, dst);
-            }
-            let mut gyt = scratch::take(2, samples * pixels * co_pad);
-            for j in 0..samples {
-                fwd.transpose_out(
-                    &gy[(n0 + j) * out_len..][..out_len],
-                    geo.co,
-                    co_pad,
-                    &mut gyt[j * pixels * co_pad..][..pixels * co_pad],
-                );
-            }
+            let (xp, gyt) = chunk_operands(&geo, &fwd, x, gy, (n0, samples), pad_len, |xn, d| {
+                fwd.pad(xn, geo.c, d)
+            });
             let mut dwp = vec![0.0f32; co_pad * geo.c * taps];
             direct::weight_grad(
                 &xp, pad_len, fwd.plane, geo.c, &offs_f, pixels, &gyt, co_pad, samples, &mut dwp,
@@ -841,22 +859,10 @@ fn strided_grads(
                 }
             }
             // Weight gradient over the chunk's samples, phase by phase.
-            let mut gyt = scratch::take(2, samples * pixels * co_pad);
-            for j in 0..samples {
-                grid.transpose_out(
-                    &gy[(n0 + j) * out_len..][..out_len],
-                    geo.co,
-                    co_pad,
-                    &mut gyt[j * pixels * co_pad..][..pixels * co_pad],
-                );
-            }
-            let mut phases = scratch::take(3, samples * split_len);
-            for (xn, dst) in x[n0 * in_len..][..samples * in_len]
-                .chunks_exact(in_len)
-                .zip(phases.chunks_exact_mut(split_len))
-            {
-                ph.split(xn, &geo, dst);
-            }
+            let (phases, gyt) =
+                chunk_operands(&geo, grid, x, gy, (n0, samples), split_len, |xn, d| {
+                    ph.split(xn, &geo, d)
+                });
             let mut dw = vec![0.0f32; w.len()];
             for (i, b) in backs.iter().enumerate() {
                 let taps = &ph.taps[i];
