@@ -564,7 +564,7 @@ fn chunk_operands(
 ) -> (Vec<f32>, Vec<f32>) {
     let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
     let co_pad = direct::padded_channels(geo.co);
-    let pixels = geo.oh * grid.wp;
+    let pixels = geo.oh * geo.ow;
     let mut xs = scratch::take(3, samples * len);
     let mut gyt = scratch::take(2, samples * pixels * co_pad);
     let inputs = x[n0 * in_len..][..samples * in_len].chunks_exact(in_len);
@@ -609,7 +609,7 @@ fn direct_grads(
         direct::padded_channels(geo.c),
         direct::padded_channels(geo.co),
     );
-    let pixels = geo.oh * fwd.wp;
+    let pixels = geo.oh * geo.ow;
     let mut dx = if want_dx {
         buffers::take(geo.n * in_len)
     } else {
@@ -618,28 +618,43 @@ fn direct_grads(
     let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, &mut dx)
         .into_par_iter()
         .map(|((n0, samples), dxc)| {
-            // Input gradient, sample by sample (nothing when not wanted: `dxc` is empty).
+            // Sample by sample: the input gradient (when wanted: else `dxc` is empty), then the
+            // weight gradient's operands and sums, while the sample's output gradient is still
+            // in cache. The weight-gradient sums run on in `part` from one sample to the next.
+            let pad_len = geo.c * fwd.plane;
             let mut gp = scratch::take(0, geo.co * back.plane);
             let mut tmp = scratch::take(1, ci_pad * back.nq);
-            for (j, dxn) in dxc.chunks_exact_mut(in_len).enumerate() {
+            let mut gyt = scratch::take(2, pixels * co_pad);
+            let mut xp = scratch::take(3, pad_len);
+            let mut part = vec![0.0f32; co_pad * geo.c * taps];
+            for j in 0..samples {
                 let gyn = &gy[(n0 + j) * out_len..][..out_len];
-                back.pad(gyn, geo.co, &mut gp);
-                direct::forward(&back, &gp, back.plane, geo.co, &offs_b, &wt, &mut tmp);
-                back.extract(&tmp, geo.c, dxn, None);
+                if let Some(dxn) = dxc.chunks_exact_mut(in_len).nth(j) {
+                    back.pad(gyn, geo.co, &mut gp);
+                    direct::forward(&back, &gp, back.plane, geo.co, &offs_b, &wt, &mut tmp);
+                    back.extract(&tmp, geo.c, dxn, None);
+                }
+                fwd.pad(&x[(n0 + j) * in_len..][..in_len], geo.c, &mut xp);
+                fwd.transpose_out(gyn, geo.co, co_pad, &mut gyt);
+                direct::weight_grad_part(
+                    &fwd,
+                    &xp,
+                    pad_len,
+                    geo.c,
+                    &offs_f,
+                    &gyt,
+                    co_pad,
+                    1,
+                    j > 0,
+                    &mut part,
+                );
             }
             scratch::give(0, gp);
             scratch::give(1, tmp);
-            // Weight gradient over the chunk's samples, on their input padded again.
-            let pad_len = geo.c * fwd.plane;
-            let (xp, gyt) = chunk_operands(&geo, &fwd, x, gy, (n0, samples), pad_len, |xn, d| {
-                fwd.pad(xn, geo.c, d)
-            });
-            let mut dwp = vec![0.0f32; co_pad * geo.c * taps];
-            direct::weight_grad(
-                &xp, pad_len, fwd.plane, geo.c, &offs_f, pixels, &gyt, co_pad, samples, &mut dwp,
-            );
             scratch::give(2, gyt);
             scratch::give(3, xp);
+            let mut dwp = vec![0.0f32; co_pad * geo.c * taps];
+            direct::add_part(&part, co_pad, &mut dwp);
             dwp.truncate(w.len());
             dwp
         })
@@ -817,7 +832,6 @@ fn strided_grads(
         })
         .collect();
     let split_len = 4 * geo.c * grid.plane;
-    let pixels = geo.oh * grid.wp;
     let mut dx = if want_dx {
         buffers::take_zeroed(geo.n * in_len)
     } else {
@@ -869,12 +883,11 @@ fn strided_grads(
                 let xp = &phases[i * geo.c * grid.plane..];
                 let mut dwp = vec![0.0f32; co_pad * geo.c * taps.len()];
                 direct::weight_grad(
+                    grid,
                     xp,
                     split_len,
-                    grid.plane,
                     geo.c,
                     &b.fwd_offs,
-                    pixels,
                     &gyt,
                     co_pad,
                     samples,

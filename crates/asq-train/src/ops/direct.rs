@@ -123,63 +123,45 @@ impl Grid {
 
     /// Copies `c` planes of `h x w` into zero-padded planes of length [`Grid::plane`].
     pub(crate) fn pad(&self, src: &[f32], c: usize, dst: &mut [f32]) {
-        let (h, w) = (self.h, self.w);
-        for (s, d) in src
-            .chunks_exact(h * w)
-            .zip(dst.chunks_exact_mut(self.plane))
-            .take(c)
-        {
-            // Zero only what no row covers: the top rows with the first left pad, the gap
-            // between consecutive rows (right pad + next left pad), and everything after.
-            let mut at = self.ph * self.wp + self.pw;
-            d[..at].fill(0.0);
-            for row in s.chunks_exact(w) {
-                d[at..at + w].copy_from_slice(row);
-                let next = (at + self.wp).min(d.len());
-                d[at + w..next].fill(0.0);
-                at = next;
-            }
-            d[at..].fill(0.0);
-        }
+        dispatch(Pad {
+            grid: self,
+            src,
+            c,
+            dst,
+        })
     }
 
     /// Copies the valid `oh x ow` part of `c` grid planes (length [`Grid::nq`]) out, adding
     /// `bias[i]` to plane `i` when given.
     pub(crate) fn extract(&self, src: &[f32], c: usize, dst: &mut [f32], bias: Option<&[f32]>) {
-        let (oh, ow) = (self.oh, self.ow);
-        for (i, (s, d)) in src
-            .chunks_exact(self.nq)
-            .zip(dst.chunks_exact_mut(oh * ow))
-            .take(c)
-            .enumerate()
-        {
-            let b = bias.map_or(0.0, |b| b[i]);
-            for (y, row) in d.chunks_exact_mut(ow).enumerate() {
-                let from = &s[y * self.wp..][..ow];
-                if b == 0.0 {
-                    row.copy_from_slice(from);
-                } else {
-                    row.iter_mut().zip(from).for_each(|(r, v)| *r = v + b);
-                }
-            }
-        }
+        dispatch(Extract {
+            grid: self,
+            src,
+            c,
+            dst,
+            bias,
+        })
     }
 
-    /// A pixel-major copy `[oh·wp][co_pad]` of `co` planes of `oh x ow`, zero at the thrown-away
-    /// grid columns and the padding channels (the weight gradient's layout).
+    /// A pixel-major copy `[oh·ow][co_pad]` of `co` planes of `oh x ow`, zero at the padding
+    /// channels (the weight gradient's layout).
     pub(crate) fn transpose_out(&self, src: &[f32], co: usize, co_pad: usize, dst: &mut [f32]) {
-        let (oh, ow, wp) = (self.oh, self.ow, self.wp);
-        let dst = &mut dst[..oh * wp * co_pad];
-        // Pixel-major walk: contiguous writes, one read per plane and pixel.
-        for (y, rows) in dst.chunks_exact_mut(wp * co_pad).enumerate() {
-            let (valid, garbage) = rows.split_at_mut(ow * co_pad);
-            garbage.fill(0.0);
-            for (x, px) in valid.chunks_exact_mut(co_pad).enumerate() {
-                let (live, pad) = px.split_at_mut(co);
-                for (o, d) in live.iter_mut().enumerate() {
-                    *d = src[(o * oh + y) * ow + x];
+        let pixels = self.oh * self.ow;
+        let dst = &mut dst[..pixels * co_pad];
+        // Plane by plane within blocks of pixels (a block of the copy stays in L1): each source
+        // row read contiguously, its values stored `co_pad` apart.
+        const BLOCK: usize = 256;
+        for (b, block) in dst.chunks_mut(BLOCK * co_pad).enumerate() {
+            let p0 = b * BLOCK;
+            for (o, plane) in src.chunks_exact(pixels).take(co).enumerate() {
+                for (px, &v) in block.chunks_exact_mut(co_pad).zip(&plane[p0..]) {
+                    px[o] = v;
                 }
-                pad.fill(0.0);
+            }
+            if co < co_pad {
+                for px in block.chunks_exact_mut(co_pad) {
+                    px[co..].fill(0.0);
+                }
             }
         }
     }
@@ -286,6 +268,114 @@ fn load<S: Simd>(s: &[f32]) -> S::f32s {
 #[inline(always)]
 fn store<S: Simd>(d: &mut [f32], v: S::f32s) {
     d[..S::F32_LANES].copy_from_slice(bytemuck::cast_slice(std::slice::from_ref(&v)));
+}
+
+/// `d.len() <= lanes` values of `s` (the rest zero): a full load when they fill a vector.
+#[inline(always)]
+fn get<S: Simd>(simd: S, s: &[f32]) -> S::f32s {
+    if s.len() == S::F32_LANES {
+        load::<S>(s)
+    } else {
+        simd.partial_load_f32s(s)
+    }
+}
+
+/// The first `d.len() <= lanes` lanes of `v` into `d`.
+#[inline(always)]
+fn put<S: Simd>(simd: S, d: &mut [f32], v: S::f32s) {
+    if d.len() == S::F32_LANES {
+        store::<S>(d, v)
+    } else {
+        simd.partial_store_f32s(d, v)
+    }
+}
+
+/// `d` = `s` (`s.len() <= d.len()`) followed by zeros, a vector at a time (the rows here are
+/// 7-30 values: a `memmove` and a `memset` call per row cost more than the copy).
+#[inline(always)]
+fn copy_zero_extend<S: Simd>(simd: S, s: &[f32], d: &mut [f32]) {
+    let lanes = S::F32_LANES;
+    for (j, dc) in d.chunks_mut(lanes).enumerate() {
+        let (lo, hi) = ((j * lanes).min(s.len()), ((j + 1) * lanes).min(s.len()));
+        put(simd, dc, get(simd, &s[lo..hi]));
+    }
+}
+
+/// [`Grid::pad`].
+struct Pad<'a> {
+    grid: &'a Grid,
+    src: &'a [f32],
+    c: usize,
+    dst: &'a mut [f32],
+}
+
+impl WithSimd for Pad<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self { grid, src, c, dst } = self;
+        let (h, w) = (grid.h, grid.w);
+        for (s, d) in src
+            .chunks_exact(h * w)
+            .zip(dst.chunks_exact_mut(grid.plane))
+            .take(c)
+        {
+            // Each row with the gap after it (right pad + next left pad), then the rest.
+            let mut at = grid.ph * grid.wp + grid.pw;
+            copy_zero_extend(simd, &[], &mut d[..at]);
+            for row in s.chunks_exact(w) {
+                let next = (at + grid.wp).min(d.len());
+                copy_zero_extend(simd, row, &mut d[at..next]);
+                at = next;
+            }
+            copy_zero_extend(simd, &[], &mut d[at..]);
+        }
+    }
+}
+
+/// [`Grid::extract`].
+struct Extract<'a> {
+    grid: &'a Grid,
+    src: &'a [f32],
+    c: usize,
+    dst: &'a mut [f32],
+    bias: Option<&'a [f32]>,
+}
+
+impl WithSimd for Extract<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self {
+            grid,
+            src,
+            c,
+            dst,
+            bias,
+        } = self;
+        let (oh, ow, lanes) = (grid.oh, grid.ow, S::F32_LANES);
+        for (i, (s, d)) in src
+            .chunks_exact(grid.nq)
+            .zip(dst.chunks_exact_mut(oh * ow))
+            .take(c)
+            .enumerate()
+        {
+            // A zero bias adds nothing (kept out so that -0.0 stays -0.0, as without bias).
+            let b = bias
+                .map(|b| b[i])
+                .filter(|&b| b != 0.0)
+                .map(|b| simd.splat_f32s(b));
+            for (y, row) in d.chunks_exact_mut(ow).enumerate() {
+                let from = &s[y * grid.wp..][..ow];
+                for (dc, sc) in row.chunks_mut(lanes).zip(from.chunks(lanes)) {
+                    let v = get(simd, sc);
+                    put(simd, dc, b.map_or(v, |b| simd.add_f32s(v, b)));
+                }
+            }
+        }
+    }
 }
 
 struct Forward<'a, const CB: usize, const QB: usize> {
@@ -407,14 +497,14 @@ pub(crate) fn forward_into(
 struct WeightGrad<'a, const R: usize, const V: usize> {
     x: &'a [f32],
     xstride: usize,
-    plane: usize,
+    grid: &'a Grid,
     ci: usize,
     offs: &'a [usize],
-    pixels: usize,
     gyt: &'a [f32],
     co_pad: usize,
     samples: usize,
-    dw: &'a mut [f32],
+    accumulate: bool,
+    part: &'a mut [f32],
 }
 
 impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
@@ -426,24 +516,25 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
         let Self {
             x,
             xstride,
-            plane,
+            grid,
             ci,
             offs,
-            pixels,
             gyt,
             co_pad,
             samples,
-            dw,
+            accumulate,
+            part,
         } = self;
         let taps = offs.len();
         let kt = ci * taps;
         let width = V * lanes;
-        let (xs, gs) = (ci * plane, pixels * co_pad);
+        let (plane, ow, wp) = (grid.plane, grid.ow, grid.wp);
+        let (xs, gs) = (ci * plane, grid.oh * ow * co_pad);
         // Sample by sample: one sample's output gradient (16-53 KB on ResNet-20) stays in L1
         // across all the register blocks; the blocks' sums wait between samples in `part`
         // (`[kt][co_pad]`): the same additions in the same order as summing every sample in
-        // registers.
-        let mut part = vec![0.0f32; kt * co_pad];
+        // registers (and as one call per sample, each accumulating).
+        let part = &mut part[..kt * co_pad];
         for s in 0..samples {
             let (x, g) = (&x[s * xstride..][..xs], &gyt[s * gs..][..gs]);
             for c0 in (0..co_pad).step_by(width) {
@@ -455,7 +546,7 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
                         (k / taps) * plane + offs[k % taps]
                     });
                     let mut acc = [[simd.splat_f32s(0.0); V]; R];
-                    if s > 0 {
+                    if s > 0 || accumulate {
                         for (r, a) in acc.iter_mut().enumerate().take(rows) {
                             let p = &part[(k0 + r) * co_pad + c0..][..width];
                             for (v, av) in a.iter_mut().enumerate() {
@@ -463,14 +554,19 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
                             }
                         }
                     }
-                    let xr: [&[f32]; R] = std::array::from_fn(|r| &x[xo[r]..][..pixels]);
-                    for (q, gr) in g.chunks_exact(co_pad).enumerate() {
-                        let gr = &gr[c0..][..width];
-                        let gv: [S::f32s; V] = std::array::from_fn(|v| load::<S>(&gr[v * lanes..]));
-                        for (a, xrow) in acc.iter_mut().zip(&xr) {
-                            let xb = simd.splat_f32s(xrow[q]);
-                            for (av, &g) in a.iter_mut().zip(&gv) {
-                                *av = simd.mul_add_f32s(xb, g, *av);
+                    // The valid output pixels only, row by row (the grid's thrown-away columns
+                    // would add zero products).
+                    for (oy, grow) in g.chunks_exact(ow * co_pad).enumerate() {
+                        let xr: [&[f32]; R] = std::array::from_fn(|r| &x[xo[r] + oy * wp..][..ow]);
+                        for (ox, gr) in grow.chunks_exact(co_pad).enumerate() {
+                            let gr = &gr[c0..][..width];
+                            let gv: [S::f32s; V] =
+                                std::array::from_fn(|v| load::<S>(&gr[v * lanes..]));
+                            for (a, xrow) in acc.iter_mut().zip(&xr) {
+                                let xb = simd.splat_f32s(xrow[ox]);
+                                for (av, &g) in a.iter_mut().zip(&gv) {
+                                    *av = simd.mul_add_f32s(xb, g, *av);
+                                }
                             }
                         }
                     }
@@ -483,29 +579,56 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
                 }
             }
         }
-        for (k, p) in part.chunks_exact(co_pad).enumerate() {
-            for (o, &v) in p.iter().enumerate() {
-                dw[o * kt + k] += v;
-            }
-        }
     }
 }
 
-/// `dw[o][i·taps + t] += Σ_{s,q} gyt[s][q][o] · x[s][i][q + offs[t]]` over `samples` samples:
-/// `x` as for [`forward`] (samples `xstride >= ci·plane` apart), `gyt` from
-/// [`Grid::transpose_out`] with `pixels = oh·wp`, `dw` `[co_pad][ci·taps]`.
+/// `dw[o][i·taps + t] += Σ_{s,oy,ox} gyt[s][oy·ow + ox][o] · x[s][i][oy·wp + ox + offs[t]]` over
+/// `samples` samples on `grid`: `x` as for [`forward`] (samples `xstride >= ci·plane` apart),
+/// `gyt` from [`Grid::transpose_out`], `dw` `[co_pad][ci·taps]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn weight_grad(
+    grid: &Grid,
     x: &[f32],
     xstride: usize,
-    plane: usize,
     ci: usize,
     offs: &[usize],
-    pixels: usize,
     gyt: &[f32],
     co_pad: usize,
     samples: usize,
     dw: &mut [f32],
+) {
+    let mut part = vec![0.0f32; ci * offs.len() * co_pad];
+    weight_grad_part(
+        grid, x, xstride, ci, offs, gyt, co_pad, samples, false, &mut part,
+    );
+    add_part(&part, co_pad, dw);
+}
+
+/// `dw[o][k] += part[k][o]`: a [`weight_grad_part`] sum in the weights' layout.
+pub(crate) fn add_part(part: &[f32], co_pad: usize, dw: &mut [f32]) {
+    let kt = part.len() / co_pad;
+    for (k, p) in part.chunks_exact(co_pad).enumerate() {
+        for (o, &v) in p.iter().enumerate() {
+            dw[o * kt + k] += v;
+        }
+    }
+}
+
+/// The sums of [`weight_grad`] transposed, `part[i·taps + t][o]`, starting from `part`'s values
+/// when `accumulate` (else from zero): calls over consecutive samples, each accumulating, add the
+/// same products in the same order as one call over all of them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn weight_grad_part(
+    grid: &Grid,
+    x: &[f32],
+    xstride: usize,
+    ci: usize,
+    offs: &[usize],
+    gyt: &[f32],
+    co_pad: usize,
+    samples: usize,
+    accumulate: bool,
+    part: &mut [f32],
 ) {
     struct Pick<'a>(WeightGrad<'a, 1, 1>);
     impl WithSimd for Pick<'_> {
@@ -515,14 +638,14 @@ pub(crate) fn weight_grad(
             let WeightGrad {
                 x,
                 xstride,
-                plane,
+                grid,
                 ci,
                 offs,
-                pixels,
                 gyt,
                 co_pad,
                 samples,
-                dw,
+                accumulate,
+                part,
             } = self.0;
             // Register block: R rows (input channel x tap) by V vectors of output channels,
             // measured on a Xeon: 12x1, 8x2, 4x4 vectors.
@@ -532,14 +655,14 @@ pub(crate) fn weight_grad(
                     WeightGrad::<$r, $v> {
                         x,
                         xstride,
-                        plane,
+                        grid,
                         ci,
                         offs,
-                        pixels,
                         gyt,
                         co_pad,
                         samples,
-                        dw,
+                        accumulate,
+                        part,
                     }
                     .with_simd(simd)
                 };
@@ -557,14 +680,14 @@ pub(crate) fn weight_grad(
     dispatch(Pick(WeightGrad {
         x,
         xstride,
-        plane,
+        grid,
         ci,
         offs,
-        pixels,
         gyt,
         co_pad,
         samples,
-        dw,
+        accumulate,
+        part,
     }));
 }
 
@@ -629,7 +752,7 @@ mod tests {
         let mut out = vec![0.0f32; cop * g.nq];
         let wp = pack_weights(&wt, co, ci, taps, false, g.co_block());
         forward(g, &xp, g.plane, ci, &g.offsets(), &wp, &mut out);
-        let pixels = g.oh * g.wp;
+        let pixels = g.oh * g.ow;
         let mut gyt = vec![0.0f32; samples * pixels * cop];
         for s in 0..samples {
             g.transpose_out(
@@ -641,12 +764,11 @@ mod tests {
         }
         let mut dw = vec![0.0f32; cop * ci * taps];
         weight_grad(
+            g,
             &xp,
             ci * g.plane,
-            g.plane,
             ci,
             &g.offsets(),
-            pixels,
             &gyt,
             cop,
             samples,
@@ -726,6 +848,154 @@ mod tests {
                 assert!(
                     (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
                     "{ci} {co} {h}x{w} k{k}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    /// The levels this machine can run.
+    fn levels() -> Vec<Level> {
+        [
+            Level::Scalar,
+            Level::Auto,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512,
+        ]
+        .into_iter()
+        .filter(|l| l.available())
+        .collect()
+    }
+
+    #[test]
+    fn pad_extract_and_transpose_match_plain_loops_on_every_level() {
+        for (c, h, w, p, k) in [
+            (3, 5, 7, 1, 3),
+            (2, 28, 28, 1, 3),
+            (5, 1, 17, 2, 5),
+            (1, 9, 33, 0, 2),
+        ] {
+            let g = Grid::new(h, w, p, p, k, k).unwrap();
+            let x = rand(c * h * w, 3);
+            // Plain loops: the padded planes, a grid output's valid part (+ bias), the
+            // pixel-major copy.
+            let mut want_pad = vec![0.0f32; c * g.plane];
+            for i in 0..c {
+                for y in 0..h {
+                    for xx in 0..w {
+                        want_pad[i * g.plane + (y + p) * g.wp + xx + p] = x[(i * h + y) * w + xx];
+                    }
+                }
+            }
+            let grid_out = rand(c * g.nq, 4);
+            let bias: Vec<f32> = (0..c)
+                .map(|i| if i == 1 { 0.0 } else { i as f32 - 0.5 })
+                .collect();
+            let mut want_ext = vec![0.0f32; c * g.oh * g.ow];
+            for i in 0..c {
+                for y in 0..g.oh {
+                    for xx in 0..g.ow {
+                        let v = grid_out[i * g.nq + y * g.wp + xx];
+                        want_ext[(i * g.oh + y) * g.ow + xx] =
+                            if bias[i] == 0.0 { v } else { v + bias[i] };
+                    }
+                }
+            }
+            let cop = padded_channels(c);
+            let mut want_t = vec![0.0f32; g.oh * g.ow * cop];
+            for i in 0..c {
+                for q in 0..g.oh * g.ow {
+                    want_t[q * cop + i] = want_ext[i * g.oh * g.ow + q];
+                }
+            }
+            for level in levels() {
+                set_level(level);
+                let mut got = vec![f32::NAN; c * g.plane];
+                g.pad(&x, c, &mut got);
+                assert!(got == want_pad, "{level:?} pad {c} {h}x{w} p{p}");
+                let mut got = vec![f32::NAN; c * g.oh * g.ow];
+                g.extract(&grid_out, c, &mut got, Some(&bias));
+                assert!(got == want_ext, "{level:?} extract {c} {h}x{w} p{p}");
+                let mut got = vec![f32::NAN; g.oh * g.ow * cop];
+                g.transpose_out(&want_ext, c, cop, &mut got);
+                assert!(got == want_t, "{level:?} transpose {c} {h}x{w} p{p}");
+                set_level(Level::Auto);
+            }
+        }
+    }
+
+    #[test]
+    fn weight_gradient_sums_run_on_across_calls_bit_for_bit() {
+        let (ci, co, samples) = (5, 20, 4);
+        let g = Grid::new(6, 9, 1, 1, 3, 3).unwrap();
+        let cop = padded_channels(co);
+        let xp: Vec<f32> = (0..samples)
+            .flat_map(|s| {
+                let x = rand(ci * g.h * g.w, 10 + s as u64);
+                let mut d = vec![0.0f32; ci * g.plane];
+                g.pad(&x, ci, &mut d);
+                d
+            })
+            .collect();
+        let pixels = g.oh * g.ow;
+        let gyt: Vec<f32> = (0..samples)
+            .flat_map(|s| {
+                let gy = rand(co * pixels, 20 + s as u64);
+                let mut d = vec![0.0f32; pixels * cop];
+                g.transpose_out(&gy, co, cop, &mut d);
+                d
+            })
+            .collect();
+        let (offs, len) = (g.offsets(), ci * 9 * cop);
+        let mut whole = vec![0.0f32; len];
+        weight_grad_part(
+            &g,
+            &xp,
+            ci * g.plane,
+            ci,
+            &offs,
+            &gyt,
+            cop,
+            samples,
+            false,
+            &mut whole,
+        );
+        let mut steps = vec![f32::NAN; len];
+        for s in 0..samples {
+            weight_grad_part(
+                &g,
+                &xp[s * ci * g.plane..],
+                ci * g.plane,
+                ci,
+                &offs,
+                &gyt[s * pixels * cop..],
+                cop,
+                1,
+                s > 0,
+                &mut steps,
+            );
+        }
+        assert!(steps == whole);
+        // And the sums are the products': against f64 loops over the valid pixels.
+        let mut dw = vec![0.0f32; cop * ci * 9];
+        add_part(&whole, cop, &mut dw);
+        for o in 0..co {
+            for k in 0..ci * 9 {
+                let (i, t) = (k / 9, k % 9);
+                let mut want = 0.0f64;
+                for s in 0..samples {
+                    for oy in 0..g.oh {
+                        for ox in 0..g.ow {
+                            let q = oy * g.wp + ox;
+                            want += gyt[(s * pixels + oy * g.ow + ox) * cop + o] as f64
+                                * xp[s * ci * g.plane + i * g.plane + q + offs[t]] as f64;
+                        }
+                    }
+                }
+                let got = dw[o * ci * 9 + k] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{o} {k}: {got} vs {want}"
                 );
             }
         }
