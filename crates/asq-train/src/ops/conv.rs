@@ -549,37 +549,6 @@ fn direct_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Ve
     )
 }
 
-/// The weight gradient's operands for the samples `n0..n0 + samples` of a direct path: each
-/// sample's input laid out by `prepare` (`len` values apart, scratch slot 3) and its output
-/// gradient pixel-major on `grid` ([`Grid::transpose_out`], scratch slot 2). The caller hands
-/// both back (`scratch::give`).
-fn chunk_operands(
-    geo: &Geo,
-    grid: &Grid,
-    x: &[f32],
-    gy: &[f32],
-    (n0, samples): (usize, usize),
-    len: usize,
-    prepare: impl Fn(&[f32], &mut [f32]),
-) -> (Vec<f32>, Vec<f32>) {
-    let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
-    let co_pad = direct::padded_channels(geo.co);
-    let pixels = geo.oh * geo.ow;
-    let mut xs = scratch::take(3, samples * len);
-    let mut gyt = scratch::take(2, samples * pixels * co_pad);
-    let inputs = x[n0 * in_len..][..samples * in_len].chunks_exact(in_len);
-    let grads = gy[n0 * out_len..][..samples * out_len].chunks_exact(out_len);
-    for (((xn, dst), gn), gt) in inputs
-        .zip(xs.chunks_exact_mut(len))
-        .zip(grads)
-        .zip(gyt.chunks_exact_mut(pixels * co_pad))
-    {
-        prepare(xn, dst);
-        grid.transpose_out(gn, geo.co, co_pad, gt);
-    }
-    (xs, gyt)
-}
-
 /// `(dx, dw)` on the direct kernels: `dx` (only if `want_dx`) is the forward kernel run on the
 /// output gradient padded by `k - 1 - pad` with the kernel transposed and flipped; `dw` is
 /// reduced over fixed sample chunks in order, as on the GEMM path.
@@ -733,25 +702,31 @@ impl Phases {
         out
     }
 
+    /// The phase indices `s` of parity `b` holding input columns (or rows) `2s + b - p` of
+    /// `0..w`: `(first s, its input column, how many)`.
+    fn span(b: usize, p: usize, w: usize) -> (usize, usize, usize) {
+        let s0 = p.saturating_sub(b).div_ceil(2);
+        let x0 = 2 * s0 + b - p;
+        (s0, x0, w.saturating_sub(x0).div_ceil(2))
+    }
+
     /// The four phase planes `[4][C][plane]` of one sample's `C x H x W` input.
     fn split(&self, x: &[f32], geo: &Geo, dst: &mut [f32]) {
         let (g, p, (h, w)) = (&self.grid, geo.spec.pad, (geo.h, geo.w));
         for (pc, d) in dst.chunks_exact_mut(g.plane).take(4 * geo.c).enumerate() {
             let (ph, ch) = (pc / geo.c, pc % geo.c);
-            let (a, b) = (ph / 2, ph % 2);
+            let ((r0, y0, rows), (s0, x0, cols)) =
+                (Self::span(ph / 2, p, h), Self::span(ph % 2, p, w));
             d.fill(0.0);
             let src = &x[ch * h * w..][..h * w];
-            for (i, row) in d.chunks_exact_mut(g.wp).take(g.h).enumerate() {
-                let y = 2 * i + a;
-                if y < p || y - p >= h {
-                    continue;
-                }
-                let sr = &src[(y - p) * w..][..w];
-                for (j, v) in row.iter_mut().enumerate() {
-                    let xx = 2 * j + b;
-                    if xx >= p && xx - p < w {
-                        *v = sr[xx - p];
-                    }
+            for (drow, srow) in d[r0 * g.wp..]
+                .chunks_exact_mut(g.wp)
+                .zip(src[y0 * w..].chunks(2 * w))
+                .take(rows)
+            {
+                // Every other value of the input row, branch-free.
+                for (dv, pair) in drow[s0..][..cols].iter_mut().zip(srow[x0..w].chunks(2)) {
+                    *dv = pair[0];
                 }
             }
         }
@@ -840,10 +815,20 @@ fn strided_grads(
     let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, &mut dx)
         .into_par_iter()
         .map(|((n0, samples), dxc)| {
-            // Input gradient, sample by sample and phase by phase (nothing when not wanted).
-            for (j, dxn) in dxc.chunks_exact_mut(in_len).enumerate() {
+            // Sample by sample: the input gradient phase by phase (when wanted: else `dxc` is
+            // empty), then the weight gradient's operands and each phase's sums (running on in
+            // `parts` from one sample to the next) while the output gradient is in cache.
+            let mut parts: Vec<Vec<f32>> = ph
+                .taps
+                .iter()
+                .map(|t| vec![0.0f32; co_pad * geo.c * t.len()])
+                .collect();
+            for j in 0..samples {
                 let gyn = &gy[(n0 + j) * out_len..][..out_len];
                 for (i, b) in backs.iter().enumerate() {
+                    let Some(dxn) = dxc.chunks_exact_mut(in_len).nth(j) else {
+                        break;
+                    };
                     let (a, bb) = (i / 2, i % 2);
                     let mut gp = scratch::take(0, geo.co * b.grid.plane);
                     let mut tmp = scratch::take(1, ci_pad * b.grid.nq);
@@ -851,48 +836,49 @@ fn strided_grads(
                     direct::forward(&b.grid, &gp, b.grid.plane, geo.co, &b.offs, &b.wt, &mut tmp);
                     // Phase pixel (r, s) is input pixel (2r + a - p, 2s + b - p); every input
                     // pixel is in exactly one phase, and one its grid covers.
+                    let (r0, y0, rows) = Phases::span(a, p, geo.h);
+                    let (s0, x0, cols) = Phases::span(bb, p, geo.w);
                     for (ch, dxc) in dxn.chunks_exact_mut(geo.h * geo.w).enumerate() {
                         let t = &tmp[ch * b.grid.nq..][..b.grid.nq];
-                        for r in 0..b.grid.oh {
-                            let y = 2 * r + a;
-                            if y < p || y - p >= geo.h {
-                                continue;
-                            }
-                            let drow = &mut dxc[(y - p) * geo.w..][..geo.w];
-                            let trow = &t[r * b.grid.wp..][..b.grid.ow];
-                            for (s, &v) in trow.iter().enumerate() {
-                                let xx = 2 * s + bb;
-                                if xx >= p && xx - p < geo.w {
-                                    drow[xx - p] = v;
-                                }
+                        for (drow, trow) in dxc[y0 * geo.w..]
+                            .chunks_mut(2 * geo.w)
+                            .zip(t[r0 * b.grid.wp..].chunks(b.grid.wp))
+                            .take(rows)
+                        {
+                            let cells = drow[x0..geo.w].chunks_mut(2);
+                            for (pair, &v) in cells.zip(&trow[s0..][..cols]) {
+                                pair[0] = v;
                             }
                         }
                     }
                     scratch::give(0, gp);
                     scratch::give(1, tmp);
                 }
+                let mut phases = scratch::take(3, split_len);
+                let mut gyt = scratch::take(2, geo.opix() * co_pad);
+                ph.split(&x[(n0 + j) * in_len..][..in_len], &geo, &mut phases);
+                grid.transpose_out(gyn, geo.co, co_pad, &mut gyt);
+                for ((b, part), i) in backs.iter().zip(&mut parts).zip(0..) {
+                    direct::weight_grad_part(
+                        grid,
+                        &phases[i * geo.c * grid.plane..],
+                        split_len,
+                        geo.c,
+                        &b.fwd_offs,
+                        &gyt,
+                        co_pad,
+                        1,
+                        j > 0,
+                        part,
+                    );
+                }
+                scratch::give(2, gyt);
+                scratch::give(3, phases);
             }
-            // Weight gradient over the chunk's samples, phase by phase.
-            let (phases, gyt) =
-                chunk_operands(&geo, grid, x, gy, (n0, samples), split_len, |xn, d| {
-                    ph.split(xn, &geo, d)
-                });
             let mut dw = vec![0.0f32; w.len()];
-            for (i, b) in backs.iter().enumerate() {
-                let taps = &ph.taps[i];
-                let xp = &phases[i * geo.c * grid.plane..];
+            for (taps, part) in ph.taps.iter().zip(&parts) {
                 let mut dwp = vec![0.0f32; co_pad * geo.c * taps.len()];
-                direct::weight_grad(
-                    grid,
-                    xp,
-                    split_len,
-                    geo.c,
-                    &b.fwd_offs,
-                    &gyt,
-                    co_pad,
-                    samples,
-                    &mut dwp,
-                );
+                direct::add_part(part, co_pad, &mut dwp);
                 for (oi, d) in dwp
                     .chunks_exact(taps.len())
                     .take(geo.co * geo.c)
@@ -903,8 +889,6 @@ fn strided_grads(
                     }
                 }
             }
-            scratch::give(2, gyt);
-            scratch::give(3, phases);
             dw
         })
         .collect();

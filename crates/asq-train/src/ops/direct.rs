@@ -187,16 +187,18 @@ pub(crate) fn pack_weights(
     let (outs, ins) = if transpose_flip { (ci, co) } else { (co, ci) };
     let outs_pad = padded_channels(outs);
     let mut p = vec![0.0f32; outs_pad * ins * taps];
-    for o in 0..outs {
-        for i in 0..ins {
-            for t in 0..taps {
-                let v = if transpose_flip {
+    // In the packed order (sequential writes; scattered ones took 0.1 ms for 64x64x9 on a Xeon,
+    // on one thread while the other waited).
+    for (b, block) in p.chunks_exact_mut(ins * taps * cb).enumerate() {
+        for (it, dst) in block.chunks_exact_mut(cb).enumerate() {
+            let (i, t) = (it / taps, it % taps);
+            for (l, d) in dst.iter_mut().enumerate().take(outs.saturating_sub(b * cb)) {
+                let o = b * cb + l;
+                *d = if transpose_flip {
                     w[(i * ci + o) * taps + taps - 1 - t]
                 } else {
                     w[(o * ci + i) * taps + t]
                 };
-                let (b, l) = (o / cb, o % cb);
-                p[((b * ins + i) * taps + t) * cb + l] = v;
             }
         }
     }
@@ -585,6 +587,7 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
 /// `dw[o][i·taps + t] += Σ_{s,oy,ox} gyt[s][oy·ow + ox][o] · x[s][i][oy·wp + ox + offs[t]]` over
 /// `samples` samples on `grid`: `x` as for [`forward`] (samples `xstride >= ci·plane` apart),
 /// `gyt` from [`Grid::transpose_out`], `dw` `[co_pad][ci·taps]`.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn weight_grad(
     grid: &Grid,
