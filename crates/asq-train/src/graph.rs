@@ -45,6 +45,24 @@ pub trait Backward: Send + Sync {
         self.backward(inputs, output, grad)
     }
 
+    /// Adds the gradient w.r.t. input `input` into `acc`, the gradient that input already has
+    /// from the ops recorded after this one, instead of returning it for the graph to add: one
+    /// pass over `acc` where a returned gradient costs a written tensor and a sum over both
+    /// (global average pooling's gradient is one value per plane). Must add exactly what
+    /// [`Backward::backward`] returns for that input, in the same rounding. `false` (the
+    /// default): not done, the graph asks [`Backward::backward_needed`] for it.
+    fn add_input_grad(
+        &self,
+        inputs: &[&Tensor],
+        output: &Tensor,
+        grad: &Tensor,
+        input: usize,
+        acc: &mut Tensor,
+    ) -> bool {
+        let _ = (inputs, output, grad, input, acc);
+        false
+    }
+
     /// The op's name in profiles ([`set_profiling`]): by default the backward rule's type name
     /// without its module path.
     fn name(&self) -> &'static str {
@@ -322,18 +340,34 @@ impl Graph {
                 let start = profile.as_ref().map(|_| Instant::now());
                 let inputs: Vec<&Tensor> =
                     node.inputs.iter().map(|v| &self.nodes[v.0].value).collect();
-                let needed: Vec<bool> = node
+                let mut needed: Vec<bool> = node
                     .inputs
                     .iter()
                     .map(|v| self.nodes[v.0].needs_grad)
                     .collect();
-                let gin = op.backward_needed(&inputs, &node.value, &g, &needed);
+                // Inputs (used once by this op) that already have a gradient: the op may add
+                // its part in place.
+                let mut added = vec![false; node.inputs.len()];
+                for (j, v) in node.inputs.iter().enumerate() {
+                    let once = node.inputs.iter().filter(|u| u.0 == v.0).count() == 1;
+                    if let (true, true, Some(acc)) = (needed[j], once, grads[v.0].as_mut()) {
+                        if op.add_input_grad(&inputs, &node.value, &g, j, acc) {
+                            (added[j], needed[j]) = (true, false);
+                        }
+                    }
+                }
+                let gin = if needed.iter().any(|&n| n) || !added.iter().any(|&a| a) {
+                    op.backward_needed(&inputs, &node.value, &g, &needed)
+                } else {
+                    Vec::new()
+                };
                 if let (Some(p), Some(start)) = (&mut profile, start) {
                     p.entry(op.name()).backward += start.elapsed();
                 }
-                for (v, gi) in node.inputs.iter().zip(gin) {
+                for ((v, gi), done) in node.inputs.iter().zip(gin).zip(added) {
                     let Some(gi) = gi else { continue };
-                    if !self.nodes[v.0].needs_grad {
+                    if !self.nodes[v.0].needs_grad || done {
+                        buffers::recycle(gi);
                         continue;
                     }
                     if gi.shape() != self.nodes[v.0].value.shape() {

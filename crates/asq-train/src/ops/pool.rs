@@ -172,6 +172,32 @@ impl Backward for GapOp {
             Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("shape"),
         )]
     }
+
+    /// `acc[n][c][·] += g[n][c] / hw`: the plane-constant gradient added in one pass (the ASQ
+    /// adapters pool the activation the quantizer also reads, whose gradient is there first).
+    fn add_input_grad(
+        &self,
+        inputs: &[&Tensor],
+        _: &Tensor,
+        grad: &Tensor,
+        _: usize,
+        acc: &mut Tensor,
+    ) -> bool {
+        let s = inputs[0].shape();
+        let hw = s[2] * s[3];
+        let inv = 1.0 / hw as f32;
+        let (gs, Some(acc)) = (grad.as_standard_layout(), acc.as_slice_mut()) else {
+            return false;
+        };
+        let gy = gs.as_slice().expect("std");
+        acc.par_chunks_mut(hw)
+            .zip(gy.par_iter())
+            .for_each(|(plane, &g)| {
+                let d = g * inv;
+                plane.iter_mut().for_each(|v| *v += d);
+            });
+        true
+    }
 }
 
 /// Independent f64 accumulators of [`plane_sum`]: element `k` goes to lane `k % 8`, lanes added
@@ -279,5 +305,59 @@ mod tests {
         let x = g.input(random(&[1, 1, 2, 2], 1));
         assert!(max_pool2d(&mut g, x, 3, 1).is_err());
         assert!(avg_pool2d(&mut g, x, 2, 0).is_err());
+    }
+
+    /// `x` used by global average pooling and by another op: its gradient is the same bits
+    /// whichever runs first in the reverse pass (pooling adding its part in place into the
+    /// other op's gradient, or returning it for the graph to add).
+    #[test]
+    fn pooling_adds_its_gradient_in_place_exactly() {
+        let x = random(&[3, 4, 5, 3], 7);
+        let (r, r2) = (random(&[3, 4, 5, 3], 8), random(&[3, 4], 9));
+        let run = |pool_first: bool| {
+            let mut g = Graph::new(true);
+            let xv = g.input_with_grad(x.clone());
+            let (rv, r2v) = (g.input(r.clone()), g.input(r2.clone()));
+            let (p, m) = if pool_first {
+                let p = global_avg_pool(&mut g, xv).unwrap();
+                (p, crate::ops::basic::mul(&mut g, xv, rv).unwrap())
+            } else {
+                let m = crate::ops::basic::mul(&mut g, xv, rv).unwrap();
+                (global_avg_pool(&mut g, xv).unwrap(), m)
+            };
+            let pw = crate::ops::basic::mul(&mut g, p, r2v).unwrap();
+            let (a, b) = (
+                crate::ops::basic::sum(&mut g, m),
+                crate::ops::basic::sum(&mut g, pw),
+            );
+            let l = crate::ops::basic::add(&mut g, a, b).unwrap();
+            g.gradients(l).unwrap()[xv.index()].clone().unwrap()
+        };
+        let inv = 1.0 / 15.0f32;
+        let want: Vec<f32> = r
+            .iter()
+            .enumerate()
+            .map(|(k, &rv)| rv + r2.as_slice().unwrap()[k / 15] * inv)
+            .collect();
+        for pool_first in [true, false] {
+            assert_eq!(
+                run(pool_first).as_slice().unwrap(),
+                &want[..],
+                "{pool_first}"
+            );
+        }
+    }
+
+    #[test]
+    fn in_place_pooling_gradient_equals_the_returned_one() {
+        let x = random(&[2, 3, 7, 7], 3);
+        let grad = random(&[2, 3], 4);
+        let base = random(&[2, 3, 7, 7], 5);
+        let returned = GapOp.backward(&[&x], &grad, &grad)[0].clone().unwrap();
+        let mut want = base.clone();
+        want.zip_mut_with(&returned, |a, &b| *a += b);
+        let mut acc = base.clone();
+        assert!(GapOp.add_input_grad(&[&x], &grad, &grad, 0, &mut acc));
+        assert_eq!(acc, want);
     }
 }
