@@ -160,6 +160,8 @@ struct Node {
     op: Option<Box<dyn Backward>>,
     needs_grad: bool,
     param: Option<ParamId>,
+    /// See [`Graph::set_plane_sums`].
+    plane_sums: Option<Vec<(f64, f64)>>,
 }
 
 /// A forward pass being recorded.
@@ -234,6 +236,7 @@ impl Graph {
             op: None,
             needs_grad: false,
             param: None,
+            plane_sums: None,
         });
         Var(self.nodes.len() - 1)
     }
@@ -247,6 +250,7 @@ impl Graph {
             op: None,
             needs_grad: true,
             param: None,
+            plane_sums: None,
         });
         Var(self.nodes.len() - 1)
     }
@@ -263,6 +267,7 @@ impl Graph {
             op: None,
             needs_grad,
             param: Some(id),
+            plane_sums: None,
         });
         Var(self.nodes.len() - 1)
     }
@@ -278,8 +283,23 @@ impl Graph {
             op,
             needs_grad,
             param: None,
+            plane_sums: None,
         });
         Var(self.nodes.len() - 1)
+    }
+
+    /// Attaches the per-plane sums `(Σ v, Σ v²)` of `v`'s value (`[N, C, H, W]`: one pair per
+    /// sample and channel, in order, each as `ops::norm::plane_value_sums` computes it) to
+    /// `v`, for a consumer that would otherwise read the whole value again to get them
+    /// (training-mode batch norm after a convolution, which sums its output planes while they
+    /// are in cache).
+    pub(crate) fn set_plane_sums(&mut self, v: Var, sums: Vec<(f64, f64)>) {
+        self.nodes[v.0].plane_sums = Some(sums);
+    }
+
+    /// The sums [`Graph::set_plane_sums`] attached to `v`, if any.
+    pub(crate) fn plane_sums(&self, v: Var) -> Option<&[(f64, f64)]> {
+        self.nodes[v.0].plane_sums.as_deref()
     }
 
     /// Profiling only: the forward time since the previous node goes to `op`.

@@ -13,6 +13,7 @@ use crate::buffers;
 use crate::error::{shape, Result};
 use crate::graph::{Backward, Graph, Var};
 use crate::ops::direct::{self, Grid};
+use crate::ops::norm;
 use crate::ops::scratch;
 use crate::Tensor;
 
@@ -402,20 +403,25 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
     let depthwise = !reference && geo.spec.groups == c && co == c;
     let direct = !reference && !depthwise && direct_fits(&geo);
     let strided = !reference && !depthwise && Phases::new(&geo).is_some();
-    let (y, path) = with_operands(g, x, w, b, |xv, wv, bias| {
+    // In training, the direct paths also sum their output planes for a batch norm after them.
+    let sums = g.is_training();
+    let ((y, plane_sums), path) = with_operands(g, x, w, b, |xv, wv, bias| {
         if depthwise {
-            (depthwise_forward(&geo, xv, wv, bias), Path::Depthwise)
+            (
+                (depthwise_forward(&geo, xv, wv, bias), None),
+                Path::Depthwise,
+            )
         } else if direct {
-            (direct_forward(&geo, xv, wv, bias), Path::Direct)
+            (direct_forward(&geo, xv, wv, bias, sums), Path::Direct)
         } else if strided {
-            (strided_forward(&geo, xv, wv, bias), Path::Strided)
+            (strided_forward(&geo, xv, wv, bias, sums), Path::Strided)
         } else {
-            (gemm_forward(&geo, xv, wv, bias), Path::Gemm)
+            ((gemm_forward(&geo, xv, wv, bias), None), Path::Gemm)
         }
     });
     let y = Tensor::from_shape_vec(IxDyn(&[n, co, geo.oh, geo.ow]), y).expect("output shape");
     let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
-    Ok(g.record(
+    let out = g.record(
         y,
         &inputs,
         ConvOp {
@@ -423,7 +429,11 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
             bias: b.is_some(),
             path,
         },
-    ))
+    );
+    if let Some(ps) = plane_sums {
+        g.set_plane_sums(out, ps);
+    }
+    Ok(out)
 }
 
 /// im2col + GEMM forward pass, `[N, C_out, OH, OW]` values.
@@ -503,38 +513,60 @@ fn forward_grid(geo: &Geo) -> Grid {
     Grid::new(geo.h, geo.w, p, p, geo.kh, geo.kw).expect("checked by conv2d")
 }
 
+/// One sample's output and input in [`per_sample_forward`].
+type Operands<'a> = (&'a mut [f32], &'a [f32]);
+
 /// The forward pass of the direct paths, per sample in parallel: `prepare` lays the sample's
 /// input out in a per-thread buffer of `len` values, `product` computes the output channels on
-/// `grid` from it, and the valid part goes to the output with the bias.
+/// `grid` from it, and the valid part goes to the output with the bias. With `sums`, also each
+/// output plane's `(Σ y, Σ y²)` (see [`Graph::set_plane_sums`]), taken while it is in cache.
+#[allow(clippy::too_many_arguments)]
 fn per_sample_forward(
     geo: &Geo,
     grid: &Grid,
     xv: &[f32],
     len: usize,
     bias: Option<&[f32]>,
+    sums: bool,
     prepare: impl Fn(&[f32], &mut [f32]) + Sync,
     product: impl Fn(&[f32], &mut [f32]) + Sync,
-) -> Vec<f32> {
+) -> (Vec<f32>, Option<Vec<(f64, f64)>>) {
     let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
     let co_pad = direct::padded_channels(geo.co);
     let mut y = buffers::take(geo.n * out_len);
-    y.par_chunks_mut(out_len)
-        .zip(xv.par_chunks(in_len))
-        .for_each(|(yn, xn)| {
-            let mut xp = scratch::take(0, len);
-            let mut tmp = scratch::take(1, co_pad * grid.nq);
-            prepare(xn, &mut xp);
-            product(&xp, &mut tmp);
-            grid.extract(&tmp, geo.co, yn, bias);
-            scratch::give(0, xp);
-            scratch::give(1, tmp);
-        });
-    y
+    let mut plane_sums = vec![(0.0f64, 0.0f64); if sums { geo.n * geo.co } else { 0 }];
+    let per_sample = |((yn, xn), ps): (Operands, &mut [(f64, f64)])| {
+        let mut xp = scratch::take(0, len);
+        let mut tmp = scratch::take(1, co_pad * grid.nq);
+        prepare(xn, &mut xp);
+        product(&xp, &mut tmp);
+        grid.extract(&tmp, geo.co, yn, bias);
+        for (s, plane) in ps.iter_mut().zip(yn.chunks_exact(geo.opix())) {
+            *s = norm::plane_value_sums(plane);
+        }
+        scratch::give(0, xp);
+        scratch::give(1, tmp);
+    };
+    let samples = y.par_chunks_mut(out_len).zip(xv.par_chunks(in_len));
+    if sums {
+        samples
+            .zip(plane_sums.par_chunks_mut(geo.co))
+            .for_each(per_sample);
+    } else {
+        samples.for_each(|s| per_sample((s, &mut [])));
+    }
+    (y, sums.then_some(plane_sums))
 }
 
 /// Forward pass on the direct stride-1 kernels (see [`direct_fits`]), each sample's input
 /// padded into a per-thread buffer.
-fn direct_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+fn direct_forward(
+    geo: &Geo,
+    xv: &[f32],
+    wv: &[f32],
+    bias: Option<&[f32]>,
+    sums: bool,
+) -> (Vec<f32>, Option<Vec<(f64, f64)>>) {
     let grid = forward_grid(geo);
     let wk = direct::pack_weights(wv, geo.co, geo.c, geo.kh * geo.kw, false, grid.co_block());
     let offs = grid.offsets();
@@ -544,6 +576,7 @@ fn direct_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Ve
         xv,
         geo.c * grid.plane,
         bias,
+        sums,
         |xn, xp| grid.pad(xn, geo.c, xp),
         |xp, out| direct::forward(&grid, xp, grid.plane, geo.c, &offs, &wk, out),
     )
@@ -734,7 +767,13 @@ impl Phases {
 }
 
 /// Forward pass on the phases (see [`Phases`]), each sample split into a per-thread buffer.
-fn strided_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+fn strided_forward(
+    geo: &Geo,
+    xv: &[f32],
+    wv: &[f32],
+    bias: Option<&[f32]>,
+    sums: bool,
+) -> (Vec<f32>, Option<Vec<(f64, f64)>>) {
     let ph = Phases::new(geo).expect("checked by conv2d");
     let grid = &ph.grid;
     let k = geo.kh;
@@ -753,6 +792,7 @@ fn strided_forward(geo: &Geo, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> V
         xv,
         4 * planes,
         bias,
+        sums,
         |xn, xp| ph.split(xn, geo, xp),
         |xp, out| {
             for (p, (wk, offs)) in packed.iter().enumerate() {

@@ -24,9 +24,10 @@ fn combine(l: [f32; LANES]) -> f64 {
     l.iter().map(|&v| v as f64).sum()
 }
 
-/// `(Σ x, Σ x²)` of one plane.
+/// `(Σ x, Σ x²)` of one plane: 16 f32 lanes, combined in f64 (the same bits on every
+/// instruction set; no fused multiply-add).
 #[inline(always)]
-fn value_sums(x: &[f32]) -> (f64, f64) {
+pub(crate) fn plane_value_sums(x: &[f32]) -> (f64, f64) {
     let (mut s, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -168,7 +169,7 @@ impl pulp::WithSimd for Pass<'_> {
         match self {
             Pass::ValueSums { x, hw, sums } => {
                 for (xp, s) in x.chunks_exact(hw).zip(sums) {
-                    *s = value_sums(xp);
+                    *s = plane_value_sums(xp);
                 }
             }
             Pass::Normalise {
@@ -463,15 +464,22 @@ pub fn batch_norm2d_train_act(
     let rs = rv.as_ref().map(|r| r.as_slice().expect("std"));
     let m = (n * hw) as f64;
     let arch = pulp::Arch::new();
-    let mut partial = vec![(0.0f64, 0.0f64); n * c];
-    partial.par_chunks_mut(c).enumerate().for_each(|(s, sums)| {
-        arch.dispatch(Pass::ValueSums {
-            x: &xs[s * len..][..len],
-            hw,
-            sums,
-        })
-    });
-    let sums = add_in_order(&partial, c);
+    // The plane sums: from the op that wrote `x` when it attached them (a convolution, summing
+    // its output while in cache: the same function on the same values), else one pass here.
+    let sums = match g.plane_sums(x) {
+        Some(p) if p.len() == n * c => add_in_order(p, c),
+        _ => {
+            let mut partial = vec![(0.0f64, 0.0f64); n * c];
+            partial.par_chunks_mut(c).enumerate().for_each(|(s, sums)| {
+                arch.dispatch(Pass::ValueSums {
+                    x: &xs[s * len..][..len],
+                    hw,
+                    sums,
+                })
+            });
+            add_in_order(&partial, c)
+        }
+    };
     let mean: Vec<f32> = sums.iter().map(|&(s, _)| (s / m) as f32).collect();
     let var: Vec<f32> = sums
         .iter()
@@ -800,6 +808,39 @@ mod tests {
             let var: f32 = vals.iter().map(|v| (v - mu).powi(2)).sum::<f32>() / 72.0;
             assert!(mu.abs() < 1e-5 && (var - 1.0).abs() < 1e-3, "{mu} {var}");
             assert!((mean[ch] - 2.0).abs() < 1.0);
+        }
+    }
+
+    /// Batch norm after a convolution takes the plane sums the convolution attached (stride 1
+    /// and 2 direct paths): the same statistics and output bits as from its own pass.
+    #[test]
+    fn statistics_from_the_convolution_equal_the_own_pass_bit_for_bit() {
+        use crate::ops::conv::{conv2d, ConvSpec};
+        for (c, co, h, stride) in [(3, 16, 9, 1), (5, 20, 12, 2), (4, 8, 7, 1)] {
+            let x = random(&[3, c, h, h], 1);
+            let w = random(&[co, c, 3, 3], 2);
+            let (gamma, beta) = (random(&[co], 3), random(&[co], 4));
+            let spec = ConvSpec {
+                stride,
+                pad: 1,
+                groups: 1,
+            };
+            let mut g = Graph::new(true);
+            let (xv, wv) = (g.input(x), g.input_with_grad(w));
+            let y = conv2d(&mut g, xv, wv, None, spec).unwrap();
+            assert!(g.plane_sums(y).is_some(), "{c} {co} {h} s{stride}: no sums");
+            let (gv, bv) = (g.input(gamma.clone()), g.input(beta.clone()));
+            let (o1, m1, v1) =
+                batch_norm2d_train_act(&mut g, y, gv, bv, 1e-5, None, BnAct::Relu).unwrap();
+            // The same values as a plain input: the statistics come from the own pass.
+            let mut g2 = Graph::new(true);
+            let y2 = g2.input(g.value(y).clone());
+            assert!(g2.plane_sums(y2).is_none());
+            let (gv2, bv2) = (g2.input(gamma), g2.input(beta));
+            let (o2, m2, v2) =
+                batch_norm2d_train_act(&mut g2, y2, gv2, bv2, 1e-5, None, BnAct::Relu).unwrap();
+            assert_eq!((m1, v1), (m2, v2), "{c} {co} {h} s{stride}");
+            assert_eq!(g.value(o1), g2.value(o2), "{c} {co} {h} s{stride}");
         }
     }
 }
