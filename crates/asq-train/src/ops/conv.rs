@@ -541,8 +541,8 @@ fn per_sample_forward(
         prepare(xn, &mut xp);
         product(&xp, &mut tmp);
         grid.extract(&tmp, geo.co, yn, bias);
-        for (s, plane) in ps.iter_mut().zip(yn.chunks_exact(geo.opix())) {
-            *s = norm::plane_value_sums(plane);
+        if !ps.is_empty() {
+            norm::plane_value_sums(yn, geo.opix(), ps);
         }
         scratch::give(0, xp);
         scratch::give(1, tmp);

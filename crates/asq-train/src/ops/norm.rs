@@ -24,25 +24,54 @@ fn combine(l: [f32; LANES]) -> f64 {
     l.iter().map(|&v| v as f64).sum()
 }
 
-/// `(Σ x, Σ x²)` of one plane: 16 f32 lanes, combined in f64 (the same bits on every
-/// instruction set; no fused multiply-add).
+/// `(Σ x, Σ x²)` of one plane: 16 f32 lanes (element `k` to lane `k % 16`, a multiply then
+/// an add, no fused multiply-add), combined in f64, the tail added in f64: the same bits on
+/// every instruction set. Written with explicit vectors (the 16 fixed lanes as plain arrays
+/// compiled to scalar code).
 #[inline(always)]
-pub(crate) fn plane_value_sums(x: &[f32]) -> (f64, f64) {
-    let (mut s, mut s2) = ([0.0f32; LANES], [0.0f32; LANES]);
+fn value_sums<S: pulp::Simd>(simd: S, x: &[f32]) -> (f64, f64) {
+    let lanes = S::F32_LANES;
+    let per = LANES / lanes;
+    debug_assert_eq!(per * lanes, LANES);
+    let zero = simd.splat_f32s(0.0);
+    let (mut s, mut s2) = ([zero; LANES], [zero; LANES]);
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
     for ch in chunks {
-        for l in 0..LANES {
-            s[l] += ch[l];
-            s2[l] += ch[l] * ch[l];
+        for v in 0..per {
+            let xv: S::f32s =
+                bytemuck::pod_read_unaligned(bytemuck::cast_slice(&ch[v * lanes..][..lanes]));
+            s[v] = simd.add_f32s(s[v], xv);
+            s2[v] = simd.add_f32s(s2[v], simd.mul_f32s(xv, xv));
         }
     }
-    let (mut a, mut a2) = (combine(s), combine(s2));
+    let unpack = |acc: &[S::f32s; LANES]| -> [f32; LANES] {
+        let mut out = [0.0f32; LANES];
+        out.copy_from_slice(bytemuck::cast_slice(&acc[..per]));
+        out
+    };
+    let (mut a, mut a2) = (combine(unpack(&s)), combine(unpack(&s2)));
     for &v in tail {
         a += v as f64;
         a2 += v as f64 * v as f64;
     }
     (a, a2)
+}
+
+/// [`value_sums`] of each plane of `hw` values in `x` into `sums`, on the CPU's widest vectors:
+/// the plane sums of [`Graph::set_plane_sums`] (batch norm's statistics, pooling's means).
+pub(crate) fn plane_value_sums(x: &[f32], hw: usize, sums: &mut [(f64, f64)]) {
+    struct Sums<'a>(&'a [f32], usize, &'a mut [(f64, f64)]);
+    impl pulp::WithSimd for Sums<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, simd: S) {
+            for (p, s) in self.0.chunks_exact(self.1).zip(self.2) {
+                *s = value_sums(simd, p);
+            }
+        }
+    }
+    pulp::Arch::new().dispatch(Sums(x, hw, sums))
 }
 
 /// [`grad_sums`] of `g` where `y > 0`, zero elsewhere (ReLU's gradient), without writing it.
@@ -127,7 +156,8 @@ enum Pass<'a> {
         hw: usize,
         sums: &'a mut [(f64, f64)],
     },
-    /// `out = act((x - mu)·k + b [+ res])` with `coef[ch] = (mu, k, b)`.
+    /// `out = act((x - mu)·k + b [+ res])` with `coef[ch] = (mu, k, b)`, and each output
+    /// plane's [`plane_value_sums`] into `sums`.
     Normalise {
         out: &'a mut [f32],
         x: &'a [f32],
@@ -135,6 +165,7 @@ enum Pass<'a> {
         hw: usize,
         coef: &'a [(f32, f32, f32)],
         act: BnAct,
+        sums: &'a mut [(f64, f64)],
     },
     /// The gradient through the activation `gm = g·act'(y)` and `sums[ch] = (Σ gm,
     /// Σ gm·(x - mean[ch]))`; `gm` is written to `masked` when given (a residual needs it),
@@ -169,7 +200,7 @@ impl pulp::WithSimd for Pass<'_> {
         match self {
             Pass::ValueSums { x, hw, sums } => {
                 for (xp, s) in x.chunks_exact(hw).zip(sums) {
-                    *s = plane_value_sums(xp);
+                    *s = value_sums(simd, xp);
                 }
             }
             Pass::Normalise {
@@ -179,9 +210,10 @@ impl pulp::WithSimd for Pass<'_> {
                 hw,
                 coef,
                 act,
+                sums,
             } => {
-                let planes = out.chunks_exact_mut(hw).zip(x.chunks_exact(hw));
-                for (ch, (op, xp)) in planes.enumerate() {
+                let planes = out.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).zip(sums);
+                for (ch, ((op, xp), sum)) in planes.enumerate() {
                     let (mu, k, b) = coef[ch];
                     match (res, act) {
                         (None, BnAct::Identity) => {
@@ -207,6 +239,8 @@ impl pulp::WithSimd for Pass<'_> {
                             }
                         }
                     }
+                    // While the plane is in cache (a pooling after it needs no pass).
+                    *sum = value_sums(simd, op);
                 }
             }
             Pass::GradSums {
@@ -494,16 +528,21 @@ pub fn batch_norm2d_train_act(
         .map(|ch| (mean[ch], inv_std[ch] * gm[ch], bt[ch]))
         .collect();
     let mut y = buffers::take(xs.len());
-    y.par_chunks_mut(len).enumerate().for_each(|(s, ys)| {
-        arch.dispatch(Pass::Normalise {
-            out: ys,
-            x: &xs[s * len..][..len],
-            res: rs.map(|r| &r[s * len..][..len]),
-            hw,
-            coef: &coef,
-            act,
-        })
-    });
+    let mut out_sums = vec![(0.0f64, 0.0f64); n * c];
+    y.par_chunks_mut(len)
+        .zip(out_sums.par_chunks_mut(c))
+        .enumerate()
+        .for_each(|(s, (ys, sums))| {
+            arch.dispatch(Pass::Normalise {
+                out: ys,
+                x: &xs[s * len..][..len],
+                res: rs.map(|r| &r[s * len..][..len]),
+                hw,
+                coef: &coef,
+                act,
+                sums,
+            })
+        });
     let y = Tensor::from_shape_vec(g.value(x).raw_dim(), y).expect("shape");
     drop((xv, rv));
     let inputs: Vec<Var> = [x, gamma, beta].into_iter().chain(residual).collect();
@@ -517,6 +556,7 @@ pub fn batch_norm2d_train_act(
             residual: residual.is_some(),
         },
     );
+    g.set_plane_sums(out, out_sums);
     Ok((out, mean, var))
 }
 
@@ -842,5 +882,66 @@ mod tests {
             assert_eq!((m1, v1), (m2, v2), "{c} {co} {h} s{stride}");
             assert_eq!(g.value(o1), g2.value(o2), "{c} {co} {h} s{stride}");
         }
+    }
+
+    struct ValueSums<'a>(&'a [f32]);
+
+    impl pulp::WithSimd for ValueSums<'_> {
+        type Output = (f64, f64);
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, simd: S) -> (f64, f64) {
+            value_sums(simd, self.0)
+        }
+    }
+
+    #[test]
+    fn plane_sums_are_the_same_bits_on_every_instruction_set() {
+        // value_sums (explicit vectors) against plain loops over the 16 lanes, bit for bit,
+        // on the scalar path and every vector path this CPU has.
+        let mut ran = vec!["scalar"];
+        for len in [0, 1, 15, 16, 17, 49, 196, 784, 1000] {
+            let x = random(&[len.max(1)], 5);
+            let x = &x.as_slice().unwrap()[..len];
+            let (mut l, mut l2) = ([0.0f32; LANES], [0.0f32; LANES]);
+            let full = len / LANES * LANES;
+            for (k, &v) in x[..full].iter().enumerate() {
+                l[k % LANES] += v;
+                l2[k % LANES] += v * v;
+            }
+            let (mut a, mut a2) = (combine(l), combine(l2));
+            for &v in &x[full..] {
+                a += v as f64;
+                a2 += v as f64 * v as f64;
+            }
+            let want = (a, a2);
+            assert_eq!(value_sums(pulp::Scalar, x), want, "scalar {len}");
+            #[cfg(target_arch = "x86_64")]
+            {
+                if let Some(simd) = pulp::x86::V3::try_new() {
+                    assert_eq!(
+                        pulp::Simd::vectorize(simd, ValueSums(x)),
+                        want,
+                        "AVX2 {len}"
+                    );
+                    ran.push("avx2");
+                }
+                if let Some(simd) = pulp::x86::V4::try_new() {
+                    assert_eq!(
+                        pulp::Simd::vectorize(simd, ValueSums(x)),
+                        want,
+                        "AVX-512 {len}"
+                    );
+                    ran.push("avx512");
+                }
+            }
+            if len > 0 {
+                let mut got = [(0.0, 0.0)];
+                plane_value_sums(x, len, &mut got);
+                assert_eq!(got[0], want, "dispatched {len}");
+            }
+        }
+        ran.sort_unstable();
+        ran.dedup();
+        eprintln!("batch-norm value sums: checked {ran:?}");
     }
 }

@@ -4,6 +4,7 @@ use ndarray::IxDyn;
 use rayon::prelude::*;
 
 use crate::buffers;
+use crate::ops::norm::plane_value_sums;
 
 use crate::error::{shape, Result};
 use crate::graph::{Backward, Graph, Var};
@@ -200,27 +201,6 @@ impl Backward for GapOp {
     }
 }
 
-/// Independent f64 accumulators of [`plane_sum`]: element `k` goes to lane `k % 8`, lanes added
-/// in order (deterministic). One running sum waited on every addition's latency: the ASQ
-/// adapters' pooling took 4 % of a ResNet-20 step.
-const SUM_LANES: usize = 8;
-
-/// The sum of `p` in f64, over [`SUM_LANES`] lanes.
-fn plane_sum(p: &[f32]) -> f64 {
-    let mut acc = [0.0f64; SUM_LANES];
-    let chunks = p.chunks_exact(SUM_LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for l in 0..SUM_LANES {
-            acc[l] += c[l] as f64;
-        }
-    }
-    for (l, &v) in tail.iter().enumerate() {
-        acc[l] += v as f64;
-    }
-    acc.iter().sum()
-}
-
 /// Global average pooling `[N, C, H, W] -> [N, C]`.
 pub fn global_avg_pool(g: &mut Graph, x: Var) -> Result<Var> {
     let s = g.shape(x).to_vec();
@@ -228,14 +208,21 @@ pub fn global_avg_pool(g: &mut Graph, x: Var) -> Result<Var> {
         return Err(shape("global_avg_pool", format!("input {s:?}")));
     }
     let hw = s[2] * s[3];
-    let xv = g.value(x).as_standard_layout();
-    let y: Vec<f32> = xv
-        .as_slice()
-        .expect("std")
-        .par_chunks(hw)
-        .map(|p| (plane_sum(p) / hw as f64) as f32)
-        .collect();
-    drop(xv);
+    // The plane sums: from the op that wrote `x` if it attached them (batch norm, summing its
+    // output while in cache: the same function on the same values), else one pass here.
+    let y: Vec<f32> = match g.plane_sums(x) {
+        Some(ps) if ps.len() == s[0] * s[1] => {
+            ps.iter().map(|p| (p.0 / hw as f64) as f32).collect()
+        }
+        _ => {
+            let xv = g.value(x).as_standard_layout();
+            let mut sums = vec![(0.0f64, 0.0f64); s[0] * s[1]];
+            sums.par_chunks_mut(s[1])
+                .zip(xv.as_slice().expect("std").par_chunks(s[1] * hw))
+                .for_each(|(ps, xs)| plane_value_sums(xs, hw, ps));
+            sums.iter().map(|p| (p.0 / hw as f64) as f32).collect()
+        }
+    };
     let y = Tensor::from_shape_vec(IxDyn(&[s[0], s[1]]), y).expect("shape");
     Ok(g.record(y, &[x], GapOp))
 }
@@ -359,5 +346,26 @@ mod tests {
         let mut acc = base.clone();
         assert!(GapOp.add_input_grad(&[&x], &grad, &grad, 0, &mut acc));
         assert_eq!(acc, want);
+    }
+
+    /// Pooling after batch norm takes the plane sums batch norm attached: the same bits as its
+    /// own pass over the same values.
+    #[test]
+    fn pooling_after_batch_norm_equals_its_own_pass_bit_for_bit() {
+        use crate::ops::norm::{batch_norm2d_train_act, BnAct};
+        for shape in [[3, 4, 7, 7], [2, 5, 3, 11]] {
+            let x = random(&shape, 1);
+            let (gamma, beta) = (random(&[shape[1]], 2), random(&[shape[1]], 3));
+            let mut g = Graph::new(true);
+            let (xv, gv, bv) = (g.input(x), g.input(gamma), g.input(beta));
+            let (y, _, _) =
+                batch_norm2d_train_act(&mut g, xv, gv, bv, 1e-5, None, BnAct::Relu).unwrap();
+            assert!(g.plane_sums(y).is_some());
+            let p = global_avg_pool(&mut g, y).unwrap();
+            let mut g2 = Graph::new(true);
+            let y2 = g2.input(g.value(y).clone());
+            let p2 = global_avg_pool(&mut g2, y2).unwrap();
+            assert_eq!(g.value(p), g2.value(p2), "{shape:?}");
+        }
     }
 }
