@@ -74,12 +74,18 @@ pub(crate) fn plane_value_sums(x: &[f32], hw: usize, sums: &mut [(f64, f64)]) {
     pulp::Arch::new().dispatch(Sums(x, hw, sums))
 }
 
-/// [`grad_sums`] of `g` where `y > 0`, zero elsewhere (ReLU's gradient), without writing it.
-/// Written with explicit vectors: the select inside the 16 fixed lanes compiled to scalar code.
-/// Lane `l` of the 16 holds the same sums in the same order as [`grad_sums`] on the masked
-/// gradient, on every instruction set.
+/// `(Σ gm, Σ gm·(x - mu))` of one plane, `gm = g` or, with `RELU`, `g` where `y > 0` and zero
+/// elsewhere (ReLU's gradient, not written out). 16 f32 lanes combined in f64 as
+/// [`value_sums`], in explicit vectors (the select inside fixed lanes, and the fixed lanes
+/// alone, compiled to scalar code): the same bits on every instruction set.
 #[inline(always)]
-fn grad_sums_relu<S: pulp::Simd>(simd: S, g: &[f32], y: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
+fn grad_sums<S: pulp::Simd, const RELU: bool>(
+    simd: S,
+    g: &[f32],
+    y: &[f32],
+    x: &[f32],
+    mu: f32,
+) -> (f64, f64) {
     let lanes = S::F32_LANES;
     let per = LANES / lanes;
     debug_assert_eq!(per * lanes, LANES);
@@ -87,6 +93,7 @@ fn grad_sums_relu<S: pulp::Simd>(simd: S, g: &[f32], y: &[f32], x: &[f32], mu: f
         |v: &[f32]| -> S::f32s { bytemuck::pod_read_unaligned(bytemuck::cast_slice(&v[..lanes])) };
     let (zero, muv) = (simd.splat_f32s(0.0), simd.splat_f32s(mu));
     let (mut s, mut sx) = ([zero; LANES], [zero; LANES]);
+    let y = if RELU { y } else { g };
     let (gc, yc, xc) = (
         g.chunks_exact(LANES),
         y.chunks_exact(LANES),
@@ -96,8 +103,12 @@ fn grad_sums_relu<S: pulp::Simd>(simd: S, g: &[f32], y: &[f32], x: &[f32], mu: f
     for ((gch, ych), xch) in gc.zip(yc).zip(xc) {
         for v in 0..per {
             let at = v * lanes;
-            let (gv, yv, xv) = (load(&gch[at..]), load(&ych[at..]), load(&xch[at..]));
-            let gm = simd.select_f32s(simd.greater_than_f32s(yv, zero), gv, zero);
+            let (gv, xv) = (load(&gch[at..]), load(&xch[at..]));
+            let gm = if RELU {
+                simd.select_f32s(simd.greater_than_f32s(load(&ych[at..]), zero), gv, zero)
+            } else {
+                gv
+            };
             s[v] = simd.add_f32s(s[v], gm);
             sx[v] = simd.add_f32s(sx[v], simd.mul_f32s(gm, simd.sub_f32s(xv, muv)));
         }
@@ -110,29 +121,9 @@ fn grad_sums_relu<S: pulp::Simd>(simd: S, g: &[f32], y: &[f32], x: &[f32], mu: f
     };
     let (mut a, mut b) = (combine(unpack(&s)), combine(unpack(&sx)));
     for ((&gv, &yv), &xv) in gt.iter().zip(yt).zip(xt) {
-        let gm = if yv > 0.0 { gv } else { 0.0 };
+        let gm = if !RELU || yv > 0.0 { gv } else { 0.0 };
         a += gm as f64;
         b += gm as f64 * (xv - mu) as f64;
-    }
-    (a, b)
-}
-
-/// `(Σ g, Σ g·(x - mu))` of one plane.
-#[inline(always)]
-fn grad_sums(g: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
-    let (mut s, mut sx) = ([0.0f32; LANES], [0.0f32; LANES]);
-    let (gc, xc) = (g.chunks_exact(LANES), x.chunks_exact(LANES));
-    let (gt, xt) = (gc.remainder(), xc.remainder());
-    for (gch, xch) in gc.zip(xc) {
-        for l in 0..LANES {
-            s[l] += gch[l];
-            sx[l] += gch[l] * (xch[l] - mu);
-        }
-    }
-    let (mut a, mut b) = (combine(s), combine(sx));
-    for (&gv, &xv) in gt.iter().zip(xt) {
-        a += gv as f64;
-        b += gv as f64 * (xv - mu) as f64;
     }
     (a, b)
 }
@@ -262,10 +253,10 @@ impl pulp::WithSimd for Pass<'_> {
                             for ((m, &gv), &yv) in mp.iter_mut().zip(gp).zip(yp) {
                                 *m = if yv > 0.0 { gv } else { 0.0 };
                             }
-                            grad_sums(mp, xp, mean[ch])
+                            grad_sums::<S, false>(simd, mp, mp, xp, mean[ch])
                         }
-                        (BnAct::Relu, None) => grad_sums_relu(simd, gp, yp, xp, mean[ch]),
-                        (BnAct::Identity, _) => grad_sums(gp, xp, mean[ch]),
+                        (BnAct::Relu, None) => grad_sums::<S, true>(simd, gp, yp, xp, mean[ch]),
+                        (BnAct::Identity, _) => grad_sums::<S, false>(simd, gp, gp, xp, mean[ch]),
                     };
                 }
             }
@@ -763,10 +754,27 @@ mod tests {
         }
     }
 
+    /// Plain loops: `(Σ g, Σ g·(x - mu))` over 16 f32 lanes combined in f64, the tail in f64.
+    fn reference_grad_sums(g: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
+        let (mut s, mut sx) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let full = g.len() / LANES * LANES;
+        for k in 0..full {
+            s[k % LANES] += g[k];
+            sx[k % LANES] += g[k] * (x[k] - mu);
+        }
+        let (mut a, mut b) = (combine(s), combine(sx));
+        for k in full..g.len() {
+            a += g[k] as f64;
+            b += g[k] as f64 * (x[k] - mu) as f64;
+        }
+        (a, b)
+    }
+
     #[test]
-    fn masked_sums_match_the_written_mask_on_every_instruction_set() {
-        // grad_sums_relu (explicit vectors) against grad_sums on the written masked gradient,
-        // bit for bit, on the scalar path and every vector path this CPU has.
+    fn gradient_sums_match_plain_loops_on_every_instruction_set() {
+        // grad_sums (explicit vectors), plain and through ReLU's mask (not written), against
+        // plain loops on the (written) masked gradient, bit for bit, on the scalar path and
+        // every vector path this CPU has.
         let mut ran = vec!["scalar"];
         for len in [0, 1, 15, 16, 17, 49, 196, 784, 1000] {
             let (g, y, x) = (
@@ -784,12 +792,12 @@ mod tests {
                 .zip(y)
                 .map(|(&gv, &yv)| if yv > 0.0 { gv } else { 0.0 })
                 .collect();
-            let want = grad_sums(&masked, x, 0.3);
-            assert_eq!(
-                grad_sums_relu(pulp::Scalar, g, y, x, 0.3),
-                want,
-                "scalar {len}"
+            let want = (
+                reference_grad_sums(g, x, 0.3),
+                reference_grad_sums(&masked, x, 0.3),
             );
+            let scalar = pulp::Simd::vectorize(pulp::Scalar, Sums(g, y, x));
+            assert_eq!(scalar, want, "scalar {len}");
             #[cfg(target_arch = "x86_64")]
             {
                 if let Some(simd) = pulp::x86::V3::try_new() {
@@ -806,17 +814,21 @@ mod tests {
         }
         ran.sort_unstable();
         ran.dedup();
-        eprintln!("masked batch-norm sums: checked {ran:?}");
+        eprintln!("batch-norm gradient sums: checked {ran:?}");
     }
 
-    /// `grad_sums_relu` compiled for an instruction set (the dispatch's way).
+    /// `grad_sums` plain and through the mask, compiled for an instruction set (the dispatch's
+    /// way).
     struct Sums<'a>(&'a [f32], &'a [f32], &'a [f32]);
 
     impl pulp::WithSimd for Sums<'_> {
-        type Output = (f64, f64);
+        type Output = ((f64, f64), (f64, f64));
         #[inline(always)]
-        fn with_simd<S: pulp::Simd>(self, simd: S) -> (f64, f64) {
-            grad_sums_relu(simd, self.0, self.1, self.2, 0.3)
+        fn with_simd<S: pulp::Simd>(self, simd: S) -> Self::Output {
+            (
+                grad_sums::<S, false>(simd, self.0, self.1, self.2, 0.3),
+                grad_sums::<S, true>(simd, self.0, self.1, self.2, 0.3),
+            )
         }
     }
 
