@@ -342,6 +342,7 @@ impl Graph {
             if let (Some(g), Some(id)) = (g, self.nodes[i].param) {
                 let p = store.get_mut(id);
                 p.grad.zip_mut_with(&g, |a, b| *a += b);
+                buffers::recycle(g);
             }
         }
         Ok(())

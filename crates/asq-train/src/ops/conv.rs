@@ -280,11 +280,13 @@ fn sample_chunks(n: usize, in_len: usize, dx: &mut [f32]) -> Vec<((usize, usize)
     }
 }
 
-/// The element-wise sum of the chunks' partial weight gradients, in chunk order.
-fn sum_in_order(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
-    let mut dw = vec![0.0f32; len];
+/// The element-wise sum of the chunks' partial weight gradients, in chunk order (the partials
+/// go back to [`buffers`]: a 64x64x3x3 kernel's 147 KB came from fresh pages every time).
+fn sum_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut dw = buffers::take_zeroed(len);
     for p in partials {
-        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+        buffers::give(p);
     }
     dw
 }
@@ -311,7 +313,7 @@ fn gemm_grads(
         .into_par_iter()
         .map(|((n0, samples), dxc)| {
             let ld = samples * opix;
-            let mut dw = vec![0.0f32; w.len()];
+            let mut dw = buffers::take_zeroed(w.len());
             let mut cols = scratch::take(0, krows * ld);
             let mut gyb = scratch::take(1, cog * ld);
             for grp in 0..geo.spec.groups {
@@ -347,7 +349,7 @@ fn gemm_grads(
             dw
         })
         .collect();
-    (want_dx.then_some(dx), sum_in_order(&partials, w.len()))
+    (want_dx.then_some(dx), sum_in_order(partials, w.len()))
 }
 
 /// Convolution of `x` `[N, C, H, W]` with `w` `[C_out, C / groups, KH, KW]` and an optional
@@ -628,7 +630,8 @@ fn direct_grads(
             let mut tmp = scratch::take(1, ci_pad * back.nq);
             let mut gyt = scratch::take(2, pixels * co_pad);
             let mut xp = scratch::take(3, pad_len);
-            let mut part = vec![0.0f32; co_pad * geo.c * taps];
+            // Overwritten by the first sample's sums.
+            let mut part = buffers::take(co_pad * geo.c * taps);
             for j in 0..samples {
                 let gyn = &gy[(n0 + j) * out_len..][..out_len];
                 if let Some(dxn) = dxc.chunks_exact_mut(in_len).nth(j) {
@@ -655,13 +658,14 @@ fn direct_grads(
             scratch::give(1, tmp);
             scratch::give(2, gyt);
             scratch::give(3, xp);
-            let mut dwp = vec![0.0f32; co_pad * geo.c * taps];
+            let mut dwp = buffers::take_zeroed(co_pad * geo.c * taps);
             direct::add_part(&part, co_pad, &mut dwp);
+            buffers::give(part);
             dwp.truncate(w.len());
             dwp
         })
         .collect();
-    (want_dx.then_some(dx), sum_in_order(&partials, w.len()))
+    (want_dx.then_some(dx), sum_in_order(partials, w.len()))
 }
 
 /// A stride-2 convolution with an odd `k x k` kernel and padding `(k - 1) / 2` as stride-1
@@ -861,7 +865,7 @@ fn strided_grads(
             let mut parts: Vec<Vec<f32>> = ph
                 .taps
                 .iter()
-                .map(|t| vec![0.0f32; co_pad * geo.c * t.len()])
+                .map(|t| buffers::take(co_pad * geo.c * t.len()))
                 .collect();
             for j in 0..samples {
                 let gyn = &gy[(n0 + j) * out_len..][..out_len];
@@ -915,10 +919,11 @@ fn strided_grads(
                 scratch::give(2, gyt);
                 scratch::give(3, phases);
             }
-            let mut dw = vec![0.0f32; w.len()];
-            for (taps, part) in ph.taps.iter().zip(&parts) {
-                let mut dwp = vec![0.0f32; co_pad * geo.c * taps.len()];
-                direct::add_part(part, co_pad, &mut dwp);
+            let mut dw = buffers::take_zeroed(w.len());
+            for (taps, part) in ph.taps.iter().zip(parts) {
+                let mut dwp = buffers::take_zeroed(co_pad * geo.c * taps.len());
+                direct::add_part(&part, co_pad, &mut dwp);
+                buffers::give(part);
                 for (oi, d) in dwp
                     .chunks_exact(taps.len())
                     .take(geo.co * geo.c)
@@ -928,11 +933,12 @@ fn strided_grads(
                         dw[(oi * k + ky) * k + kx] = v;
                     }
                 }
+                buffers::give(dwp);
             }
             dw
         })
         .collect();
-    (want_dx.then_some(dx), sum_in_order(&partials, w.len()))
+    (want_dx.then_some(dx), sum_in_order(partials, w.len()))
 }
 
 thread_local! {
