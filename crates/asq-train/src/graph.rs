@@ -45,22 +45,24 @@ pub trait Backward: Send + Sync {
         self.backward(inputs, output, grad)
     }
 
-    /// Adds the gradient w.r.t. input `input` into `acc`, the gradient that input already has
-    /// from the ops recorded after this one, instead of returning it for the graph to add: one
-    /// pass over `acc` where a returned gradient costs a written tensor and a sum over both
-    /// (global average pooling's gradient is one value per plane). Must add exactly what
-    /// [`Backward::backward`] returns for that input, in the same rounding. `false` (the
-    /// default): not done, the graph asks [`Backward::backward_needed`] for it.
-    fn add_input_grad(
+    /// [`Backward::backward_needed`], but with the gradient w.r.t. input `input` added into
+    /// `acc`, the gradient that input already has from the ops recorded after this one, instead
+    /// of returned (its slot `None`): one pass over `acc` where a returned gradient costs a
+    /// written tensor and a sum over both (global average pooling's plane-constant gradient; a
+    /// convolution's input gradient in a residual block). Must add exactly what
+    /// [`Backward::backward_needed`] returns for that input, in the same rounding. `None` (the
+    /// default): not done; the graph then asks [`Backward::backward_needed`] and adds.
+    fn backward_adding(
         &self,
         inputs: &[&Tensor],
         output: &Tensor,
         grad: &Tensor,
+        needed: &[bool],
         input: usize,
         acc: &mut Tensor,
-    ) -> bool {
-        let _ = (inputs, output, grad, input, acc);
-        false
+    ) -> Option<Vec<Option<Tensor>>> {
+        let _ = (inputs, output, grad, needed, input, acc);
+        None
     }
 
     /// The op's name in profiles ([`set_profiling`]): by default the backward rule's type name
@@ -361,27 +363,26 @@ impl Graph {
                 let start = profile.as_ref().map(|_| Instant::now());
                 let inputs: Vec<&Tensor> =
                     node.inputs.iter().map(|v| &self.nodes[v.0].value).collect();
-                let mut needed: Vec<bool> = node
+                let needed: Vec<bool> = node
                     .inputs
                     .iter()
                     .map(|v| self.nodes[v.0].needs_grad)
                     .collect();
-                // Inputs (used once by this op) that already have a gradient: the op may add
-                // its part in place.
+                // The first input (used once by this op) that already has a gradient: the op
+                // may add its part in place.
                 let mut added = vec![false; node.inputs.len()];
-                for (j, v) in node.inputs.iter().enumerate() {
+                let mut gin = None;
+                let first = node.inputs.iter().enumerate().position(|(j, v)| {
                     let once = node.inputs.iter().filter(|u| u.0 == v.0).count() == 1;
-                    if let (true, true, Some(acc)) = (needed[j], once, grads[v.0].as_mut()) {
-                        if op.add_input_grad(&inputs, &node.value, &g, j, acc) {
-                            (added[j], needed[j]) = (true, false);
-                        }
-                    }
+                    needed[j] && once && grads[v.0].is_some()
+                });
+                if let Some(j) = first {
+                    let acc = grads[node.inputs[j].0].as_mut().expect("checked");
+                    gin = op.backward_adding(&inputs, &node.value, &g, &needed, j, acc);
+                    added[j] = gin.is_some();
                 }
-                let gin = if needed.iter().any(|&n| n) || !added.iter().any(|&a| a) {
-                    op.backward_needed(&inputs, &node.value, &g, &needed)
-                } else {
-                    Vec::new()
-                };
+                let gin =
+                    gin.unwrap_or_else(|| op.backward_needed(&inputs, &node.value, &g, &needed));
                 if let (Some(p), Some(start)) = (&mut profile, start) {
                     p.entry(op.name()).backward += start.elapsed();
                 }

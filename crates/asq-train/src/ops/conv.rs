@@ -216,6 +216,48 @@ fn with_operands<R>(
     )
 }
 
+/// Where a backward pass puts the input gradient.
+enum Dx<'a> {
+    /// Not wanted.
+    Skip,
+    /// A new tensor.
+    New,
+    /// Added to the gradient the input already has ([`Backward::backward_adding`]); only the
+    /// direct paths take it.
+    Add(&'a mut [f32]),
+}
+
+impl ConvOp {
+    /// The gradients `[dx, dw, (db)]`; `dx` is `None` unless [`Dx::New`].
+    fn grads(&self, inputs: &[&Tensor], grad: &Tensor, dx: Dx) -> Vec<Option<Tensor>> {
+        let geo = self.geo;
+        let (xs, ws, gs) = (
+            inputs[0].as_standard_layout(),
+            inputs[1].as_standard_layout(),
+            grad.as_standard_layout(),
+        );
+        let [x, w, gy] = [&xs, &ws, &gs].map(|t| t.as_slice().expect("standard layout"));
+        let want_dx = matches!(dx, Dx::New);
+        let (dx, dw) = match (&self.path, dx) {
+            (Path::Depthwise, _) => {
+                let (dx, dw) = depthwise_grads(&geo, x, w, gy);
+                (want_dx.then_some(dx), dw)
+            }
+            (Path::Direct, dx) => direct_grads(&geo, x, w, gy, dx),
+            (Path::Strided, dx) => strided_grads(&geo, x, w, gy, dx),
+            (Path::Gemm, _) => gemm_grads(&geo, x, w, gy, want_dx),
+        };
+        let mut out = vec![
+            dx.map(|dx| Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("input shape")),
+            Some(Tensor::from_shape_vec(inputs[1].raw_dim(), dw).expect("weight shape")),
+        ];
+        if self.bias {
+            out.push(Some(bias_grad(gy, geo.n, geo.co, geo.opix())));
+        }
+        out
+    }
+}
+
 impl Backward for ConvOp {
     fn backward(&self, inputs: &[&Tensor], out: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
         self.backward_needed(inputs, out, grad, &[true; 3])
@@ -228,31 +270,30 @@ impl Backward for ConvOp {
         grad: &Tensor,
         needed: &[bool],
     ) -> Vec<Option<Tensor>> {
-        let geo = self.geo;
-        let want_dx = needed.first().copied().unwrap_or(true);
-        let (xs, ws, gs) = (
-            inputs[0].as_standard_layout(),
-            inputs[1].as_standard_layout(),
-            grad.as_standard_layout(),
-        );
-        let [x, w, gy] = [&xs, &ws, &gs].map(|t| t.as_slice().expect("standard layout"));
-        let (dx, dw) = match &self.path {
-            Path::Depthwise => {
-                let (dx, dw) = depthwise_grads(&geo, x, w, gy);
-                (Some(dx), dw)
-            }
-            Path::Direct => direct_grads(&geo, x, w, gy, want_dx),
-            Path::Strided => strided_grads(&geo, x, w, gy, want_dx),
-            Path::Gemm => gemm_grads(&geo, x, w, gy, want_dx),
+        let dx = if needed.first().copied().unwrap_or(true) {
+            Dx::New
+        } else {
+            Dx::Skip
         };
-        let mut out = vec![
-            dx.map(|dx| Tensor::from_shape_vec(inputs[0].raw_dim(), dx).expect("input shape")),
-            Some(Tensor::from_shape_vec(inputs[1].raw_dim(), dw).expect("weight shape")),
-        ];
-        if self.bias {
-            out.push(Some(bias_grad(gy, geo.n, geo.co, geo.opix())));
+        self.grads(inputs, grad, dx)
+    }
+
+    /// The direct paths add the input gradient into the one already there (a residual block's
+    /// input: the shortcut's gradient comes first), as their last write of each sample.
+    fn backward_adding(
+        &self,
+        inputs: &[&Tensor],
+        _: &Tensor,
+        grad: &Tensor,
+        _: &[bool],
+        input: usize,
+        acc: &mut Tensor,
+    ) -> Option<Vec<Option<Tensor>>> {
+        if input != 0 || !matches!(self.path, Path::Direct | Path::Strided) {
+            return None;
         }
-        out
+        let acc = acc.as_slice_mut()?;
+        Some(self.grads(inputs, grad, Dx::Add(acc)))
     }
 
     fn name(&self) -> &'static str {
@@ -592,7 +633,7 @@ fn direct_grads(
     x: &[f32],
     w: &[f32],
     gy: &[f32],
-    want_dx: bool,
+    dx: Dx,
 ) -> (Option<Vec<f32>>, Vec<f32>) {
     let geo = *geo;
     let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
@@ -614,12 +655,17 @@ fn direct_grads(
         direct::padded_channels(geo.co),
     );
     let pixels = geo.oh * geo.ow;
-    let mut dx = if want_dx {
+    let (new, add) = (matches!(dx, Dx::New), matches!(dx, Dx::Add(_)));
+    let mut own = if new {
         buffers::take(geo.n * in_len)
     } else {
         Vec::new()
     };
-    let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, &mut dx)
+    let target: &mut [f32] = match dx {
+        Dx::Add(acc) => acc,
+        _ => &mut own,
+    };
+    let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, target)
         .into_par_iter()
         .map(|((n0, samples), dxc)| {
             // Sample by sample: the input gradient (when wanted: else `dxc` is empty), then the
@@ -637,7 +683,11 @@ fn direct_grads(
                 if let Some(dxn) = dxc.chunks_exact_mut(in_len).nth(j) {
                     back.pad(gyn, geo.co, &mut gp);
                     direct::forward(&back, &gp, back.plane, geo.co, &offs_b, &wt, &mut tmp);
-                    back.extract(&tmp, geo.c, dxn, None);
+                    if add {
+                        back.extract_add(&tmp, geo.c, dxn);
+                    } else {
+                        back.extract(&tmp, geo.c, dxn, None);
+                    }
                 }
                 fwd.pad(&x[(n0 + j) * in_len..][..in_len], geo.c, &mut xp);
                 fwd.transpose_out(gyn, geo.co, co_pad, &mut gyt);
@@ -665,7 +715,7 @@ fn direct_grads(
             dwp
         })
         .collect();
-    (want_dx.then_some(dx), sum_in_order(partials, w.len()))
+    (new.then_some(own), sum_in_order(partials, w.len()))
 }
 
 /// A stride-2 convolution with an odd `k x k` kernel and padding `(k - 1) / 2` as stride-1
@@ -817,7 +867,7 @@ fn strided_grads(
     x: &[f32],
     w: &[f32],
     gy: &[f32],
-    want_dx: bool,
+    dx: Dx,
 ) -> (Option<Vec<f32>>, Vec<f32>) {
     let geo = *geo;
     let ph = Phases::new(&geo).expect("checked by conv2d");
@@ -851,12 +901,17 @@ fn strided_grads(
         })
         .collect();
     let split_len = 4 * geo.c * grid.plane;
-    let mut dx = if want_dx {
+    let (new, add) = (matches!(dx, Dx::New), matches!(dx, Dx::Add(_)));
+    let mut own = if new {
         buffers::take_zeroed(geo.n * in_len)
     } else {
         Vec::new()
     };
-    let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, &mut dx)
+    let target: &mut [f32] = match dx {
+        Dx::Add(acc) => acc,
+        _ => &mut own,
+    };
+    let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, target)
         .into_par_iter()
         .map(|((n0, samples), dxc)| {
             // Sample by sample: the input gradient phase by phase (when wanted: else `dxc` is
@@ -891,7 +946,11 @@ fn strided_grads(
                         {
                             let cells = drow[x0..geo.w].chunks_mut(2);
                             for (pair, &v) in cells.zip(&trow[s0..][..cols]) {
-                                pair[0] = v;
+                                if add {
+                                    pair[0] += v;
+                                } else {
+                                    pair[0] = v;
+                                }
                             }
                         }
                     }
@@ -938,7 +997,7 @@ fn strided_grads(
             dw
         })
         .collect();
-    (want_dx.then_some(dx), sum_in_order(partials, w.len()))
+    (new.then_some(own), sum_in_order(partials, w.len()))
 }
 
 thread_local! {
@@ -1268,6 +1327,57 @@ mod tests {
                 },
             };
             assert!(Phases::new(&geo).is_none(), "{geo:?}");
+        }
+    }
+
+    /// A residual block's input: its gradient from the other op arrives first, and the direct
+    /// paths add theirs in place. The same bits as a returned gradient summed by the tape
+    /// (the other recording order), and as the convolution's own input gradient plus the
+    /// other one; the weight gradient unchanged.
+    #[test]
+    fn input_gradient_added_in_place_equals_the_sum() {
+        use crate::ops::basic::{add, mul, sum};
+        for (stride, h, co) in [(1, 9, 6), (2, 10, 6), (2, 9, 17), (1, 7, 33)] {
+            let spec = ConvSpec {
+                stride,
+                pad: 1,
+                groups: 1,
+            };
+            let oh = (h + 2 - 3) / stride + 1;
+            let (x, wt) = (random(&[3, 5, h, h], 1), random(&[co, 5, 3, 3], 2));
+            let (r, ry) = (random(&[3, 5, h, h], 3), random(&[3, co, oh, oh], 4));
+            let run = |conv_first: bool, other: bool| {
+                let mut g = Graph::new(true);
+                let xv = g.input_with_grad(x.clone());
+                let wv = g.input_with_grad(wt.clone());
+                let (rv, ryv) = (g.input(r.clone()), g.input(ry.clone()));
+                let (y, m) = if conv_first {
+                    let y = conv2d(&mut g, xv, wv, None, spec).unwrap();
+                    (y, mul(&mut g, xv, rv).unwrap())
+                } else {
+                    let m = mul(&mut g, xv, rv).unwrap();
+                    (conv2d(&mut g, xv, wv, None, spec).unwrap(), m)
+                };
+                let yw = mul(&mut g, y, ryv).unwrap();
+                let mut l = sum(&mut g, yw);
+                if other {
+                    let ms = sum(&mut g, m);
+                    l = add(&mut g, l, ms).unwrap();
+                }
+                let all = g.gradients(l).unwrap();
+                (all[xv.0].clone().unwrap(), all[wv.0].clone().unwrap())
+            };
+            let (dx_conv, dw_conv) = run(true, false);
+            let want: Vec<f32> = dx_conv.iter().zip(r.iter()).map(|(a, b)| a + b).collect();
+            for conv_first in [true, false] {
+                let (dx, dw) = run(conv_first, true);
+                assert_eq!(
+                    dx.as_slice().unwrap(),
+                    &want[..],
+                    "s{stride} {h} {conv_first}"
+                );
+                assert_eq!(dw, dw_conv, "s{stride} {h} {conv_first}");
+            }
         }
     }
 

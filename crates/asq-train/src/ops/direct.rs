@@ -151,6 +151,19 @@ impl Grid {
             c,
             dst,
             bias,
+            add: false,
+        })
+    }
+
+    /// [`Grid::extract`] added to what `dst` holds (`dst + value`, no bias).
+    pub(crate) fn extract_add(&self, src: &[f32], c: usize, dst: &mut [f32]) {
+        dispatch(Extract {
+            grid: self,
+            src,
+            c,
+            dst,
+            bias: None,
+            add: true,
         })
     }
 
@@ -354,6 +367,8 @@ struct Extract<'a> {
     c: usize,
     dst: &'a mut [f32],
     bias: Option<&'a [f32]>,
+    /// Add to `dst` instead of overwriting it.
+    add: bool,
 }
 
 impl WithSimd for Extract<'_> {
@@ -367,6 +382,7 @@ impl WithSimd for Extract<'_> {
             c,
             dst,
             bias,
+            add,
         } = self;
         let (oh, ow, lanes) = (grid.oh, grid.ow, S::F32_LANES);
         for (i, (s, d)) in src
@@ -384,7 +400,13 @@ impl WithSimd for Extract<'_> {
                 let from = &s[y * grid.wp..][..ow];
                 for (dc, sc) in row.chunks_mut(lanes).zip(from.chunks(lanes)) {
                     let v = get(simd, sc);
-                    put(simd, dc, b.map_or(v, |b| simd.add_f32s(v, b)));
+                    let v = b.map_or(v, |b| simd.add_f32s(v, b));
+                    let v = if add {
+                        simd.add_f32s(get(simd, dc), v)
+                    } else {
+                        v
+                    };
+                    put(simd, dc, v);
                 }
             }
         }

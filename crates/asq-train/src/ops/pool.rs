@@ -176,19 +176,20 @@ impl Backward for GapOp {
 
     /// `acc[n][c][·] += g[n][c] / hw`: the plane-constant gradient added in one pass (the ASQ
     /// adapters pool the activation the quantizer also reads, whose gradient is there first).
-    fn add_input_grad(
+    fn backward_adding(
         &self,
         inputs: &[&Tensor],
         _: &Tensor,
         grad: &Tensor,
+        _: &[bool],
         _: usize,
         acc: &mut Tensor,
-    ) -> bool {
+    ) -> Option<Vec<Option<Tensor>>> {
         let s = inputs[0].shape();
         let hw = s[2] * s[3];
         let inv = 1.0 / hw as f32;
         let (gs, Some(acc)) = (grad.as_standard_layout(), acc.as_slice_mut()) else {
-            return false;
+            return None;
         };
         let gy = gs.as_slice().expect("std");
         acc.par_chunks_mut(hw)
@@ -197,7 +198,7 @@ impl Backward for GapOp {
                 let d = g * inv;
                 plane.iter_mut().for_each(|v| *v += d);
             });
-        true
+        Some(vec![None])
     }
 }
 
@@ -344,7 +345,8 @@ mod tests {
         let mut want = base.clone();
         want.zip_mut_with(&returned, |a, &b| *a += b);
         let mut acc = base.clone();
-        assert!(GapOp.add_input_grad(&[&x], &grad, &grad, 0, &mut acc));
+        let rest = GapOp.backward_adding(&[&x], &grad, &grad, &[true], 0, &mut acc);
+        assert_eq!(rest, Some(vec![None]));
         assert_eq!(acc, want);
     }
 
