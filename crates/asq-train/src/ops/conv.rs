@@ -227,6 +227,47 @@ enum Dx<'a> {
     Add(&'a mut [f32]),
 }
 
+impl<'a> Dx<'a> {
+    /// Where `len` input-gradient values go: a pooled buffer for [`Dx::New`] (zeroed when
+    /// `zeroed`: a path that only scatters into it), the gradient to add into for [`Dx::Add`],
+    /// nothing for [`Dx::Skip`].
+    fn target(self, len: usize, zeroed: bool) -> DxTarget<'a> {
+        match self {
+            Dx::Skip => DxTarget::Skip,
+            Dx::New if zeroed => DxTarget::New(buffers::take_zeroed(len)),
+            Dx::New => DxTarget::New(buffers::take(len)),
+            Dx::Add(acc) => DxTarget::Add(acc),
+        }
+    }
+}
+
+/// [`Dx::target`].
+enum DxTarget<'a> {
+    Skip,
+    New(Vec<f32>),
+    Add(&'a mut [f32]),
+}
+
+impl DxTarget<'_> {
+    /// The values to write (or add) into; empty without an input gradient (a zero-length
+    /// stand-in still splits the samples into the same chunks).
+    fn values(&mut self) -> &mut [f32] {
+        match self {
+            DxTarget::Skip => &mut [],
+            DxTarget::New(v) => v,
+            DxTarget::Add(acc) => acc,
+        }
+    }
+
+    /// The new tensor's values, if one was asked for.
+    fn into_new(self) -> Option<Vec<f32>> {
+        match self {
+            DxTarget::New(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
 impl ConvOp {
     /// The gradients `[dx, dw, (db)]`; `dx` is `None` unless [`Dx::New`].
     fn grads(&self, inputs: &[&Tensor], grad: &Tensor, dx: Dx) -> Vec<Option<Tensor>> {
@@ -625,9 +666,10 @@ fn direct_forward(
     )
 }
 
-/// `(dx, dw)` on the direct kernels: `dx` (only if `want_dx`) is the forward kernel run on the
-/// output gradient padded by `k - 1 - pad` with the kernel transposed and flipped; `dw` is
-/// reduced over fixed sample chunks in order, as on the GEMM path.
+/// `(dx, dw)` on the direct kernels: `dx` (a new tensor, added into the input's gradient, or
+/// none: [`Dx`]) is the forward kernel run on the output gradient padded by `k - 1 - pad` with
+/// the kernel transposed and flipped; `dw` is reduced over fixed sample chunks in order, as on
+/// the GEMM path.
 fn direct_grads(
     geo: &Geo,
     x: &[f32],
@@ -655,17 +697,9 @@ fn direct_grads(
         direct::padded_channels(geo.co),
     );
     let pixels = geo.oh * geo.ow;
-    let (new, add) = (matches!(dx, Dx::New), matches!(dx, Dx::Add(_)));
-    let mut own = if new {
-        buffers::take(geo.n * in_len)
-    } else {
-        Vec::new()
-    };
-    let target: &mut [f32] = match dx {
-        Dx::Add(acc) => acc,
-        _ => &mut own,
-    };
-    let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, target)
+    let mut target = dx.target(geo.n * in_len, false);
+    let add = matches!(target, DxTarget::Add(_));
+    let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, target.values())
         .into_par_iter()
         .map(|((n0, samples), dxc)| {
             // Sample by sample: the input gradient (when wanted: else `dxc` is empty), then the
@@ -715,7 +749,7 @@ fn direct_grads(
             dwp
         })
         .collect();
-    (new.then_some(own), sum_in_order(partials, w.len()))
+    (target.into_new(), sum_in_order(partials, w.len()))
 }
 
 /// A stride-2 convolution with an odd `k x k` kernel and padding `(k - 1) / 2` as stride-1
@@ -901,17 +935,9 @@ fn strided_grads(
         })
         .collect();
     let split_len = 4 * geo.c * grid.plane;
-    let (new, add) = (matches!(dx, Dx::New), matches!(dx, Dx::Add(_)));
-    let mut own = if new {
-        buffers::take_zeroed(geo.n * in_len)
-    } else {
-        Vec::new()
-    };
-    let target: &mut [f32] = match dx {
-        Dx::Add(acc) => acc,
-        _ => &mut own,
-    };
-    let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, target)
+    let mut target = dx.target(geo.n * in_len, true);
+    let add = matches!(target, DxTarget::Add(_));
+    let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, target.values())
         .into_par_iter()
         .map(|((n0, samples), dxc)| {
             // Sample by sample: the input gradient phase by phase (when wanted: else `dxc` is
@@ -997,7 +1023,7 @@ fn strided_grads(
             dw
         })
         .collect();
-    (new.then_some(own), sum_in_order(partials, w.len()))
+    (target.into_new(), sum_in_order(partials, w.len()))
 }
 
 thread_local! {
