@@ -597,6 +597,11 @@ fn forward_grid(geo: &Geo) -> Grid {
     Grid::new(geo.h, geo.w, p, p, geo.kh, geo.kw).expect("checked by conv2d")
 }
 
+/// Sample `n` of a batch with `len` values per sample, empty past the end.
+fn sample(v: &[f32], n: usize, len: usize) -> &[f32] {
+    v.get(n * len..(n + 1) * len).unwrap_or(&[])
+}
+
 /// One sample's output and input in [`per_sample_forward`].
 type Operands<'a> = (&'a mut [f32], &'a [f32]);
 
@@ -604,6 +609,11 @@ type Operands<'a> = (&'a mut [f32], &'a [f32]);
 /// input out in a per-thread buffer of `len` values, `product` computes the output channels on
 /// `grid` from it, and the valid part goes to the output with the bias. With `sums`, also each
 /// output plane's `(Σ y, Σ y²)` (see [`Graph::set_plane_sums`]), taken while it is in cache.
+///
+/// `product` also gets memory to prefetch while it computes (see [`direct::forward_into`]): the
+/// next sample's input (the thread's next one unless rayon split the range there) and this
+/// sample's output, which the copies around the kernel would otherwise wait for (a 16-channel
+/// 28x28 forward on a Xeon, 2 threads: 2.58 -> 2.32 ms).
 #[allow(clippy::too_many_arguments)]
 fn per_sample_forward(
     geo: &Geo,
@@ -613,17 +623,17 @@ fn per_sample_forward(
     bias: Option<&[f32]>,
     sums: bool,
     prepare: impl Fn(&[f32], &mut [f32]) + Sync,
-    product: impl Fn(&[f32], &mut [f32]) + Sync,
+    product: impl Fn(&[f32], &mut [f32], &[&[f32]]) + Sync,
 ) -> (Vec<f32>, Option<Vec<(f64, f64)>>) {
     let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
     let co_pad = direct::padded_channels(geo.co);
     let mut y = buffers::take(geo.n * out_len);
     let mut plane_sums = vec![(0.0f64, 0.0f64); if sums { geo.n * geo.co } else { 0 }];
-    let per_sample = |((yn, xn), ps): (Operands, &mut [(f64, f64)])| {
+    let per_sample = |(n, ((yn, xn), ps)): (usize, (Operands, &mut [(f64, f64)]))| {
         let mut xp = scratch::take(0, len);
         let mut tmp = scratch::take(1, co_pad * grid.nq);
         prepare(xn, &mut xp);
-        product(&xp, &mut tmp);
+        product(&xp, &mut tmp, &[sample(xv, n + 1, in_len), yn]);
         grid.extract(&tmp, geo.co, yn, bias);
         if !ps.is_empty() {
             norm::plane_value_sums(yn, geo.opix(), ps);
@@ -635,9 +645,12 @@ fn per_sample_forward(
     if sums {
         samples
             .zip(plane_sums.par_chunks_mut(geo.co))
+            .enumerate()
             .for_each(per_sample);
     } else {
-        samples.for_each(|s| per_sample((s, &mut [])));
+        samples
+            .enumerate()
+            .for_each(|(n, s)| per_sample((n, (s, &mut []))));
     }
     (y, sums.then_some(plane_sums))
 }
@@ -662,7 +675,9 @@ fn direct_forward(
         bias,
         sums,
         |xn, xp| grid.pad(xn, geo.c, xp),
-        |xp, out| direct::forward(&grid, xp, grid.plane, geo.c, &offs, &wk, out),
+        |xp, out, pf| {
+            direct::forward_into(&grid, false, xp, grid.plane, geo.c, &offs, &wk, out, pf)
+        },
     )
 }
 
@@ -714,17 +729,32 @@ fn direct_grads(
             let mut part = buffers::take(co_pad * geo.c * taps);
             for j in 0..samples {
                 let gyn = &gy[(n0 + j) * out_len..][..out_len];
+                let xn = &x[(n0 + j) * in_len..][..in_len];
+                // While the input gradient's kernel computes, this sample's input and input
+                // gradient come into cache; while the weight gradient's does, the next
+                // sample's output gradient (and input, when no input gradient is computed).
                 if let Some(dxn) = dxc.chunks_exact_mut(in_len).nth(j) {
                     back.pad(gyn, geo.co, &mut gp);
-                    direct::forward(&back, &gp, back.plane, geo.co, &offs_b, &wt, &mut tmp);
+                    let streams = [xn, &*dxn];
+                    direct::forward_into(
+                        &back, false, &gp, back.plane, geo.co, &offs_b, &wt, &mut tmp, &streams,
+                    );
                     if add {
                         back.extract_add(&tmp, geo.c, dxn);
                     } else {
                         back.extract(&tmp, geo.c, dxn, None);
                     }
                 }
-                fwd.pad(&x[(n0 + j) * in_len..][..in_len], geo.c, &mut xp);
+                fwd.pad(xn, geo.c, &mut xp);
                 fwd.transpose_out(gyn, geo.co, co_pad, &mut gyt);
+                let streams = [
+                    sample(gy, n0 + j + 1, out_len),
+                    if dxc.is_empty() {
+                        sample(x, n0 + j + 1, in_len)
+                    } else {
+                        &[]
+                    },
+                ];
                 direct::weight_grad_part(
                     &fwd,
                     &xp,
@@ -736,6 +766,7 @@ fn direct_grads(
                     1,
                     j > 0,
                     &mut part,
+                    &streams,
                 );
             }
             scratch::give(0, gp);
@@ -882,10 +913,11 @@ fn strided_forward(
         bias,
         sums,
         |xn, xp| ph.split(xn, geo, xp),
-        |xp, out| {
+        |xp, out, pf| {
             for (p, (wk, offs)) in packed.iter().enumerate() {
                 let x = &xp[p * planes..][..planes];
-                direct::forward_into(grid, p > 0, x, grid.plane, geo.c, offs, wk, out);
+                let pf = if p == 0 { pf } else { &[] };
+                direct::forward_into(grid, p > 0, x, grid.plane, geo.c, offs, wk, out, pf);
             }
         },
     )
@@ -958,7 +990,23 @@ fn strided_grads(
                     let mut gp = scratch::take(0, geo.co * b.grid.plane);
                     let mut tmp = scratch::take(1, ci_pad * b.grid.nq);
                     b.grid.pad(gyn, geo.co, &mut gp);
-                    direct::forward(&b.grid, &gp, b.grid.plane, geo.co, &b.offs, &b.wt, &mut tmp);
+                    // As in `direct_grads`: this sample's input and input gradient come into
+                    // cache during the first phase's kernel, the next sample's output gradient
+                    // during the first weight gradient's.
+                    let xn = &x[(n0 + j) * in_len..][..in_len];
+                    let streams = [xn, &*dxn];
+                    let pf: &[&[f32]] = if i == 0 { &streams } else { &[] };
+                    direct::forward_into(
+                        &b.grid,
+                        false,
+                        &gp,
+                        b.grid.plane,
+                        geo.co,
+                        &b.offs,
+                        &b.wt,
+                        &mut tmp,
+                        pf,
+                    );
                     // Phase pixel (r, s) is input pixel (2r + a - p, 2s + b - p); every input
                     // pixel is in exactly one phase, and one its grid covers.
                     let (r0, y0, rows) = Phases::span(a, p, geo.h);
@@ -987,6 +1035,14 @@ fn strided_grads(
                 let mut gyt = scratch::take(2, geo.opix() * co_pad);
                 ph.split(&x[(n0 + j) * in_len..][..in_len], &geo, &mut phases);
                 grid.transpose_out(gyn, geo.co, co_pad, &mut gyt);
+                let streams = [
+                    sample(gy, n0 + j + 1, out_len),
+                    if dxc.is_empty() {
+                        sample(x, n0 + j + 1, in_len)
+                    } else {
+                        &[]
+                    },
+                ];
                 for ((b, part), i) in backs.iter().zip(&mut parts).zip(0..) {
                     direct::weight_grad_part(
                         grid,
@@ -999,6 +1055,7 @@ fn strided_grads(
                         1,
                         j > 0,
                         part,
+                        if i == 0 { &streams } else { &[] },
                     );
                 }
                 scratch::give(2, gyt);

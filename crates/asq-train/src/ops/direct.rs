@@ -286,6 +286,65 @@ fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
     }
 }
 
+/// Software prefetch into L2 of a few memory ranges, a few cache lines per step of a kernel's
+/// loop: the next sample's operands (and the current one's output) arrive while a
+/// compute-bound kernel runs, instead of stalling the copies around it, which wait on memory
+/// for most of their time (a sample's 50 KB are past L2 by the time its turn comes).
+struct Prefetcher<'a> {
+    streams: &'a [&'a [f32]],
+    /// Stream and line within it of the next request.
+    stream: usize,
+    line: usize,
+    /// Requests per step.
+    per_step: usize,
+    #[cfg(target_arch = "x86_64")]
+    sse: Option<pulp::core_arch::x86::Sse>,
+}
+
+/// f32 values per cache line.
+const LINE: usize = 16;
+
+impl<'a> Prefetcher<'a> {
+    /// Requests for every line of `streams`, in order, spread over `steps` steps.
+    fn new(streams: &'a [&'a [f32]], steps: usize) -> Self {
+        let lines: usize = streams.iter().map(|s| s.len().div_ceil(LINE)).sum();
+        Self {
+            streams,
+            stream: 0,
+            line: 0,
+            per_step: lines.div_ceil(steps.max(1)),
+            #[cfg(target_arch = "x86_64")]
+            sse: pulp::core_arch::x86::Sse::try_new().filter(|_| lines > 0),
+        }
+    }
+
+    /// The first value of the next line to request, `None` once all are.
+    #[inline(always)]
+    fn next(&mut self) -> Option<&'a f32> {
+        while let Some(s) = self.streams.get(self.stream) {
+            if let Some(v) = s.get(self.line * LINE) {
+                self.line += 1;
+                return Some(v);
+            }
+            self.stream += 1;
+            self.line = 0;
+        }
+        None
+    }
+
+    /// The requests of one step (a hint: no effect on any value).
+    #[inline(always)]
+    fn step(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(sse) = self.sse {
+            for _ in 0..self.per_step {
+                let Some(v) = self.next() else { return };
+                sse._mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>((v as *const f32).cast());
+            }
+        }
+    }
+}
+
 #[inline(always)]
 fn load<S: Simd>(s: &[f32]) -> S::f32s {
     bytemuck::pod_read_unaligned(bytemuck::cast_slice(&s[..S::F32_LANES]))
@@ -423,6 +482,8 @@ struct Forward<'a, const CB: usize, const QB: usize> {
     nq: usize,
     w: &'a [f32],
     out: &'a mut [f32],
+    /// Memory to pull into cache while computing (the next sample's operands).
+    prefetch: &'a [&'a [f32]],
 }
 
 impl<const CB: usize, const QB: usize> WithSimd for Forward<'_, CB, QB> {
@@ -440,9 +501,13 @@ impl<const CB: usize, const QB: usize> WithSimd for Forward<'_, CB, QB> {
             nq,
             w,
             out,
+            prefetch,
         } = self;
         let taps = offs.len();
         let block = ci * taps * CB;
+        // The prefetches spread over the steps of the input-channel loop.
+        let steps = (out.len() / (CB * nq)) * nq.div_ceil(lanes * QB) * ci;
+        let mut pf = Prefetcher::new(prefetch, steps);
         for (wb, ob) in w.chunks_exact(block).zip(out.chunks_exact_mut(CB * nq)) {
             for q0 in (0..nq).step_by(lanes * QB) {
                 let mut acc = [[simd.splat_f32s(0.0); QB]; CB];
@@ -454,6 +519,7 @@ impl<const CB: usize, const QB: usize> WithSimd for Forward<'_, CB, QB> {
                     }
                 }
                 for (xp, wc) in x.chunks_exact(plane).zip(wb.chunks_exact(taps * CB)) {
+                    pf.step();
                     let xp = &xp[q0..];
                     for (&off, wt) in offs.iter().zip(wc.chunks_exact(CB)) {
                         let xs: [S::f32s; QB] =
@@ -480,6 +546,7 @@ impl<const CB: usize, const QB: usize> WithSimd for Forward<'_, CB, QB> {
 /// `out[o][q] = Σ_{i,t} w[o][i][t] · x[i][q + offs[t]]` for one sample on `grid`'s register
 /// block: `x` holds `ci` padded planes of length `plane`, `w` is [`pack_weights`]' layout for
 /// [`Grid::co_block`], `out` holds the padded output channels as planes of [`Grid::nq`].
+#[cfg(test)]
 pub(crate) fn forward(
     grid: &Grid,
     x: &[f32],
@@ -489,11 +556,12 @@ pub(crate) fn forward(
     w: &[f32],
     out: &mut [f32],
 ) {
-    forward_into(grid, false, x, plane, ci, offs, w, out)
+    forward_into(grid, false, x, plane, ci, offs, w, out, &[])
 }
 
 /// [`forward`], or with `accumulate` its products added to what `out` holds (each sum starts
-/// from `out`'s value, then the products in [`forward`]'s order).
+/// from `out`'s value, then the products in [`forward`]'s order); while it computes, every
+/// cache line of `prefetch` is requested into L2 (see [`Prefetcher`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_into(
     grid: &Grid,
@@ -504,6 +572,7 @@ pub(crate) fn forward_into(
     offs: &[usize],
     w: &[f32],
     out: &mut [f32],
+    prefetch: &[&[f32]],
 ) {
     let nq = grid.nq;
     debug_assert!(x.len() >= ci * plane && nq.is_multiple_of(grid.tile));
@@ -519,6 +588,7 @@ pub(crate) fn forward_into(
                 nq,
                 w,
                 out,
+                prefetch,
             })
         };
     }
@@ -540,6 +610,8 @@ struct WeightGrad<'a, const R: usize, const V: usize> {
     samples: usize,
     accumulate: bool,
     part: &'a mut [f32],
+    /// Memory to pull into cache while computing (see [`Prefetcher`]).
+    prefetch: &'a [&'a [f32]],
 }
 
 impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
@@ -559,9 +631,12 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
             samples,
             accumulate,
             part,
+            prefetch,
         } = self;
         let taps = offs.len();
         let kt = ci * taps;
+        let steps = samples * co_pad.div_ceil(V * lanes) * kt.div_ceil(R) * grid.oh;
+        let mut pf = Prefetcher::new(prefetch, steps);
         let width = V * lanes;
         let (plane, ow, wp) = (grid.plane, grid.ow, grid.wp);
         let (xs, gs) = (ci * plane, grid.oh * ow * co_pad);
@@ -592,6 +667,7 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
                     // The valid output pixels only, row by row (the grid's thrown-away columns
                     // would add zero products).
                     for (oy, grow) in g.chunks_exact(ow * co_pad).enumerate() {
+                        pf.step();
                         let xr: [&[f32]; R] = std::array::from_fn(|r| &x[xo[r] + oy * wp..][..ow]);
                         for (ox, gr) in grow.chunks_exact(co_pad).enumerate() {
                             let gr = &gr[c0..][..width];
@@ -635,7 +711,17 @@ pub(crate) fn weight_grad(
 ) {
     let mut part = vec![0.0f32; ci * offs.len() * co_pad];
     weight_grad_part(
-        grid, x, xstride, ci, offs, gyt, co_pad, samples, false, &mut part,
+        grid,
+        x,
+        xstride,
+        ci,
+        offs,
+        gyt,
+        co_pad,
+        samples,
+        false,
+        &mut part,
+        &[],
     );
     add_part(&part, co_pad, dw);
 }
@@ -652,7 +738,8 @@ pub(crate) fn add_part(part: &[f32], co_pad: usize, dw: &mut [f32]) {
 
 /// The sums of [`weight_grad`] transposed, `part[i·taps + t][o]`, starting from `part`'s values
 /// when `accumulate` (else from zero): calls over consecutive samples, each accumulating, add the
-/// same products in the same order as one call over all of them.
+/// same products in the same order as one call over all of them. `prefetch` as for
+/// [`forward_into`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn weight_grad_part(
     grid: &Grid,
@@ -665,6 +752,7 @@ pub(crate) fn weight_grad_part(
     samples: usize,
     accumulate: bool,
     part: &mut [f32],
+    prefetch: &[&[f32]],
 ) {
     struct Pick<'a>(WeightGrad<'a, 1, 1>);
     impl WithSimd for Pick<'_> {
@@ -682,6 +770,7 @@ pub(crate) fn weight_grad_part(
                 samples,
                 accumulate,
                 part,
+                prefetch,
             } = self.0;
             // Register block: R rows (input channel x tap) by V vectors of output channels,
             // measured on a Xeon: 12x1, 8x2, 4x4 vectors.
@@ -699,6 +788,7 @@ pub(crate) fn weight_grad_part(
                         samples,
                         accumulate,
                         part,
+                        prefetch,
                     }
                     .with_simd(simd)
                 };
@@ -724,6 +814,7 @@ pub(crate) fn weight_grad_part(
         samples,
         accumulate,
         part,
+        prefetch,
     }));
 }
 
@@ -731,6 +822,42 @@ pub(crate) fn weight_grad_part(
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    /// Every line of every stream is requested once, in order, within the steps given.
+    #[test]
+    fn prefetcher_covers_every_line_within_its_steps() {
+        let data = rand(1000, 9);
+        for (lens, steps) in [
+            (vec![0usize, 0], 5usize),
+            (vec![17, 0, 33], 1),
+            (vec![16, 1, 160], 4),
+            (vec![999], 3),
+            (vec![5], 100),
+        ] {
+            let mut at = 0;
+            let streams: Vec<&[f32]> = lens
+                .iter()
+                .map(|&l| {
+                    at += l;
+                    &data[at - l..at]
+                })
+                .collect();
+            let want: Vec<*const f32> = streams
+                .iter()
+                .flat_map(|s| s.iter().step_by(LINE).map(|v| v as *const f32))
+                .collect();
+            let mut pf = Prefetcher::new(&streams, steps);
+            let mut got = vec![];
+            for _ in 0..steps {
+                for _ in 0..pf.per_step {
+                    got.extend(pf.next().map(|v| v as *const f32));
+                }
+            }
+            assert_eq!(got, want, "{lens:?} over {steps}");
+            assert!(pf.next().is_none());
+            pf.step(); // nothing left: no request, no panic
+        }
+    }
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut r = Rng::new(seed);
@@ -997,6 +1124,7 @@ mod tests {
             samples,
             false,
             &mut whole,
+            &[],
         );
         let mut steps = vec![f32::NAN; len];
         for s in 0..samples {
@@ -1011,6 +1139,7 @@ mod tests {
                 1,
                 s > 0,
                 &mut steps,
+                &[],
             );
         }
         assert!(steps == whole);
