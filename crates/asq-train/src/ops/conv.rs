@@ -602,8 +602,8 @@ fn sample(v: &[f32], n: usize, len: usize) -> &[f32] {
     v.get(n * len..(n + 1) * len).unwrap_or(&[])
 }
 
-/// One sample's output and input in [`per_sample_forward`].
-type Operands<'a> = (&'a mut [f32], &'a [f32]);
+/// One sample's index, output, input and plane sums in [`per_sample_forward`].
+type Operands<'a> = (usize, ((&'a mut [f32], &'a [f32]), &'a mut [(f64, f64)]));
 
 /// The forward pass of the direct paths, per sample in parallel: `prepare` lays the sample's
 /// input out in a per-thread buffer of `len` values, `product` computes the output channels on
@@ -629,7 +629,7 @@ fn per_sample_forward(
     let co_pad = direct::padded_channels(geo.co);
     let mut y = buffers::take(geo.n * out_len);
     let mut plane_sums = vec![(0.0f64, 0.0f64); if sums { geo.n * geo.co } else { 0 }];
-    let per_sample = |(n, ((yn, xn), ps)): (usize, (Operands, &mut [(f64, f64)]))| {
+    let per_sample = |(n, ((yn, xn), ps)): Operands| {
         let mut xp = scratch::take(0, len);
         let mut tmp = scratch::take(1, co_pad * grid.nq);
         prepare(xn, &mut xp);
