@@ -74,17 +74,19 @@ pub(crate) fn plane_value_sums(x: &[f32], hw: usize, sums: &mut [(f64, f64)]) {
     pulp::Arch::new().dispatch(Sums(x, hw, sums))
 }
 
-/// `(Σ gm, Σ gm·(x - mu))` of one plane, `gm = g` or, with `RELU`, `g` where `y > 0` and zero
-/// elsewhere (ReLU's gradient, not written out). 16 f32 lanes combined in f64 as
-/// [`value_sums`], in explicit vectors (the select inside fixed lanes, and the fixed lanes
-/// alone, compiled to scalar code): the same bits on every instruction set.
+/// `(Σ gm, Σ gm·(x - mu))` of one plane, `gm = g` or, with `RELU`, `g` where the forward's
+/// `(x - mu)·k + b > 0` (where its ReLU passed a positive value: recomputed from the input with
+/// the forward's arithmetic, so the output need not be read) and zero elsewhere (ReLU's
+/// gradient, not written out). 16 f32 lanes combined in f64 as [`value_sums`], in explicit
+/// vectors (the select inside fixed lanes, and the fixed lanes alone, compiled to scalar code):
+/// the same bits on every instruction set.
 #[inline(always)]
 fn grad_sums<S: pulp::Simd, const RELU: bool>(
     simd: S,
     g: &[f32],
-    y: &[f32],
     x: &[f32],
     mu: f32,
+    (k, shift): (f32, f32),
 ) -> (f64, f64) {
     let lanes = S::F32_LANES;
     let per = LANES / lanes;
@@ -92,25 +94,23 @@ fn grad_sums<S: pulp::Simd, const RELU: bool>(
     let load =
         |v: &[f32]| -> S::f32s { bytemuck::pod_read_unaligned(bytemuck::cast_slice(&v[..lanes])) };
     let (zero, muv) = (simd.splat_f32s(0.0), simd.splat_f32s(mu));
+    let (kv, bv) = (simd.splat_f32s(k), simd.splat_f32s(shift));
     let (mut s, mut sx) = ([zero; LANES], [zero; LANES]);
-    let y = if RELU { y } else { g };
-    let (gc, yc, xc) = (
-        g.chunks_exact(LANES),
-        y.chunks_exact(LANES),
-        x.chunks_exact(LANES),
-    );
-    let (gt, yt, xt) = (gc.remainder(), yc.remainder(), xc.remainder());
-    for ((gch, ych), xch) in gc.zip(yc).zip(xc) {
+    let (gc, xc) = (g.chunks_exact(LANES), x.chunks_exact(LANES));
+    let (gt, xt) = (gc.remainder(), xc.remainder());
+    for (gch, xch) in gc.zip(xc) {
         for v in 0..per {
             let at = v * lanes;
             let (gv, xv) = (load(&gch[at..]), load(&xch[at..]));
+            let d = simd.sub_f32s(xv, muv);
             let gm = if RELU {
-                simd.select_f32s(simd.greater_than_f32s(load(&ych[at..]), zero), gv, zero)
+                let t = simd.add_f32s(simd.mul_f32s(d, kv), bv);
+                simd.select_f32s(simd.greater_than_f32s(t, zero), gv, zero)
             } else {
                 gv
             };
             s[v] = simd.add_f32s(s[v], gm);
-            sx[v] = simd.add_f32s(sx[v], simd.mul_f32s(gm, simd.sub_f32s(xv, muv)));
+            sx[v] = simd.add_f32s(sx[v], simd.mul_f32s(gm, d));
         }
     }
     let unpack = |acc: &[S::f32s; LANES]| -> [f32; LANES] {
@@ -120,8 +120,12 @@ fn grad_sums<S: pulp::Simd, const RELU: bool>(
         out
     };
     let (mut a, mut b) = (combine(unpack(&s)), combine(unpack(&sx)));
-    for ((&gv, &yv), &xv) in gt.iter().zip(yt).zip(xt) {
-        let gm = if !RELU || yv > 0.0 { gv } else { 0.0 };
+    for (&gv, &xv) in gt.iter().zip(xt) {
+        let gm = if !RELU || (xv - mu) * k + shift > 0.0 {
+            gv
+        } else {
+            0.0
+        };
         a += gm as f64;
         b += gm as f64 * (xv - mu) as f64;
     }
@@ -158,9 +162,10 @@ enum Pass<'a> {
         act: BnAct,
         sums: &'a mut [(f64, f64)],
     },
-    /// The gradient through the activation `gm = g·act'(y)` and `sums[ch] = (Σ gm,
-    /// Σ gm·(x - mean[ch]))`; `gm` is written to `masked` when given (a residual needs it),
-    /// else only summed.
+    /// The gradient through the activation `gm = g·act'(·)` and `sums[ch] = (Σ gm,
+    /// Σ gm·(x - mean[ch]))`; `gm` is written to `masked` when given (a residual needs it:
+    /// ReLU's mask from the output `y`), else only summed (the mask recomputed from `x` with
+    /// the forward's `coef`, see [`grad_sums`]).
     GradSums {
         g: &'a [f32],
         y: &'a [f32],
@@ -169,14 +174,16 @@ enum Pass<'a> {
         masked: Option<&'a mut [f32]>,
         hw: usize,
         mean: &'a [f32],
+        coef: &'a [(f32, f32, f32)],
         sums: &'a mut [(f64, f64)],
     },
     /// `dx = a·gm + (b·(x - mu) + c)` with `coef[ch] = (a, b, c, mu)`, where `gm = g`, or
-    /// `g·[y > 0]` when `relu_of` holds the ReLU's output `y`.
+    /// `g` where the forward's ReLU passed a positive value when `relu` holds its coefficients
+    /// `(mu, k, b)` (recomputed: `(x - mu)·k + b > 0`).
     InputGrad {
         dx: &'a mut [f32],
         g: &'a [f32],
-        relu_of: Option<&'a [f32]>,
+        relu: Option<&'a [(f32, f32, f32)]>,
         x: &'a [f32],
         hw: usize,
         coef: &'a [(f32, f32, f32, f32)],
@@ -242,6 +249,7 @@ impl pulp::WithSimd for Pass<'_> {
                 mut masked,
                 hw,
                 mean,
+                coef,
                 sums,
             } => {
                 for (ch, s) in sums.iter_mut().enumerate() {
@@ -253,17 +261,22 @@ impl pulp::WithSimd for Pass<'_> {
                             for ((m, &gv), &yv) in mp.iter_mut().zip(gp).zip(yp) {
                                 *m = if yv > 0.0 { gv } else { 0.0 };
                             }
-                            grad_sums::<S, false>(simd, mp, mp, xp, mean[ch])
+                            grad_sums::<S, false>(simd, mp, xp, mean[ch], (0.0, 0.0))
                         }
-                        (BnAct::Relu, None) => grad_sums::<S, true>(simd, gp, yp, xp, mean[ch]),
-                        (BnAct::Identity, _) => grad_sums::<S, false>(simd, gp, gp, xp, mean[ch]),
+                        (BnAct::Relu, None) => {
+                            let (_, k, b) = coef[ch];
+                            grad_sums::<S, true>(simd, gp, xp, mean[ch], (k, b))
+                        }
+                        (BnAct::Identity, _) => {
+                            grad_sums::<S, false>(simd, gp, xp, mean[ch], (0.0, 0.0))
+                        }
                     };
                 }
             }
             Pass::InputGrad {
                 dx,
                 g,
-                relu_of,
+                relu,
                 x,
                 hw,
                 coef,
@@ -274,16 +287,16 @@ impl pulp::WithSimd for Pass<'_> {
                     .zip(x.chunks_exact(hw));
                 for (ch, ((d, gp), xp)) in planes.enumerate() {
                     let (a, b, c, mu) = coef[ch];
-                    match relu_of {
+                    match relu {
                         None => {
                             for ((o, &gv), &xv) in d.iter_mut().zip(gp).zip(xp) {
                                 *o = a * gv + (b * (xv - mu) + c);
                             }
                         }
-                        Some(y) => {
-                            let yp = &y[ch * hw..][..hw];
-                            for (((o, &gv), &xv), &yv) in d.iter_mut().zip(gp).zip(xp).zip(yp) {
-                                let gm = if yv > 0.0 { gv } else { 0.0 };
+                        Some(fwd) => {
+                            let (fmu, fk, fb) = fwd[ch];
+                            for ((o, &gv), &xv) in d.iter_mut().zip(gp).zip(xp) {
+                                let gm = if (xv - fmu) * fk + fb > 0.0 { gv } else { 0.0 };
                                 *o = a * gm + (b * (xv - mu) + c);
                             }
                         }
@@ -335,6 +348,7 @@ impl Backward for BnTrainOp {
             (BnAct::Relu, true) => buffers::take(x.len()),
             _ => Vec::new(),
         };
+        let fwd_coef = normalise_coef(&self.mean, &self.inv_std, gamma, inputs[2]);
         let mut partial = vec![(0.0f64, 0.0f64); n * c];
         let pass = |s: usize, masked: Option<&mut [f32]>, sums: &mut [(f64, f64)]| {
             arch.dispatch(Pass::GradSums {
@@ -345,6 +359,7 @@ impl Backward for BnTrainOp {
                 masked,
                 hw,
                 mean: &self.mean,
+                coef: &fwd_coef,
                 sums,
             })
         };
@@ -383,9 +398,9 @@ impl Backward for BnTrainOp {
             })
             .collect();
         // The input gradient from the masked gradient, or from `gy` masked on the fly.
-        let (gm, relu_of): (&[f32], Option<&[f32]>) = match (self.act, masked.is_empty()) {
+        let (gm, relu): (&[f32], Option<&[(f32, f32, f32)]>) = match (self.act, masked.is_empty()) {
             (_, false) => (&masked, None),
-            (BnAct::Relu, true) => (gy, Some(y)),
+            (BnAct::Relu, true) => (gy, Some(&fwd_coef)),
             (BnAct::Identity, true) => (gy, None),
         };
         let mut dx = buffers::take(x.len());
@@ -393,7 +408,7 @@ impl Backward for BnTrainOp {
             arch.dispatch(Pass::InputGrad {
                 dx: d,
                 g: &gm[s * len..][..len],
-                relu_of: relu_of.map(|y| &y[s * len..][..len]),
+                relu,
                 x: &x[s * len..][..len],
                 hw,
                 coef: &coef,
@@ -430,6 +445,19 @@ impl Backward for BnTrainOp {
             (BnAct::Relu, true) => "BnTrainOp+add+relu",
         }
     }
+}
+
+/// The forward's `(mu, k, b)` per channel, `y = act((x - mu)·k + b [+ res])`: one function for
+/// the forward and for the backward's ReLU mask (recomputed from the input, the same bits).
+fn normalise_coef(
+    mean: &[f32],
+    inv_std: &[f32],
+    gamma: &Tensor,
+    beta: &Tensor,
+) -> Vec<(f32, f32, f32)> {
+    (0..mean.len())
+        .map(|ch| (mean[ch], inv_std[ch] * gamma[ch], beta[ch]))
+        .collect()
 }
 
 fn check(g: &Graph, x: Var, gamma: Var, beta: Var) -> Result<usize> {
@@ -514,10 +542,7 @@ pub fn batch_norm2d_train_act(
         })
         .collect();
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let (gm, bt) = (g.value(gamma), g.value(beta));
-    let coef: Vec<(f32, f32, f32)> = (0..c)
-        .map(|ch| (mean[ch], inv_std[ch] * gm[ch], bt[ch]))
-        .collect();
+    let coef = normalise_coef(&mean, &inv_std, g.value(gamma), g.value(beta));
     let mut y = buffers::take(xs.len());
     let mut out_sums = vec![(0.0f64, 0.0f64); n * c];
     y.par_chunks_mut(len)
@@ -777,36 +802,35 @@ mod tests {
         // every vector path this CPU has.
         let mut ran = vec!["scalar"];
         for len in [0, 1, 15, 16, 17, 49, 196, 784, 1000] {
-            let (g, y, x) = (
-                random(&[len.max(1)], 1),
-                random(&[len.max(1)], 2),
-                random(&[len.max(1)], 3),
-            );
-            let (g, y, x) = (
-                &g.as_slice().unwrap()[..len],
-                &y.as_slice().unwrap()[..len],
-                &x.as_slice().unwrap()[..len],
-            );
+            let (g, x) = (random(&[len.max(1)], 1), random(&[len.max(1)], 3));
+            let (g, x) = (&g.as_slice().unwrap()[..len], &x.as_slice().unwrap()[..len]);
+            // The forward's ReLU output, then its mask as the separate ops take it.
+            let (k, shift) = (1.7f32, -0.2f32);
+            let y: Vec<f32> = x
+                .iter()
+                .map(|&v| ((v - 0.3) * k + shift).max(0.0))
+                .collect();
             let masked: Vec<f32> = g
                 .iter()
-                .zip(y)
+                .zip(&y)
                 .map(|(&gv, &yv)| if yv > 0.0 { gv } else { 0.0 })
                 .collect();
+            assert!(len < 16 || masked.iter().zip(g).any(|(m, g)| m != g));
             let want = (
                 reference_grad_sums(g, x, 0.3),
                 reference_grad_sums(&masked, x, 0.3),
             );
-            let scalar = pulp::Simd::vectorize(pulp::Scalar, Sums(g, y, x));
+            let scalar = pulp::Simd::vectorize(pulp::Scalar, Sums(g, x, (k, shift)));
             assert_eq!(scalar, want, "scalar {len}");
             #[cfg(target_arch = "x86_64")]
             {
                 if let Some(simd) = pulp::x86::V3::try_new() {
-                    let got = pulp::Simd::vectorize(simd, Sums(g, y, x));
+                    let got = pulp::Simd::vectorize(simd, Sums(g, x, (k, shift)));
                     assert_eq!(got, want, "AVX2 {len}");
                     ran.push("avx2");
                 }
                 if let Some(simd) = pulp::x86::V4::try_new() {
-                    let got = pulp::Simd::vectorize(simd, Sums(g, y, x));
+                    let got = pulp::Simd::vectorize(simd, Sums(g, x, (k, shift)));
                     assert_eq!(got, want, "AVX-512 {len}");
                     ran.push("avx512");
                 }
@@ -819,15 +843,15 @@ mod tests {
 
     /// `grad_sums` plain and through the mask, compiled for an instruction set (the dispatch's
     /// way).
-    struct Sums<'a>(&'a [f32], &'a [f32], &'a [f32]);
+    struct Sums<'a>(&'a [f32], &'a [f32], (f32, f32));
 
     impl pulp::WithSimd for Sums<'_> {
         type Output = ((f64, f64), (f64, f64));
         #[inline(always)]
         fn with_simd<S: pulp::Simd>(self, simd: S) -> Self::Output {
             (
-                grad_sums::<S, false>(simd, self.0, self.1, self.2, 0.3),
-                grad_sums::<S, true>(simd, self.0, self.1, self.2, 0.3),
+                grad_sums::<S, false>(simd, self.0, self.1, 0.3, (0.0, 0.0)),
+                grad_sums::<S, true>(simd, self.0, self.1, 0.3, self.2),
             )
         }
     }
