@@ -398,7 +398,7 @@ impl Backward for BnTrainOp {
             })
             .collect();
         // The input gradient from the masked gradient, or from `gy` masked on the fly.
-        let (gm, relu): (&[f32], Option<&[(f32, f32, f32)]>) = match (self.act, masked.is_empty()) {
+        let (gm, relu): (&[f32], Option<&[Coef]>) = match (self.act, masked.is_empty()) {
             (_, false) => (&masked, None),
             (BnAct::Relu, true) => (gy, Some(&fwd_coef)),
             (BnAct::Identity, true) => (gy, None),
@@ -446,6 +446,9 @@ impl Backward for BnTrainOp {
         }
     }
 }
+
+/// One channel's `(mu, k, b)` of the forward, `y = act((x - mu)·k + b [+ res])`.
+type Coef = (f32, f32, f32);
 
 /// The forward's `(mu, k, b)` per channel, `y = act((x - mu)·k + b [+ res])`: one function for
 /// the forward and for the backward's ReLU mask (recomputed from the input, the same bits).
