@@ -854,34 +854,10 @@ impl Phases {
         out
     }
 
-    /// The phase indices `s` of parity `b` holding input columns (or rows) `2s + b - p` of
-    /// `0..w`: `(first s, its input column, how many)`.
-    fn span(b: usize, p: usize, w: usize) -> (usize, usize, usize) {
-        let s0 = p.saturating_sub(b).div_ceil(2);
-        let x0 = 2 * s0 + b - p;
-        (s0, x0, w.saturating_sub(x0).div_ceil(2))
-    }
-
     /// The four phase planes `[4][C][plane]` of one sample's `C x H x W` input.
     fn split(&self, x: &[f32], geo: &Geo, dst: &mut [f32]) {
-        let (g, p, (h, w)) = (&self.grid, geo.spec.pad, (geo.h, geo.w));
-        for (pc, d) in dst.chunks_exact_mut(g.plane).take(4 * geo.c).enumerate() {
-            let (ph, ch) = (pc / geo.c, pc % geo.c);
-            let ((r0, y0, rows), (s0, x0, cols)) =
-                (Self::span(ph / 2, p, h), Self::span(ph % 2, p, w));
-            d.fill(0.0);
-            let src = &x[ch * h * w..][..h * w];
-            for (drow, srow) in d[r0 * g.wp..]
-                .chunks_exact_mut(g.wp)
-                .zip(src[y0 * w..].chunks(2 * w))
-                .take(rows)
-            {
-                // Every other value of the input row, branch-free.
-                for (dv, pair) in drow[s0..][..cols].iter_mut().zip(srow[x0..w].chunks(2)) {
-                    *dv = pair[0];
-                }
-            }
-        }
+        let hwp = (geo.h, geo.w, geo.spec.pad);
+        direct::split_phases(x, geo.c, hwp, &self.grid, dst)
     }
 }
 
@@ -943,24 +919,28 @@ fn strided_grads(
         direct::padded_channels(geo.c),
         direct::padded_channels(geo.co),
     );
-    // Per phase: its transposed grid, flipped kernel and offsets for the input gradient, and
-    // its forward offsets for the weight gradient.
+    // The input gradient: per phase, its transposed (flipped) kernel of `ka x kb` taps on the
+    // output gradient padded by `ka - 1, kb - 1`; all four run on one grid padded for the
+    // largest phase kernel (`kq x kq`), a phase's taps shifted by the padding it lacks, so the
+    // output gradient is padded once per sample. The weight gradient: the forward offsets.
     struct Back {
-        grid: Grid,
         wt: Vec<f32>,
         offs: Vec<usize>,
         fwd_offs: Vec<usize>,
     }
+    let kq = k.div_ceil(2);
+    let back = Grid::new(geo.oh, geo.ow, kq - 1, kq - 1, kq, kq)
+        .expect("the largest phase kernel fits its padded output gradient");
     let backs: Vec<Back> = (0..4)
         .map(|i| {
             let (ka, kb) = ph.size(i, k);
-            let grid = Grid::new(geo.oh, geo.ow, ka - 1, kb - 1, ka, kb)
-                .expect("a phase kernel fits its padded output gradient");
             let wk = ph.weights(i, w, geo.co, geo.c, k);
-            let wt = direct::pack_weights(&wk, geo.co, geo.c, ka * kb, true, grid.co_block());
+            let wt = direct::pack_weights(&wk, geo.co, geo.c, ka * kb, true, back.co_block());
+            let offs = (0..ka * kb)
+                .map(|t| (t / kb + kq - ka) * back.wp + t % kb + kq - kb)
+                .collect();
             Back {
-                offs: grid.offsets(),
-                grid,
+                offs,
                 wt,
                 fwd_offs: ph.offsets(i),
             }
@@ -982,52 +962,34 @@ fn strided_grads(
                 .collect();
             for j in 0..samples {
                 let gyn = &gy[(n0 + j) * out_len..][..out_len];
-                for (i, b) in backs.iter().enumerate() {
-                    let Some(dxn) = dxc.chunks_exact_mut(in_len).nth(j) else {
-                        break;
-                    };
-                    let (a, bb) = (i / 2, i % 2);
-                    let mut gp = scratch::take(0, geo.co * b.grid.plane);
-                    let mut tmp = scratch::take(1, ci_pad * b.grid.nq);
-                    b.grid.pad(gyn, geo.co, &mut gp);
+                if let Some(dxn) = dxc.chunks_exact_mut(in_len).nth(j) {
+                    let mut gp = scratch::take(0, geo.co * back.plane);
+                    let mut tmp = scratch::take(1, 4 * ci_pad * back.nq);
+                    back.pad(gyn, geo.co, &mut gp);
                     // As in `direct_grads`: this sample's input and input gradient come into
                     // cache during the first phase's kernel, the next sample's output gradient
                     // during the first weight gradient's.
                     let xn = &x[(n0 + j) * in_len..][..in_len];
                     let streams = [xn, &*dxn];
-                    let pf: &[&[f32]] = if i == 0 { &streams } else { &[] };
-                    direct::forward_into(
-                        &b.grid,
-                        false,
-                        &gp,
-                        b.grid.plane,
-                        geo.co,
-                        &b.offs,
-                        &b.wt,
-                        &mut tmp,
-                        pf,
-                    );
-                    // Phase pixel (r, s) is input pixel (2r + a - p, 2s + b - p); every input
-                    // pixel is in exactly one phase, and one its grid covers.
-                    let (r0, y0, rows) = Phases::span(a, p, geo.h);
-                    let (s0, x0, cols) = Phases::span(bb, p, geo.w);
-                    for (ch, dxc) in dxn.chunks_exact_mut(geo.h * geo.w).enumerate() {
-                        let t = &tmp[ch * b.grid.nq..][..b.grid.nq];
-                        for (drow, trow) in dxc[y0 * geo.w..]
-                            .chunks_mut(2 * geo.w)
-                            .zip(t[r0 * b.grid.wp..].chunks(b.grid.wp))
-                            .take(rows)
-                        {
-                            let cells = drow[x0..geo.w].chunks_mut(2);
-                            for (pair, &v) in cells.zip(&trow[s0..][..cols]) {
-                                if add {
-                                    pair[0] += v;
-                                } else {
-                                    pair[0] = v;
-                                }
-                            }
-                        }
+                    let outs = tmp.chunks_exact_mut(ci_pad * back.nq);
+                    for ((i, b), out) in backs.iter().enumerate().zip(outs) {
+                        let pf: &[&[f32]] = if i == 0 { &streams } else { &[] };
+                        direct::forward_into(
+                            &back, false, &gp, back.plane, geo.co, &b.offs, &b.wt, out, pf,
+                        );
                     }
+                    // Phase pixel (r, s) is input pixel (2r + a - p, 2s + b - p): the four
+                    // phases interleaved back, every input pixel out of exactly one.
+                    let phase = |i: usize| &tmp[i * ci_pad * back.nq..][..ci_pad * back.nq];
+                    direct::merge_phases(
+                        [phase(0), phase(1), phase(2), phase(3)],
+                        back.nq,
+                        back.wp,
+                        geo.c,
+                        (geo.h, geo.w, p),
+                        dxn,
+                        add,
+                    );
                     scratch::give(0, gp);
                     scratch::give(1, tmp);
                 }

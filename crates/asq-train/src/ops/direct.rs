@@ -473,6 +473,161 @@ impl WithSimd for Extract<'_> {
     }
 }
 
+/// The four stride-2 phases `[4][c][plane]` of `c` planes of `h x w` padded by `p`: phase
+/// `2a + b` holds padded pixel `(2r + a, 2s + b)` at `(r, s)` of `grid` (the phases' common
+/// grid), zero where that pixel is padding. Each input row goes once into its two phase rows
+/// (plain pairs, compiled for the CPU's vectors, where the compiler vectorises the stride-2
+/// access with shuffles).
+pub(crate) fn split_phases(
+    src: &[f32],
+    c: usize,
+    (h, w, p): (usize, usize, usize),
+    grid: &Grid,
+    dst: &mut [f32],
+) {
+    dispatch(SplitPhases {
+        src,
+        c,
+        hwp: (h, w, p),
+        grid,
+        dst,
+    })
+}
+
+struct SplitPhases<'a> {
+    src: &'a [f32],
+    c: usize,
+    hwp: (usize, usize, usize),
+    grid: &'a Grid,
+    dst: &'a mut [f32],
+}
+
+impl WithSimd for SplitPhases<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        let Self {
+            src,
+            c,
+            hwp: (h, w, p),
+            grid,
+            dst,
+        } = self;
+        let (plane, wp) = (grid.plane, grid.wp);
+        let dst = &mut dst[..4 * c * plane];
+        dst.fill(0.0);
+        // Input column x goes to column (x + p) / 2 of phase b = (x + p) % 2: the even columns
+        // to phase p % 2 from column p / 2, the odd ones to the other from (p + 1) / 2.
+        let (be, bo) = (p % 2, (p + 1) % 2);
+        let (se, so) = (p / 2, p.div_ceil(2));
+        let (ne, no) = (w.div_ceil(2), w / 2);
+        for ch in 0..c {
+            for (y, row) in src[ch * h * w..][..h * w].chunks_exact(w).enumerate() {
+                let (a, r) = ((y + p) % 2, (y + p) / 2);
+                let at = |b: usize| ((2 * a + b) * c + ch) * plane + r * wp;
+                let (ae, ao) = (at(be) + se, at(bo) + so);
+                // The two phase rows, disjoint (different planes).
+                let (even, odd) = if ae < ao {
+                    let (lo, hi) = dst.split_at_mut(ao);
+                    (&mut lo[ae..][..ne], &mut hi[..no])
+                } else {
+                    let (lo, hi) = dst.split_at_mut(ae);
+                    (&mut hi[..ne], &mut lo[ao..][..no])
+                };
+                // Plain pairs: the compiler vectorises the stride-2 reads with shuffles.
+                for ((pair, e), o) in row.chunks_exact(2).zip(even.iter_mut()).zip(odd) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
+                if w % 2 == 1 {
+                    even[ne - 1] = row[w - 1];
+                }
+            }
+        }
+    }
+}
+
+/// The inverse of [`split_phases`] without the padding: `c` planes of `h x w` out of the four
+/// phases' planes (`phases[2a + b]`, `c` planes of `nq` values each, rows `wp` apart), written
+/// or, with `add`, added to `dst`; each row out of its two phase rows at once.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn merge_phases(
+    phases: [&[f32]; 4],
+    nq: usize,
+    wp: usize,
+    c: usize,
+    (h, w, p): (usize, usize, usize),
+    dst: &mut [f32],
+    add: bool,
+) {
+    dispatch(MergePhases {
+        phases,
+        nq,
+        wp,
+        c,
+        hwp: (h, w, p),
+        dst,
+        add,
+    })
+}
+
+struct MergePhases<'a> {
+    phases: [&'a [f32]; 4],
+    nq: usize,
+    wp: usize,
+    c: usize,
+    hwp: (usize, usize, usize),
+    dst: &'a mut [f32],
+    add: bool,
+}
+
+impl WithSimd for MergePhases<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        let Self {
+            phases,
+            nq,
+            wp,
+            c,
+            hwp: (h, w, p),
+            dst,
+            add,
+        } = self;
+        let (be, bo) = (p % 2, (p + 1) % 2);
+        let (se, so) = (p / 2, p.div_ceil(2));
+        let (ne, no) = (w.div_ceil(2), w / 2);
+        for (ch, plane) in dst.chunks_exact_mut(h * w).take(c).enumerate() {
+            for (y, row) in plane.chunks_exact_mut(w).enumerate() {
+                let (a, r) = ((y + p) % 2, (y + p) / 2);
+                let from = |b: usize, s0: usize, n: usize| {
+                    &phases[2 * a + b][ch * nq + r * wp + s0..][..n]
+                };
+                let (ev, od) = (from(be, se, ne), from(bo, so, no));
+                // Plain pairs: the compiler vectorises the stride-2 writes with shuffles.
+                let pairs = row.chunks_exact_mut(2).zip(ev).zip(od);
+                if add {
+                    for ((pair, &e), &o) in pairs {
+                        pair[0] += e;
+                        pair[1] += o;
+                    }
+                } else {
+                    for ((pair, &e), &o) in pairs {
+                        pair[0] = e;
+                        pair[1] = o;
+                    }
+                }
+                if w % 2 == 1 {
+                    let (d, v) = (&mut row[w - 1], ev[ne - 1]);
+                    *d = if add { *d + v } else { v };
+                }
+            }
+        }
+    }
+}
+
 struct Forward<'a, const CB: usize, const QB: usize> {
     /// Add to `out` instead of overwriting it.
     accumulate: bool,
@@ -1336,6 +1491,58 @@ mod tests {
         ran.sort_unstable();
         ran.dedup();
         eprintln!("3x3 weight gradient: checked {ran:?}");
+    }
+
+    /// The stride-2 phase split against the zero-padded input read plainly, and the merge
+    /// back (written, and added) as its inverse, on odd sizes and paddings 1-3.
+    #[test]
+    fn phase_split_and_merge_match_plain_loops() {
+        for (c, h, w, p) in [
+            (1usize, 1usize, 1usize, 1usize),
+            (2, 9, 5, 1),
+            (3, 28, 28, 1),
+            (2, 6, 4, 2),
+            (1, 11, 13, 3),
+        ] {
+            let k = 2 * p + 1;
+            let (hp, wp) = ((h + 2 * p).div_ceil(2), (w + 2 * p).div_ceil(2));
+            let kq = k.div_ceil(2);
+            let g = Grid::new(hp, wp, 0, 0, kq, kq).unwrap();
+            let x = rand(c * h * w, 60 + h as u64);
+            let mut phases = vec![f32::NAN; 4 * c * g.plane];
+            split_phases(&x, c, (h, w, p), &g, &mut phases);
+            for (a, b, ch) in (0..4).flat_map(|ab| (0..c).map(move |ch| (ab / 2, ab % 2, ch))) {
+                let plane = &phases[((2 * a + b) * c + ch) * g.plane..][..g.plane];
+                for (q, &v) in plane.iter().enumerate() {
+                    let (r, s) = (q / g.wp, q % g.wp);
+                    let (y, xx) = (
+                        (2 * r + a) as isize - p as isize,
+                        (2 * s + b) as isize - p as isize,
+                    );
+                    let inside = q < hp * g.wp
+                        && (0..h as isize).contains(&y)
+                        && (0..w as isize).contains(&xx);
+                    let want = if inside {
+                        x[(ch * h + y as usize) * w + xx as usize]
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(v, want, "{c} {h}x{w} p{p}: phase {a}{b} ch {ch} at {q}");
+                }
+            }
+            let phase = |i: usize| &phases[i * c * g.plane..][..c * g.plane];
+            let merge = |dst: &mut [f32], add: bool| {
+                let all = [phase(0), phase(1), phase(2), phase(3)];
+                merge_phases(all, g.plane, g.wp, c, (h, w, p), dst, add)
+            };
+            let mut back = vec![f32::NAN; c * h * w];
+            merge(&mut back, false);
+            assert_eq!(back, x, "{c} {h}x{w} p{p}: merge");
+            let mut twice = x.clone();
+            merge(&mut twice, true);
+            let want: Vec<f32> = x.iter().map(|v| v + v).collect();
+            assert_eq!(twice, want, "{c} {h}x{w} p{p}: merge added");
+        }
     }
 
     #[test]
