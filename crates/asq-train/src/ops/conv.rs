@@ -844,14 +844,30 @@ impl Phases {
             .collect()
     }
 
-    /// Phase `ph`'s weights `[co][ci][taps]` out of `w` `[co][ci][k][k]`.
-    fn weights(&self, ph: usize, w: &[f32], co: usize, ci: usize, k: usize) -> Vec<f32> {
-        let taps = &self.taps[ph];
+    /// All the taps, phase after phase, and their offsets into one sample's four phase plane
+    /// sets (`[4][ci][plane]`): the stride-2 convolution as one stride-1 product whose taps
+    /// read different planes.
+    fn combined(&self, ci: usize) -> (Vec<(usize, usize)>, Vec<usize>) {
+        let set = ci * self.grid.plane;
+        let taps = self.taps.iter().flatten().copied().collect();
+        let offs = (0..4)
+            .flat_map(|ph| self.offsets(ph).into_iter().map(move |o| ph * set + o))
+            .collect();
+        (taps, offs)
+    }
+
+    /// The weights `[co][ci][taps]` of `taps` out of `w` `[co][ci][k][k]`.
+    fn weights_of(taps: &[(usize, usize)], w: &[f32], co: usize, ci: usize, k: usize) -> Vec<f32> {
         let mut out = Vec::with_capacity(co * ci * taps.len());
         for oi in 0..co * ci {
             out.extend(taps.iter().map(|&(ky, kx)| w[(oi * k + ky) * k + kx]));
         }
         out
+    }
+
+    /// Phase `ph`'s weights `[co][ci][taps]` out of `w` `[co][ci][k][k]`.
+    fn weights(&self, ph: usize, w: &[f32], co: usize, ci: usize, k: usize) -> Vec<f32> {
+        Self::weights_of(&self.taps[ph], w, co, ci, k)
     }
 
     /// The four phase planes `[4][C][plane]` of one sample's `C x H x W` input.
@@ -872,30 +888,20 @@ fn strided_forward(
     let ph = Phases::new(geo).expect("checked by conv2d");
     let grid = &ph.grid;
     let k = geo.kh;
-    let packed: Vec<(Vec<f32>, Vec<usize>)> = (0..4)
-        .map(|p| {
-            let wk = ph.weights(p, wv, geo.co, geo.c, k);
-            let wk =
-                direct::pack_weights(&wk, geo.co, geo.c, ph.taps[p].len(), false, grid.co_block());
-            (wk, ph.offsets(p))
-        })
-        .collect();
-    let planes = geo.c * grid.plane;
+    // One product over all the taps (each sum over the input channels, a channel's taps in
+    // phase order), not one accumulating pass per phase.
+    let (taps, offs) = ph.combined(geo.c);
+    let wk = Phases::weights_of(&taps, wv, geo.co, geo.c, k);
+    let wk = direct::pack_weights(&wk, geo.co, geo.c, taps.len(), false, grid.co_block());
     per_sample_forward(
         geo,
         grid,
         xv,
-        4 * planes,
+        4 * geo.c * grid.plane,
         bias,
         sums,
         |xn, xp| ph.split(xn, geo, xp),
-        |xp, out, pf| {
-            for (p, (wk, offs)) in packed.iter().enumerate() {
-                let x = &xp[p * planes..][..planes];
-                let pf = if p == 0 { pf } else { &[] };
-                direct::forward_into(grid, p > 0, x, grid.plane, geo.c, offs, wk, out, pf);
-            }
-        },
+        |xp, out, pf| direct::forward_into(grid, false, xp, grid.plane, geo.c, &offs, &wk, out, pf),
     )
 }
 
@@ -926,7 +932,6 @@ fn strided_grads(
     struct Back {
         wt: Vec<f32>,
         offs: Vec<usize>,
-        fwd_offs: Vec<usize>,
     }
     let kq = k.div_ceil(2);
     let back = Grid::new(geo.oh, geo.ow, kq - 1, kq - 1, kq, kq)
@@ -939,27 +944,21 @@ fn strided_grads(
             let offs = (0..ka * kb)
                 .map(|t| (t / kb + kq - ka) * back.wp + t % kb + kq - kb)
                 .collect();
-            Back {
-                offs,
-                wt,
-                fwd_offs: ph.offsets(i),
-            }
+            Back { offs, wt }
         })
         .collect();
     let split_len = 4 * geo.c * grid.plane;
+    let (taps, offs) = ph.combined(geo.c);
     let mut target = dx.target(geo.n * in_len, true);
     let add = matches!(target, DxTarget::Add(_));
     let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, target.values())
         .into_par_iter()
         .map(|((n0, samples), dxc)| {
             // Sample by sample: the input gradient phase by phase (when wanted: else `dxc` is
-            // empty), then the weight gradient's operands and each phase's sums (running on in
-            // `parts` from one sample to the next) while the output gradient is in cache.
-            let mut parts: Vec<Vec<f32>> = ph
-                .taps
-                .iter()
-                .map(|t| buffers::take(co_pad * geo.c * t.len()))
-                .collect();
+            // empty), then the weight gradient's operands and sums over all the phases' taps at
+            // once (running on in `part` from one sample to the next) while the output gradient
+            // is in cache.
+            let mut part = buffers::take(co_pad * geo.c * taps.len());
             for j in 0..samples {
                 let gyn = &gy[(n0 + j) * out_len..][..out_len];
                 if let Some(dxn) = dxc.chunks_exact_mut(in_len).nth(j) {
@@ -1005,40 +1004,36 @@ fn strided_grads(
                         &[]
                     },
                 ];
-                for ((b, part), i) in backs.iter().zip(&mut parts).zip(0..) {
-                    direct::weight_grad_part(
-                        grid,
-                        &phases[i * geo.c * grid.plane..],
-                        split_len,
-                        geo.c,
-                        &b.fwd_offs,
-                        &gyt,
-                        co_pad,
-                        1,
-                        j > 0,
-                        part,
-                        if i == 0 { &streams } else { &[] },
-                    );
-                }
+                direct::weight_grad_part(
+                    grid,
+                    &phases,
+                    split_len,
+                    geo.c,
+                    &offs,
+                    &gyt,
+                    co_pad,
+                    1,
+                    j > 0,
+                    &mut part,
+                    &streams,
+                );
                 scratch::give(2, gyt);
                 scratch::give(3, phases);
             }
+            let mut dwp = buffers::take_zeroed(co_pad * geo.c * taps.len());
+            direct::add_part(&part, co_pad, &mut dwp);
+            buffers::give(part);
             let mut dw = buffers::take_zeroed(w.len());
-            for (taps, part) in ph.taps.iter().zip(parts) {
-                let mut dwp = buffers::take_zeroed(co_pad * geo.c * taps.len());
-                direct::add_part(&part, co_pad, &mut dwp);
-                buffers::give(part);
-                for (oi, d) in dwp
-                    .chunks_exact(taps.len())
-                    .take(geo.co * geo.c)
-                    .enumerate()
-                {
-                    for (&(ky, kx), &v) in taps.iter().zip(d) {
-                        dw[(oi * k + ky) * k + kx] = v;
-                    }
+            for (oi, d) in dwp
+                .chunks_exact(taps.len())
+                .take(geo.co * geo.c)
+                .enumerate()
+            {
+                for (&(ky, kx), &v) in taps.iter().zip(d) {
+                    dw[(oi * k + ky) * k + kx] = v;
                 }
-                buffers::give(dwp);
             }
+            buffers::give(dwp);
             dw
         })
         .collect();

@@ -674,9 +674,9 @@ impl<const CB: usize, const QB: usize> WithSimd for Forward<'_, CB, QB> {
                         }
                     }
                 }
-                for (xp, wc) in x.chunks_exact(plane).zip(wb.chunks_exact(taps * CB)) {
+                for (i, wc) in wb.chunks_exact(taps * CB).enumerate() {
                     pf.step();
-                    let xp = &xp[q0..];
+                    let xp = &x[i * plane + q0..];
                     for (&off, wt) in offs.iter().zip(wc.chunks_exact(CB)) {
                         let xs: [S::f32s; QB] =
                             std::array::from_fn(|j| load::<S>(&xp[off + j * lanes..]));
@@ -717,7 +717,9 @@ pub(crate) fn forward(
 
 /// [`forward`], or with `accumulate` its products added to what `out` holds (each sum starts
 /// from `out`'s value, then the products in [`forward`]'s order); while it computes, every
-/// cache line of `prefetch` is requested into L2 (see [`Prefetcher`]).
+/// cache line of `prefetch` is requested into L2 (see [`Prefetcher`]). An offset may reach
+/// past its plane into later ones (the stride-2 path: one set of `ci` planes per phase, each
+/// tap's offset into its phase's set).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_into(
     grid: &Grid,
@@ -731,8 +733,12 @@ pub(crate) fn forward_into(
     prefetch: &[&[f32]],
 ) {
     let nq = grid.nq;
-    debug_assert!(x.len() >= ci * plane && nq.is_multiple_of(grid.tile));
-    let x = &x[..ci * plane];
+    let reach = offs.iter().max().map_or(0, |m| m + nq);
+    assert!(
+        x.len() >= (ci.max(1) - 1) * plane + reach,
+        "input planes too short"
+    );
+    debug_assert!(nq.is_multiple_of(grid.tile));
     macro_rules! run {
         ($cb:literal, $qb:literal) => {
             dispatch(Forward::<$cb, $qb> {
@@ -795,7 +801,8 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
         let mut pf = Prefetcher::new(prefetch, steps);
         let width = V * lanes;
         let (plane, ow, wp) = (grid.plane, grid.ow, grid.wp);
-        let (xs, gs) = (ci * plane, grid.oh * ow * co_pad);
+        // Per sample: `ci` planes, or more when an offset reaches into later ones.
+        let (xs, gs) = (xstride.max(ci * plane), grid.oh * ow * co_pad);
         // Sample by sample: one sample's output gradient (16-53 KB on ResNet-20) stays in L1
         // across all the register blocks; the blocks' sums wait between samples in `part`
         // (`[kt][co_pad]`): the same additions in the same order as summing every sample in
