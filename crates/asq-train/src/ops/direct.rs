@@ -171,22 +171,73 @@ impl Grid {
     /// A pixel-major copy `[oh·ow][co_pad]` of `co` planes of `oh x ow`, zero at the padding
     /// channels (the weight gradient's layout).
     pub(crate) fn transpose_out(&self, src: &[f32], co: usize, co_pad: usize, dst: &mut [f32]) {
-        let pixels = self.oh * self.ow;
+        dispatch(TransposeOut {
+            pixels: self.oh * self.ow,
+            src,
+            co,
+            co_pad,
+            dst,
+        })
+    }
+}
+
+/// [`Grid::transpose_out`].
+struct TransposeOut<'a> {
+    pixels: usize,
+    src: &'a [f32],
+    co: usize,
+    co_pad: usize,
+    dst: &'a mut [f32],
+}
+
+impl WithSimd for TransposeOut<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        let Self {
+            pixels,
+            src,
+            co,
+            co_pad,
+            dst,
+        } = self;
         let dst = &mut dst[..pixels * co_pad];
-        // Plane by plane within blocks of pixels (a block of the copy stays in L1): each source
-        // row read contiguously, its values stored `co_pad` apart.
-        const BLOCK: usize = 256;
-        for (b, block) in dst.chunks_mut(BLOCK * co_pad).enumerate() {
-            let p0 = b * BLOCK;
-            for (o, plane) in src.chunks_exact(pixels).take(co).enumerate() {
-                for (px, &v) in block.chunks_exact_mut(co_pad).zip(&plane[p0..]) {
-                    px[o] = v;
+        // Tiles of 16 pixels by 16 channels through a fixed-size array (the compiler transposes
+        // it in registers with shuffles on the CPU's vectors), the rest value by value.
+        const T: usize = 16;
+        let (tiles, full) = (pixels / T, co / T * T);
+        for tp in 0..tiles {
+            let p0 = tp * T;
+            for c0 in (0..full).step_by(T) {
+                let mut t = [[0.0f32; T]; T];
+                for (o, row) in t.iter_mut().enumerate() {
+                    row.copy_from_slice(&src[(c0 + o) * pixels + p0..][..T]);
+                }
+                for (p, px) in dst[p0 * co_pad..][..T * co_pad]
+                    .chunks_exact_mut(co_pad)
+                    .enumerate()
+                {
+                    let out: &mut [f32; T] = (&mut px[c0..c0 + T]).try_into().expect("tile");
+                    for (o, v) in out.iter_mut().enumerate() {
+                        *v = t[o][p];
+                    }
                 }
             }
-            if co < co_pad {
-                for px in block.chunks_exact_mut(co_pad) {
-                    px[co..].fill(0.0);
-                }
+        }
+        // The pixels and channels the tiles left.
+        for (o, plane) in src.chunks_exact(pixels).take(co).enumerate() {
+            let from = if o < full { tiles * T } else { 0 };
+            for (px, &v) in dst[from * co_pad..]
+                .chunks_exact_mut(co_pad)
+                .zip(&plane[from..])
+            {
+                px[o] = v;
+            }
+        }
+        if co < co_pad {
+            for px in dst.chunks_exact_mut(co_pad) {
+                px[co..].fill(0.0);
             }
         }
     }
@@ -1348,6 +1399,9 @@ mod tests {
             (2, 28, 28, 1, 3),
             (5, 1, 17, 2, 5),
             (1, 9, 33, 0, 2),
+            (16, 28, 28, 1, 3),
+            (33, 5, 7, 1, 3),
+            (32, 4, 4, 1, 3),
         ] {
             let g = Grid::new(h, w, p, p, k, k).unwrap();
             let x = rand(c * h * w, 3);
@@ -1362,6 +1416,7 @@ mod tests {
                 }
             }
             let grid_out = rand(c * g.nq, 4);
+            // (The transposes' 16 x 16 tiles: from 16 channels and 16 pixels on.)
             let bias: Vec<f32> = (0..c)
                 .map(|i| if i == 1 { 0.0 } else { i as f32 - 0.5 })
                 .collect();
