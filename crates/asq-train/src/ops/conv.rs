@@ -602,6 +602,22 @@ fn sample(v: &[f32], n: usize, len: usize) -> &[f32] {
     v.get(n * len..(n + 1) * len).unwrap_or(&[])
 }
 
+/// What a backward pass prefetches during a sample's weight gradient: sample `n`'s output
+/// gradient, and its input too when no input gradient's kernel will have fetched it.
+fn next_operands<'a>(
+    (gy, out_len): (&'a [f32], usize),
+    (x, in_len): (&'a [f32], usize),
+    n: usize,
+    with_input: bool,
+) -> [&'a [f32]; 2] {
+    let input = if with_input {
+        sample(x, n, in_len)
+    } else {
+        &[]
+    };
+    [sample(gy, n, out_len), input]
+}
+
 /// One sample's index, output, input and plane sums in [`per_sample_forward`].
 type Operands<'a> = (usize, ((&'a mut [f32], &'a [f32]), &'a mut [(f64, f64)]));
 
@@ -747,14 +763,7 @@ fn direct_grads(
                 }
                 fwd.pad(xn, geo.c, &mut xp);
                 fwd.transpose_out(gyn, geo.co, co_pad, &mut gyt);
-                let streams = [
-                    sample(gy, n0 + j + 1, out_len),
-                    if dxc.is_empty() {
-                        sample(x, n0 + j + 1, in_len)
-                    } else {
-                        &[]
-                    },
-                ];
+                let streams = next_operands((gy, out_len), (x, in_len), n0 + j + 1, dxc.is_empty());
                 direct::weight_grad_part(
                     &fwd,
                     &xp,
@@ -996,14 +1005,7 @@ fn strided_grads(
                 let mut gyt = scratch::take(2, geo.opix() * co_pad);
                 ph.split(&x[(n0 + j) * in_len..][..in_len], &geo, &mut phases);
                 grid.transpose_out(gyn, geo.co, co_pad, &mut gyt);
-                let streams = [
-                    sample(gy, n0 + j + 1, out_len),
-                    if dxc.is_empty() {
-                        sample(x, n0 + j + 1, in_len)
-                    } else {
-                        &[]
-                    },
-                ];
+                let streams = next_operands((gy, out_len), (x, in_len), n0 + j + 1, dxc.is_empty());
                 direct::weight_grad_part(
                     grid,
                     &phases,
