@@ -88,6 +88,16 @@ fn valid_cols(geo: &Geo, kx: usize) -> (usize, usize) {
 /// `cols[(ci·kh + ky)·kw + kx, off + oy·ow + ox] = x[g·cg + ci, oy·s + ky - p, ox·s + kx - p]`
 /// (0 outside), rows of length `ld`: several samples side by side share one GEMM.
 fn im2col(x: &[f32], geo: &Geo, group: usize, cols: &mut [f32], ld: usize, off: usize) {
+    // Compiled for the CPU's vectors (the stride-2 rows are strided copies the compiler
+    // vectorises with shuffles there).
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || im2col_rows(x, geo, group, cols, ld, off),
+    )
+}
+
+#[inline(always)]
+fn im2col_rows(x: &[f32], geo: &Geo, group: usize, cols: &mut [f32], ld: usize, off: usize) {
     let (s, p) = (geo.spec.stride, geo.spec.pad);
     let opix = geo.opix();
     for ci in 0..geo.cg() {
@@ -107,11 +117,18 @@ fn im2col(x: &[f32], geo: &Geo, group: usize, cols: &mut [f32], ld: usize, off: 
                     dst[hi..].fill(0.0);
                     let src = &plane[iy as usize * geo.w..][..geo.w];
                     let first = lo * s + kx - p;
-                    if s == 1 {
-                        dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
-                    } else {
-                        for (d, v) in dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
-                            *d = *v;
+                    match s {
+                        1 => dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]),
+                        2 => {
+                            for (d, pair) in dst[lo..hi].iter_mut().zip(src[first..].chunks(2)) {
+                                *d = pair[0];
+                            }
+                        }
+                        _ => {
+                            for (d, v) in dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(s))
+                            {
+                                *d = *v;
+                            }
                         }
                     }
                 }
@@ -122,6 +139,15 @@ fn im2col(x: &[f32], geo: &Geo, group: usize, cols: &mut [f32], ld: usize, off: 
 
 /// Adds `cols` back into the input-shaped `dx` (the adjoint of [`im2col`]).
 fn col2im(cols: &[f32], geo: &Geo, group: usize, dx: &mut [f32], ld: usize, off: usize) {
+    // Compiled for the CPU's vectors, as [`im2col`].
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || col2im_rows(cols, geo, group, dx, ld, off),
+    )
+}
+
+#[inline(always)]
+fn col2im_rows(cols: &[f32], geo: &Geo, group: usize, dx: &mut [f32], ld: usize, off: usize) {
     let (s, p) = (geo.spec.stride, geo.spec.pad);
     let opix = geo.opix();
     for ci in 0..geo.cg() {
@@ -141,14 +167,20 @@ fn col2im(cols: &[f32], geo: &Geo, group: usize, dx: &mut [f32], ld: usize, off:
                     let dst = &mut plane[iy as usize * geo.w..][..geo.w];
                     let src = &row[oy * geo.ow + lo..oy * geo.ow + hi];
                     let first = lo * s + kx - p;
-                    if s == 1 {
-                        dst[first..first + (hi - lo)]
+                    match s {
+                        1 => dst[first..first + (hi - lo)]
                             .iter_mut()
                             .zip(src)
-                            .for_each(|(d, v)| *d += v);
-                    } else {
-                        for (d, v) in dst[first..].iter_mut().step_by(s).zip(src) {
-                            *d += v;
+                            .for_each(|(d, v)| *d += v),
+                        2 => {
+                            for (pair, v) in dst[first..].chunks_mut(2).zip(src) {
+                                pair[0] += v;
+                            }
+                        }
+                        _ => {
+                            for (d, v) in dst[first..].iter_mut().step_by(s).zip(src) {
+                                *d += v;
+                            }
                         }
                     }
                 }
