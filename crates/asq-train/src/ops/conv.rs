@@ -828,8 +828,9 @@ fn direct_grads(
 /// direct convolutions: phase `(a, b)` of the zero-padded input holds its pixels `(2i + a,
 /// 2j + b)`, and output `(oy, ox)` is the sum over the phases of their `(ky, kx) ≡ (a, b) mod 2`
 /// taps at `(oy + ky/2, ox + kx/2)`. So the four phase planes (each a quarter of the input) go
-/// through [`direct::forward`] with their own taps, accumulating into one output: exactly the
-/// convolution's multiply-adds, and no im2col copy.
+/// through one [`direct::forward_into`] product over all nine taps, each tap's offset into its
+/// phase's planes ([`Phases::combined`]): exactly the convolution's multiply-adds, and no
+/// im2col copy.
 #[derive(Debug, Clone)]
 struct Phases {
     /// The phase planes' grid (`ceil((H + 2p) / 2)` rows of `ceil((W + 2p) / 2)`) for the
@@ -947,10 +948,10 @@ fn strided_forward(
 }
 
 /// `(dx, dw)` on the phases: each phase's input gradient is its stride-1 kernel's (the forward
-/// kernel on the output gradient padded by the phase kernel's size - 1, kernel transposed and
-/// flipped), scattered back to the pixels of that phase; each phase's weight gradient comes
-/// from its planes (split again from the input). `dw` is reduced over fixed sample chunks in
-/// order.
+/// kernel, transposed and flipped, on the output gradient padded once for the largest phase
+/// kernel), the four interleaved back into the input's pixels; the weight gradient is one
+/// product over all nine taps on the phase planes (split again from the input), as the forward.
+/// `dw` is reduced over fixed sample chunks in order.
 fn strided_grads(
     geo: &Geo,
     x: &[f32],
