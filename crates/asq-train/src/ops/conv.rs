@@ -680,7 +680,7 @@ fn per_sample_forward(
     bias: Option<&[f32]>,
     sums: bool,
     prepare: impl Fn(&[f32], &mut [f32]) + Sync,
-    product: impl Fn(&[f32], &mut [f32], &[&[f32]]) + Sync,
+    (product, pixel_major): (impl Fn(&[f32], &mut [f32], &[&[f32]]) + Sync, bool),
 ) -> (Vec<f32>, Option<Vec<(f64, f64)>>) {
     let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
     let co_pad = direct::padded_channels(geo.co);
@@ -691,7 +691,11 @@ fn per_sample_forward(
         let mut tmp = scratch::take(1, co_pad * grid.nq);
         prepare(xn, &mut xp);
         product(&xp, &mut tmp, &[sample(xv, n + 1, in_len), yn]);
-        grid.extract(&tmp, geo.co, yn, bias);
+        if pixel_major {
+            grid.extract_pixels(&tmp, (geo.co, co_pad), yn, bias, false);
+        } else {
+            grid.extract(&tmp, geo.co, yn, bias);
+        }
         if !ps.is_empty() {
             norm::plane_value_sums(yn, geo.opix(), ps);
         }
@@ -722,8 +726,16 @@ fn direct_forward(
     sums: bool,
 ) -> (Vec<f32>, Option<Vec<(f64, f64)>>) {
     let grid = forward_grid(geo);
-    let wk = direct::pack_weights(wv, geo.co, geo.c, geo.kh * geo.kw, false, grid.co_block());
+    let co_pad = direct::padded_channels(geo.co);
+    let rows = direct::rows_fit(&grid, co_pad);
+    let cb = if rows {
+        direct::rows_block(co_pad)
+    } else {
+        grid.co_block()
+    };
+    let wk = direct::pack_weights(wv, geo.co, geo.c, geo.kh * geo.kw, false, cb);
     let offs = grid.offsets();
+    let (c, plane) = (geo.c, grid.plane);
     per_sample_forward(
         geo,
         &grid,
@@ -732,9 +744,16 @@ fn direct_forward(
         bias,
         sums,
         |xn, xp| grid.pad(xn, geo.c, xp),
-        |xp, out, pf| {
-            direct::forward_into(&grid, false, xp, grid.plane, geo.c, &offs, &wk, out, pf)
-        },
+        (
+            |xp: &[f32], out: &mut [f32], pf: &[&[f32]]| {
+                if rows {
+                    direct::forward_rows(&grid, xp, plane, c, &offs, &wk, co_pad, out, pf)
+                } else {
+                    direct::forward_into(&grid, false, xp, plane, c, &offs, &wk, out, pf)
+                }
+            },
+            rows,
+        ),
     )
 }
 
@@ -772,12 +791,19 @@ fn direct_grads(
     if on_grid {
         direct::align_planes(&mut back);
     }
-    let wt = direct::pack_weights(w, geo.co, geo.c, taps, true, back.co_block());
-    let (offs_f, offs_b) = (fwd.offsets(), back.offsets());
     let (ci_pad, co_pad) = (
         direct::padded_channels(geo.c),
         direct::padded_channels(geo.co),
     );
+    // The input gradient's product along the channels on small planes (as the forward's).
+    let rows = direct::rows_fit(&back, ci_pad);
+    let cb = if rows {
+        direct::rows_block(ci_pad)
+    } else {
+        back.co_block()
+    };
+    let wt = direct::pack_weights(w, geo.co, geo.c, taps, true, cb);
+    let (offs_f, offs_b) = (fwd.offsets(), back.offsets());
     let pixels = geo.oh * geo.ow;
     let mut target = dx.target(geo.n * in_len, false);
     let add = matches!(target, DxTarget::Add(_));
@@ -806,13 +832,20 @@ fn direct_grads(
                 if let Some(dxn) = dxc.chunks_exact_mut(in_len).nth(j) {
                     back.pad(gyn, geo.co, gp);
                     let streams = [xn, &*dxn];
-                    direct::forward_into(
-                        &back, false, gp, back.plane, geo.co, &offs_b, &wt, &mut tmp, &streams,
-                    );
-                    if add {
-                        back.extract_add(&tmp, geo.c, dxn);
+                    if rows {
+                        direct::forward_rows(
+                            &back, gp, back.plane, geo.co, &offs_b, &wt, ci_pad, &mut tmp, &streams,
+                        );
+                        back.extract_pixels(&tmp, (geo.c, ci_pad), dxn, None, add);
                     } else {
-                        back.extract(&tmp, geo.c, dxn, None);
+                        direct::forward_into(
+                            &back, false, gp, back.plane, geo.co, &offs_b, &wt, &mut tmp, &streams,
+                        );
+                        if add {
+                            back.extract_add(&tmp, geo.c, dxn);
+                        } else {
+                            back.extract(&tmp, geo.c, dxn, None);
+                        }
                     }
                 }
                 fwd.pad(xn, geo.c, &mut xp);
@@ -969,8 +1002,16 @@ fn strided_forward(
     // One product over all the taps (each sum over the input channels, a channel's taps in
     // phase order), not one accumulating pass per phase.
     let (taps, offs) = ph.combined(geo.c);
+    let co_pad = direct::padded_channels(geo.co);
+    let rows = direct::rows_fit(grid, co_pad);
+    let cb = if rows {
+        direct::rows_block(co_pad)
+    } else {
+        grid.co_block()
+    };
     let wk = Phases::weights_of(&taps, wv, geo.co, geo.c, k);
-    let wk = direct::pack_weights(&wk, geo.co, geo.c, taps.len(), false, grid.co_block());
+    let wk = direct::pack_weights(&wk, geo.co, geo.c, taps.len(), false, cb);
+    let (c, plane) = (geo.c, grid.plane);
     per_sample_forward(
         geo,
         grid,
@@ -979,7 +1020,16 @@ fn strided_forward(
         bias,
         sums,
         |xn, xp| ph.split(xn, geo, xp),
-        |xp, out, pf| direct::forward_into(grid, false, xp, grid.plane, geo.c, &offs, &wk, out, pf),
+        (
+            |xp: &[f32], out: &mut [f32], pf: &[&[f32]]| {
+                if rows {
+                    direct::forward_rows(grid, xp, plane, c, &offs, &wk, co_pad, out, pf)
+                } else {
+                    direct::forward_into(grid, false, xp, plane, c, &offs, &wk, out, pf)
+                }
+            },
+            rows,
+        ),
     )
 }
 
@@ -1349,6 +1399,8 @@ mod tests {
             (19, 8, 24, 5, 5, 2, 1, 7),
             (2, 1, 16, 9, 3, 3, 2, 8),
             (2, 3, 5, 23, 21, 3, 1, 9),
+            (2, 20, 50, 7, 14, 3, 1, 10),
+            (2, 32, 32, 14, 14, 3, 1, 11),
         ] {
             let spec = ConvSpec {
                 stride: 1,
