@@ -878,19 +878,34 @@ fn direct_grads(
             scratch::give(1, tmp);
             scratch::give(2, gyt);
             scratch::give(3, xp);
-            let mut dwp = buffers::take_zeroed(co_pad * geo.c * taps);
+            // The chunk's sums: in the weights' layout off the grid's lanes, else as the
+            // kernel left them (`[ci·taps][co_pad]`, transposed once after the chunks' sum).
             if on_grid {
+                let mut dwp = buffers::take(w.len());
                 direct::reduce_grid_sums(&sums, &mut dwp);
+                buffers::give(part);
+                buffers::give(sums);
+                dwp
             } else {
-                direct::add_part(&part, co_pad, &mut dwp);
+                buffers::give(sums);
+                part
             }
-            buffers::give(part);
-            buffers::give(sums);
-            dwp.truncate(w.len());
-            dwp
         })
         .collect();
-    (target.into_new(), sum_in_order(partials, w.len()))
+    let dw = if on_grid {
+        sum_in_order(partials, w.len())
+    } else {
+        let total = sum_in_order(partials, co_pad * geo.c * taps);
+        let mut dw = buffers::take(w.len());
+        for (k, px) in total.chunks_exact(co_pad).enumerate() {
+            for (o, &v) in px[..geo.co].iter().enumerate() {
+                dw[o * geo.c * taps + k] = v;
+            }
+        }
+        buffers::give(total);
+        dw
+    };
+    (target.into_new(), dw)
 }
 
 /// A stride-2 convolution with an odd `k x k` kernel and padding `(k - 1) / 2` as stride-1
@@ -1141,24 +1156,20 @@ fn strided_grads(
                 scratch::give(2, gyt);
                 scratch::give(3, phases);
             }
-            let mut dwp = buffers::take_zeroed(co_pad * geo.c * taps.len());
-            direct::add_part(&part, co_pad, &mut dwp);
-            buffers::give(part);
-            let mut dw = buffers::take_zeroed(w.len());
-            for (oi, d) in dwp
-                .chunks_exact(taps.len())
-                .take(geo.co * geo.c)
-                .enumerate()
-            {
-                for (&(ky, kx), &v) in taps.iter().zip(d) {
-                    dw[(oi * k + ky) * k + kx] = v;
-                }
-            }
-            buffers::give(dwp);
-            dw
+            // `[ci·taps][co_pad]`, transposed into the weights' layout once after the sum.
+            part
         })
         .collect();
-    (target.into_new(), sum_in_order(partials, w.len()))
+    let total = sum_in_order(partials, co_pad * geo.c * taps.len());
+    let mut dw = buffers::take_zeroed(w.len());
+    for (it, px) in total.chunks_exact(co_pad).enumerate() {
+        let (i, (ky, kx)) = (it / taps.len(), taps[it % taps.len()]);
+        for (o, &v) in px[..geo.co].iter().enumerate() {
+            dw[((o * geo.c + i) * k + ky) * k + kx] = v;
+        }
+    }
+    buffers::give(total);
+    (target.into_new(), dw)
 }
 
 thread_local! {

@@ -1587,6 +1587,7 @@ pub(crate) fn weight_grad(
 }
 
 /// `dw[o][k] += part[k][o]`: a [`weight_grad_part`] sum in the weights' layout.
+#[cfg(test)]
 pub(crate) fn add_part(part: &[f32], co_pad: usize, dw: &mut [f32]) {
     let kt = part.len() / co_pad;
     for (k, p) in part.chunks_exact(co_pad).enumerate() {
