@@ -269,13 +269,12 @@ enum Dx<'a> {
 }
 
 impl<'a> Dx<'a> {
-    /// Where `len` input-gradient values go: a pooled buffer for [`Dx::New`] (zeroed when
-    /// `zeroed`: a path that only scatters into it), the gradient to add into for [`Dx::Add`],
-    /// nothing for [`Dx::Skip`].
-    fn target(self, len: usize, zeroed: bool) -> DxTarget<'a> {
+    /// Where `len` input-gradient values go: a pooled buffer for [`Dx::New`] (not zeroed: both
+    /// direct paths write every value), the gradient to add into for [`Dx::Add`], nothing for
+    /// [`Dx::Skip`].
+    fn target(self, len: usize) -> DxTarget<'a> {
         match self {
             Dx::Skip => DxTarget::Skip,
-            Dx::New if zeroed => DxTarget::New(buffers::take_zeroed(len)),
             Dx::New => DxTarget::New(buffers::take(len)),
             Dx::Add(acc) => DxTarget::Add(acc),
         }
@@ -805,7 +804,7 @@ fn direct_grads(
     let wt = direct::pack_weights(w, geo.co, geo.c, taps, true, cb);
     let (offs_f, offs_b) = (fwd.offsets(), back.offsets());
     let pixels = geo.oh * geo.ow;
-    let mut target = dx.target(geo.n * in_len, false);
+    let mut target = dx.target(geo.n * in_len);
     let add = matches!(target, DxTarget::Add(_));
     let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, target.values())
         .into_par_iter()
@@ -1092,7 +1091,7 @@ fn strided_grads(
         .collect();
     let split_len = 4 * geo.c * grid.plane;
     let (taps, offs) = ph.combined(geo.c);
-    let mut target = dx.target(geo.n * in_len, true);
+    let mut target = dx.target(geo.n * in_len);
     let add = matches!(target, DxTarget::Add(_));
     let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, target.values())
         .into_par_iter()
@@ -1378,6 +1377,9 @@ mod tests {
             FORCE_IM2COL.with(|f| f.set(false));
             (yv, grads)
         };
+        // Garbage where the pool hands out the input gradient's buffer (large shapes): a value
+        // the direct paths failed to write would show.
+        buffers::give(vec![f32::NAN; x.len()]);
         let (y1, g1) = run(false);
         let (y2, g2) = run(true);
         assert_eq!(y1.shape(), y2.shape());
