@@ -35,6 +35,7 @@
 //! rounding.
 
 use pulp::{Simd, WithSimd};
+use rayon::prelude::*;
 
 /// The channel padding unit (a multiple of both forward register blocks, 8 and 16).
 pub(crate) const CO_BLOCK: usize = 16;
@@ -367,10 +368,13 @@ pub(crate) fn pack_weights(
     let outs_pad = padded_channels(outs);
     let mut p = vec![0.0f32; outs_pad * ins * taps];
     // In the packed order (sequential writes; scattered ones took 0.1 ms for 64x64x9 on a Xeon,
-    // on one thread while the other waited).
-    for (b, block) in p.chunks_exact_mut(ins * taps * cb).enumerate() {
-        for (it, dst) in block.chunks_exact_mut(cb).enumerate() {
-            let (i, t) = (it / taps, it % taps);
+    // on one thread while the other waited), the rows of `cb` split over the threads.
+    let rows = ins * taps;
+    p.par_chunks_mut(cb)
+        .with_min_len(256)
+        .enumerate()
+        .for_each(|(r, dst)| {
+            let (b, i, t) = (r / rows, (r % rows) / taps, r % taps);
             for (l, d) in dst.iter_mut().enumerate().take(outs.saturating_sub(b * cb)) {
                 let o = b * cb + l;
                 *d = if transpose_flip {
@@ -379,8 +383,7 @@ pub(crate) fn pack_weights(
                     w[(o * ci + i) * taps + t]
                 };
             }
-        }
-    }
+        });
     p
 }
 
