@@ -431,15 +431,17 @@ fn gemm_grads(
     let geo = *geo;
     let (in_len, out_len) = (geo.c * geo.h * geo.w, geo.co * geo.opix());
     let (krows, opix, cog) = (geo.krows(), geo.opix(), geo.cog());
-    // Without `dx`, a zero-length stand-in still splits the samples into the same chunks.
+    // Without `dx`, a zero-length stand-in still splits the samples into the same chunks. Each
+    // chunk zeroes its own part (col2im adds into it), in parallel.
     let mut dx = if want_dx {
-        buffers::take_zeroed(geo.n * in_len)
+        buffers::take(geo.n * in_len)
     } else {
         Vec::new()
     };
     let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, &mut dx)
         .into_par_iter()
         .map(|((n0, samples), dxc)| {
+            dxc.fill(0.0);
             let ld = samples * opix;
             let mut dw = buffers::take_zeroed(w.len());
             let mut cols = scratch::take(0, krows * ld);
