@@ -30,8 +30,8 @@ struct Block {
 impl Block {
     fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
         let h = self.conv1.forward(g, ps, x)?;
-        let h = self.bn1.forward_act(g, ps, h, None, BnAct::Relu)?;
-        let h = self.conv2.forward(g, ps, h)?;
+        // conv2(relu(bn1(h))), one op in float training (the normalised h never written).
+        let h = self.conv2.forward_after_bn_relu(g, ps, &self.bn1, h)?;
         let s = match &self.shortcut {
             Some((conv, bn)) => {
                 let s = conv.forward(g, ps, x)?;

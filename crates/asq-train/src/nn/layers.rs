@@ -202,7 +202,13 @@ impl BatchNorm2d {
     }
 
     /// Running statistics update from one batch's `mean` and biased `var` over `count` values.
-    fn update_running(&self, ps: &mut ParamStore, mean: &[f32], var: &[f32], count: f32) {
+    pub(crate) fn update_running(
+        &self,
+        ps: &mut ParamStore,
+        mean: &[f32],
+        var: &[f32],
+        count: f32,
+    ) {
         let m = self.momentum;
         ps.buffer_mut(self.running_mean)
             .iter_mut()

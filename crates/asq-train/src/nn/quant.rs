@@ -18,12 +18,13 @@ use ndarray::IxDyn;
 use crate::error::{shape, Result};
 use crate::graph::{Graph, Var};
 use crate::nn::init::Init;
-use crate::nn::layers::{Conv2d, Linear};
+use crate::nn::layers::{BatchNorm2d, Conv2d, Linear};
 use crate::nn::Module;
 use crate::ops::act::{clamp_min, relu};
 use crate::ops::basic::reshape;
-use crate::ops::conv::{conv2d, ConvSpec};
+use crate::ops::conv::{bn_relu_conv2d, bn_relu_conv_fits, conv2d, ConvSpec};
 use crate::ops::matmul::linear;
+use crate::ops::norm::BnAct;
 use crate::ops::pool::global_avg_pool;
 use crate::ops::quant::{asq, filled, level_weights, lsq as lsq_op};
 use crate::params::{ParamId, ParamKind, ParamStore};
@@ -308,6 +309,11 @@ impl InputQuantizer {
         })
     }
 
+    /// Whether the input stays float (the quantizer is the identity).
+    pub fn is_float(&self) -> bool {
+        self.kind == ActQuant::Float
+    }
+
     /// Quantizes `x` (identity for float).
     pub fn forward(&self, g: &mut Graph, ps: &mut ParamStore, x: Var) -> Result<Var> {
         let (Some(range), Some(step), Some(ready)) = (self.kind.range()?, self.step, self.ready)
@@ -386,6 +392,11 @@ impl WeightQuantizer {
         )?);
         let ready = Some(ps.add_buffer(format!("{name}.weight_ready"), filled(1, 0.0))?);
         Ok(Self { kind, scale, ready })
+    }
+
+    /// Whether the weights stay float (the quantizer is the identity).
+    pub fn is_float(&self) -> bool {
+        self.kind == WeightQuant::Float
     }
 
     /// Fake-quantizes the weight parameter `weight` (already on the tape as `w`).
@@ -475,6 +486,39 @@ impl Module for QConv2d {
         let wq = self.weights.forward(g, ps, w)?;
         let b = self.conv.bias.map(|b| g.param(ps, b));
         conv2d(g, xq, wq, b, self.conv.spec)
+    }
+}
+
+impl QConv2d {
+    /// `self(relu(bn(x)))`, a ResNet block's `conv2(relu(bn1(h)))`: in training, with float
+    /// input and weights, no bias and the direct stride-1 path, one op ([`bn_relu_conv2d`]: the
+    /// normalised activation is never written); otherwise [`BatchNorm2d::forward_act`] and then
+    /// [`Module::forward`]. The same values and gradients either way, and the same running
+    /// statistics.
+    pub fn forward_after_bn_relu(
+        &self,
+        g: &mut Graph,
+        ps: &mut ParamStore,
+        bn: &BatchNorm2d,
+        x: Var,
+    ) -> Result<Var> {
+        let w_shape = ps.get(self.conv.weight).value.shape().to_vec();
+        if self.input.is_float()
+            && self.weights.is_float()
+            && self.conv.bias.is_none()
+            && bn_relu_conv_fits(g, x, &w_shape, self.conv.spec)
+        {
+            let (gm, bt) = (g.param(ps, bn.gamma), g.param(ps, bn.beta));
+            let w = g.param(ps, self.conv.weight);
+            if let Some((y, mean, var)) = bn_relu_conv2d(g, x, (gm, bt, bn.eps), w, self.conv.spec)?
+            {
+                let s = g.shape(x);
+                bn.update_running(ps, &mean, &var, (s[0] * s[2] * s[3]) as f32);
+                return Ok(y);
+            }
+        }
+        let h = bn.forward_act(g, ps, x, None, BnAct::Relu)?;
+        self.forward(g, ps, h)
     }
 }
 

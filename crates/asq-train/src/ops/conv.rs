@@ -13,7 +13,7 @@ use crate::buffers;
 use crate::error::{shape, Result};
 use crate::graph::{Backward, Graph, Var};
 use crate::ops::direct::{self, Grid};
-use crate::ops::norm;
+use crate::ops::norm::{self, BnAct, BnTrainOp, Coef};
 use crate::ops::scratch;
 use crate::Tensor;
 
@@ -324,7 +324,7 @@ impl ConvOp {
                 let (dx, dw) = depthwise_grads(&geo, x, w, gy);
                 (want_dx.then_some(dx), dw)
             }
-            (Path::Direct, dx) => direct_grads(&geo, x, w, gy, dx),
+            (Path::Direct, dx) => direct_grads(&geo, x, w, gy, dx, None),
             (Path::Strided, dx) => strided_grads(&geo, x, w, gy, dx),
             (Path::Gemm, _) => gemm_grads(&geo, x, w, gy, want_dx),
         };
@@ -544,7 +544,7 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
                 Path::Depthwise,
             )
         } else if direct {
-            (direct_forward(&geo, xv, wv, bias, sums), Path::Direct)
+            (direct_forward(&geo, xv, wv, bias, sums, None), Path::Direct)
         } else if strided {
             (strided_forward(&geo, xv, wv, bias, sums), Path::Strided)
         } else {
@@ -566,6 +566,140 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
         g.set_plane_sums(out, ps);
     }
     Ok(out)
+}
+
+/// [`bn_relu_conv2d`]'s output, the batch mean and the biased variance.
+pub type BnConv = (Var, Vec<f32>, Vec<f32>);
+
+/// `conv2d(relu(batch_norm(x)), w)` in training as one op, when the convolution takes the
+/// direct stride-1 path (else `None`: the caller records the two ops): the batch norm's
+/// statistics as [`norm::batch_norm2d_train`]'s, its normalisation and ReLU applied while each
+/// sample's input is padded for the kernel, so the normalised activation (a tensor the size of
+/// `x`) is neither written nor read back, forward or backward. The same values and gradients,
+/// bit for bit, as the separate ops (tested). Returns the output, the batch mean and the biased
+/// variance (for the running statistics). No bias: a ResNet block's second convolution.
+pub fn bn_relu_conv2d(
+    g: &mut Graph,
+    x: Var,
+    (gamma, beta, eps): (Var, Var, f32),
+    w: Var,
+    spec: ConvSpec,
+) -> Result<Option<BnConv>> {
+    let Some(geo) = bn_relu_conv_geo(g, x, g.shape(w), spec) else {
+        return Ok(None);
+    };
+    let c = geo.c;
+    if g.shape(gamma) != [c] || g.shape(beta) != [c] {
+        return Err(shape(
+            "batch_norm2d",
+            format!(
+                "input {:?}, gamma {:?}, beta {:?}",
+                g.shape(x),
+                g.shape(gamma),
+                g.shape(beta)
+            ),
+        ));
+    }
+    let n = geo.n;
+    let co = geo.co;
+    let (mean, var, inv_std) = norm::batch_stats(g, x, eps);
+    let coef = norm::normalise_coef(&mean, &inv_std, g.value(gamma), g.value(beta));
+    let (y, sums) = {
+        let (xs, ws) = (
+            g.value(x).as_standard_layout(),
+            g.value(w).as_standard_layout(),
+        );
+        let (xv, wv) = (
+            xs.as_slice().expect("standard layout"),
+            ws.as_slice().expect("standard layout"),
+        );
+        direct_forward(&geo, xv, wv, None, true, Some(&coef))
+    };
+    let y = Tensor::from_shape_vec(IxDyn(&[n, co, geo.oh, geo.ow]), y).expect("output shape");
+    let out = g.record(
+        y,
+        &[x, gamma, beta, w],
+        BnReluConvOp {
+            geo,
+            bn: BnTrainOp {
+                mean: mean.clone(),
+                inv_std,
+                act: BnAct::Relu,
+                residual: false,
+            },
+        },
+    );
+    if let Some(ps) = sums {
+        g.set_plane_sums(out, ps);
+    }
+    Ok(Some((out, mean, var)))
+}
+
+/// Whether [`bn_relu_conv2d`] records one op for input `x` and a weight of shape `w`: in
+/// training, on the direct stride-1 path (see [`direct_fits`]).
+pub fn bn_relu_conv_fits(g: &Graph, x: Var, w: &[usize], spec: ConvSpec) -> bool {
+    bn_relu_conv_geo(g, x, w, spec).is_some()
+}
+
+fn bn_relu_conv_geo(g: &Graph, x: Var, sw: &[usize], spec: ConvSpec) -> Option<Geo> {
+    let sx = g.shape(x);
+    if !g.is_training() || sx.len() != 4 || sw.len() != 4 || spec.groups != 1 || sw[1] != sx[1] {
+        return None;
+    }
+    let (n, c, h, wd) = (sx[0], sx[1], sx[2], sx[3]);
+    let (co, kh, kw) = (sw[0], sw[2], sw[3]);
+    if spec.stride == 0 || h + 2 * spec.pad < kh || wd + 2 * spec.pad < kw {
+        return None;
+    }
+    let geo = Geo {
+        n,
+        c,
+        h,
+        w: wd,
+        co,
+        kh,
+        kw,
+        oh: (h + 2 * spec.pad - kh) / spec.stride + 1,
+        ow: (wd + 2 * spec.pad - kw) / spec.stride + 1,
+        spec,
+    };
+    (!FORCE_IM2COL.with(|f| f.get()) && direct_fits(&geo)).then_some(geo)
+}
+
+/// [`bn_relu_conv2d`]'s backward: the convolution's gradients with its input rebuilt from `x`
+/// while padded, then batch norm + ReLU's from the convolution's input gradient.
+struct BnReluConvOp {
+    geo: Geo,
+    bn: BnTrainOp,
+}
+
+impl Backward for BnReluConvOp {
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
+        let (x, gamma, beta, w) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+        let coef = norm::normalise_coef(&self.bn.mean, &self.bn.inv_std, gamma, beta);
+        let (xs, ws, gs) = (
+            x.as_standard_layout(),
+            w.as_standard_layout(),
+            grad.as_standard_layout(),
+        );
+        let [xv, wv, gy] = [&xs, &ws, &gs].map(|t| t.as_slice().expect("standard layout"));
+        let (dz, dw) = direct_grads(&self.geo, xv, wv, gy, Dx::New, Some(&coef));
+        let dz = Tensor::from_shape_vec(x.raw_dim(), dz.expect("asked for")).expect("input shape");
+        // Batch norm + ReLU without a residual reads only its input and gradient (the ReLU
+        // mask recomputed from the input), not its output: `x` stands in for it.
+        let mut grads = self.bn.backward(&[x, gamma, beta], x, &dz);
+        // Back to the pool, as the graph does with the gradients it is done with (a dropped
+        // 6.4 MB buffer costs the next one fresh pages).
+        buffers::recycle(dz);
+        grads.push(Some(
+            Tensor::from_shape_vec(w.raw_dim(), dw).expect("weight shape"),
+        ));
+        grads
+    }
+
+    fn name(&self) -> &'static str {
+        "conv (direct, batch norm + ReLU in)"
+    }
 }
 
 /// im2col + GEMM forward pass, `[N, C_out, OH, OW]` values.
@@ -724,13 +858,15 @@ fn per_sample_forward(
 }
 
 /// Forward pass on the direct stride-1 kernels (see [`direct_fits`]), each sample's input
-/// padded into a per-thread buffer.
+/// padded into a per-thread buffer, through batch norm + ReLU with `act`'s coefficients
+/// ([`Grid::pad_bn_relu`]) when given.
 fn direct_forward(
     geo: &Geo,
     xv: &[f32],
     wv: &[f32],
     bias: Option<&[f32]>,
     sums: bool,
+    act: Option<&[Coef]>,
 ) -> (Vec<f32>, Option<Vec<(f64, f64)>>) {
     let grid = forward_grid(geo);
     let co_pad = direct::padded_channels(geo.co);
@@ -750,7 +886,10 @@ fn direct_forward(
         geo.c * grid.plane,
         bias,
         sums,
-        |xn, xp| grid.pad(xn, geo.c, xp),
+        |xn, xp| match act {
+            None => grid.pad(xn, geo.c, xp),
+            Some(coef) => grid.pad_bn_relu(xn, geo.c, xp, coef),
+        },
         (
             |xp: &[f32], out: &mut [f32], pf: &[&[f32]]| {
                 if rows {
@@ -767,13 +906,15 @@ fn direct_forward(
 /// `(dx, dw)` on the direct kernels: `dx` (a new tensor, added into the input's gradient, or
 /// none: [`Dx`]) is the forward kernel run on the output gradient padded by `k - 1 - pad` with
 /// the kernel transposed and flipped; `dw` is reduced over fixed sample chunks in order, as on
-/// the GEMM path.
+/// the GEMM path. With `act`, the convolution's input is `x` through batch norm + ReLU (as in
+/// [`direct_forward`]; `dx` is then the gradient w.r.t. that input).
 fn direct_grads(
     geo: &Geo,
     x: &[f32],
     w: &[f32],
     gy: &[f32],
     dx: Dx,
+    act: Option<&[Coef]>,
 ) -> (Option<Vec<f32>>, Vec<f32>) {
     let geo = *geo;
     let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
@@ -855,7 +996,10 @@ fn direct_grads(
                         }
                     }
                 }
-                fwd.pad(xn, geo.c, &mut xp);
+                match act {
+                    None => fwd.pad(xn, geo.c, &mut xp),
+                    Some(coef) => fwd.pad_bn_relu(xn, geo.c, &mut xp, coef),
+                }
                 let streams = next_operands((gy, out_len), (x, in_len), n0 + j + 1, dxc.is_empty());
                 if on_grid {
                     if dxc.is_empty() {
@@ -1330,6 +1474,100 @@ fn depthwise_grads(geo: &Geo, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Ve
 mod tests {
     use super::*;
     use crate::ops::gradcheck::{check, random};
+
+    /// `conv2(relu(bn(conv1(x))))` with batch norm + ReLU folded into the second convolution:
+    /// the separate ops' output, statistics and every gradient, bit for bit (the 28x28 grid
+    /// weight gradient, the 7x7 / 14-wide rows kernels, small odd shapes), and the finite
+    /// differences on a small one.
+    #[test]
+    fn batch_norm_relu_folded_into_the_convolution_is_the_separate_ops_bits() {
+        let spec = ConvSpec {
+            stride: 1,
+            pad: 1,
+            groups: 1,
+        };
+        for (n, c, co, h, w, seed) in [
+            (2, 16, 16, 28, 28, 1),
+            (3, 64, 64, 7, 7, 2),
+            (2, 3, 5, 9, 7, 3),
+            (2, 20, 50, 7, 14, 4),
+        ] {
+            let x = random(&[n, c, h, w], seed);
+            let w1 = random(&[c, c, 3, 3], seed + 1);
+            let gamma = random(&[c], seed + 2);
+            let beta = random(&[c], seed + 3);
+            let w2 = random(&[co, c, 3, 3], seed + 4);
+            let r = random(&[n, co, h, w], seed + 5);
+            let run = |fused: bool| {
+                let mut g = Graph::new(true);
+                let vars: Vec<Var> = [&x, &w1, &gamma, &beta, &w2]
+                    .iter()
+                    .map(|t| g.input_with_grad((*t).clone()))
+                    .collect();
+                // The first convolution attaches its plane sums, as in a ResNet block.
+                let y1 = conv2d(&mut g, vars[0], vars[1], None, spec).unwrap();
+                let (y, mean, var) = if fused {
+                    bn_relu_conv2d(&mut g, y1, (vars[2], vars[3], 1e-5), vars[4], spec)
+                        .unwrap()
+                        .expect("the direct path")
+                } else {
+                    let (z, mean, var) = norm::batch_norm2d_train_act(
+                        &mut g,
+                        y1,
+                        vars[2],
+                        vars[3],
+                        1e-5,
+                        None,
+                        BnAct::Relu,
+                    )
+                    .unwrap();
+                    (conv2d(&mut g, z, vars[4], None, spec).unwrap(), mean, var)
+                };
+                let rv = g.input(r.clone());
+                let l = crate::ops::basic::mul(&mut g, y, rv).unwrap();
+                let l = crate::ops::basic::sum(&mut g, l);
+                let all = g.gradients(l).unwrap();
+                let bits = |v: &mut dyn Iterator<Item = &f32>| v.map(|f| f.to_bits()).collect();
+                let mut out: Vec<Vec<u32>> = vec![
+                    bits(&mut g.value(y).iter()),
+                    bits(&mut mean.iter()),
+                    bits(&mut var.iter()),
+                ];
+                for v in &vars {
+                    out.push(bits(&mut all[v.0].as_ref().expect("gradient").iter()));
+                }
+                out
+            };
+            let (got, want) = (run(true), run(false));
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(a == b, "{n} {c} {co} {h}x{w}: item {i} differs");
+            }
+        }
+        // Inputs where no normalised value lies within 0.05 of the ReLU's kink (a
+        // finite-difference step then never crosses it).
+        let (x, gamma, beta) = (0..100)
+            .map(|s| {
+                (
+                    random(&[2, 2, 3, 3], 100 + s),
+                    random(&[2], 300 + s),
+                    random(&[2], 500 + s),
+                )
+            })
+            .find(|(x, gamma, beta)| {
+                let mut g = Graph::new(true);
+                let v = [x, gamma, beta].map(|t| g.input(t.clone()));
+                let (z, _, _) = norm::batch_norm2d_train(&mut g, v[0], v[1], v[2], 1e-5).unwrap();
+                g.value(z).iter().all(|v| v.abs() > 0.05)
+            })
+            .expect("a seed without normalised values near 0");
+        let w = random(&[4, 2, 3, 3], 14);
+        check(&[x, gamma, beta, w], 1e-3, 2e-2, 25, |g, v| {
+            bn_relu_conv2d(g, v[0], (v[1], v[2], 1e-5), v[3], spec)
+                .unwrap()
+                .expect("the direct path")
+                .0
+        });
+    }
 
     #[test]
     fn depthwise_direct_path_matches_im2col_and_finite_differences() {

@@ -34,6 +34,7 @@
 //! results (tested), independent of the thread count; they differ from the im2col path only by
 //! rounding.
 
+use crate::ops::norm::Coef;
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
@@ -149,6 +150,21 @@ impl Grid {
             src,
             c,
             dst,
+            act: None,
+        })
+    }
+
+    /// [`Grid::pad`] of `max((x - mu)·k + b, 0)` with plane `i`'s `(mu, k, b) = coef[i]`: a
+    /// training-mode batch norm + ReLU applied on the way in, with its arithmetic (the same
+    /// values as the separate op's output), the padding zero.
+    pub(crate) fn pad_bn_relu(&self, src: &[f32], c: usize, dst: &mut [f32], coef: &[Coef]) {
+        assert!(coef.len() >= c, "coefficients for {c} channels");
+        dispatch(Pad {
+            grid: self,
+            src,
+            c,
+            dst,
+            act: Some(coef),
         })
     }
 
@@ -550,6 +566,8 @@ struct Pad<'a> {
     src: &'a [f32],
     c: usize,
     dst: &'a mut [f32],
+    /// Batch norm + ReLU coefficients per plane ([`Grid::pad_bn_relu`]).
+    act: Option<&'a [Coef]>,
 }
 
 impl WithSimd for Pad<'_> {
@@ -557,19 +575,50 @@ impl WithSimd for Pad<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Self { grid, src, c, dst } = self;
+        let Self {
+            grid,
+            src,
+            c,
+            dst,
+            act,
+        } = self;
         let (h, w) = (grid.h, grid.w);
-        for (s, d) in src
+        for (ch, (s, d)) in src
             .chunks_exact(h * w)
             .zip(dst.chunks_exact_mut(grid.plane))
             .take(c)
+            .enumerate()
         {
             // Each row with the gap after it (right pad + next left pad), then the rest.
             let mut at = grid.ph * grid.wp + grid.pw;
             copy_zero_extend(simd, &[], &mut d[..at]);
             for row in s.chunks_exact(w) {
                 let next = (at + grid.wp).min(d.len());
-                copy_zero_extend(simd, row, &mut d[at..next]);
+                match act {
+                    None => copy_zero_extend(simd, row, &mut d[at..next]),
+                    Some(coef) => {
+                        // A vector at a time (a row's tail in a partial one): `(x - mu)·k + b`
+                        // unfused as batch norm computes it, then `t > 0 ? t : 0`, which equals
+                        // its `max(t, 0)` but for the sign of a zero (no product or sum of the
+                        // kernels depends on it: every sum starts from +0).
+                        let (mu, k, b) = coef[ch];
+                        let (vmu, vk, vb) =
+                            (simd.splat_f32s(mu), simd.splat_f32s(k), simd.splat_f32s(b));
+                        let zero = simd.splat_f32s(0.0);
+                        let lanes = S::F32_LANES;
+                        let (data, gap) = d[at..next].split_at_mut(w);
+                        for (dc, sc) in data.chunks_mut(lanes).zip(row.chunks(lanes)) {
+                            let t = simd
+                                .add_f32s(simd.mul_f32s(simd.sub_f32s(get(simd, sc), vmu), vk), vb);
+                            put(
+                                simd,
+                                dc,
+                                simd.select_f32s(simd.greater_than_f32s(t, zero), t, zero),
+                            );
+                        }
+                        copy_zero_extend(simd, &[], gap);
+                    }
+                }
                 at = next;
             }
             copy_zero_extend(simd, &[], &mut d[at..]);

@@ -319,12 +319,12 @@ fn add_in_order(partial: &[(f64, f64)], c: usize) -> Vec<(f64, f64)> {
     total
 }
 
-struct BnTrainOp {
-    mean: Vec<f32>,
-    inv_std: Vec<f32>,
-    act: BnAct,
+pub(crate) struct BnTrainOp {
+    pub(crate) mean: Vec<f32>,
+    pub(crate) inv_std: Vec<f32>,
+    pub(crate) act: BnAct,
     /// Whether a residual was added (the op's fourth input).
-    residual: bool,
+    pub(crate) residual: bool,
 }
 
 impl Backward for BnTrainOp {
@@ -448,11 +448,11 @@ impl Backward for BnTrainOp {
 }
 
 /// One channel's `(mu, k, b)` of the forward, `y = act((x - mu)·k + b [+ res])`.
-type Coef = (f32, f32, f32);
+pub(crate) type Coef = (f32, f32, f32);
 
 /// The forward's `(mu, k, b)` per channel, `y = act((x - mu)·k + b [+ res])`: one function for
 /// the forward and for the backward's ReLU mask (recomputed from the input, the same bits).
-fn normalise_coef(
+pub(crate) fn normalise_coef(
     mean: &[f32],
     inv_std: &[f32],
     gamma: &Tensor,
@@ -476,6 +476,43 @@ fn check(g: &Graph, x: Var, gamma: Var, beta: Var) -> Result<usize> {
         ));
     }
     Ok(s[1])
+}
+
+/// The batch statistics of `x` `[N, C, H, W]` per channel: `(mean, biased variance, 1 /
+/// sqrt(variance + eps))`, from the plane sums the op that wrote `x` attached (a convolution,
+/// summing its output while in cache: the same function on the same values), else from one
+/// pass here; per-sample sums added in sample order.
+pub(crate) fn batch_stats(g: &Graph, x: Var, eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (n, c, hw) = dims(g.value(x));
+    let len = c * hw;
+    let m = (n * hw) as f64;
+    let sums = match g.plane_sums(x) {
+        Some(p) if p.len() == n * c => add_in_order(p, c),
+        _ => {
+            let xv = g.value(x).as_standard_layout();
+            let xs = xv.as_slice().expect("std");
+            let arch = pulp::Arch::new();
+            let mut partial = vec![(0.0f64, 0.0f64); n * c];
+            partial.par_chunks_mut(c).enumerate().for_each(|(s, sums)| {
+                arch.dispatch(Pass::ValueSums {
+                    x: &xs[s * len..][..len],
+                    hw,
+                    sums,
+                })
+            });
+            add_in_order(&partial, c)
+        }
+    };
+    let mean: Vec<f32> = sums.iter().map(|&(s, _)| (s / m) as f32).collect();
+    let var: Vec<f32> = sums
+        .iter()
+        .map(|&(s, s2)| {
+            let mu = s / m;
+            (s2 / m - mu * mu).max(0.0) as f32
+        })
+        .collect();
+    let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    (mean, var, inv_std)
 }
 
 /// Training-mode batch norm: normalises with the batch statistics and returns them
@@ -518,33 +555,8 @@ pub fn batch_norm2d_train_act(
     let len = c * hw;
     let xs = xv.as_slice().expect("std");
     let rs = rv.as_ref().map(|r| r.as_slice().expect("std"));
-    let m = (n * hw) as f64;
     let arch = pulp::Arch::new();
-    // The plane sums: from the op that wrote `x` when it attached them (a convolution, summing
-    // its output while in cache: the same function on the same values), else one pass here.
-    let sums = match g.plane_sums(x) {
-        Some(p) if p.len() == n * c => add_in_order(p, c),
-        _ => {
-            let mut partial = vec![(0.0f64, 0.0f64); n * c];
-            partial.par_chunks_mut(c).enumerate().for_each(|(s, sums)| {
-                arch.dispatch(Pass::ValueSums {
-                    x: &xs[s * len..][..len],
-                    hw,
-                    sums,
-                })
-            });
-            add_in_order(&partial, c)
-        }
-    };
-    let mean: Vec<f32> = sums.iter().map(|&(s, _)| (s / m) as f32).collect();
-    let var: Vec<f32> = sums
-        .iter()
-        .map(|&(s, s2)| {
-            let mu = s / m;
-            (s2 / m - mu * mu).max(0.0) as f32
-        })
-        .collect();
-    let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let (mean, var, inv_std) = batch_stats(g, x, eps);
     let coef = normalise_coef(&mean, &inv_std, g.value(gamma), g.value(beta));
     let mut y = buffers::take(xs.len());
     let mut out_sums = vec![(0.0f64, 0.0f64); n * c];
