@@ -636,7 +636,8 @@ pub fn bn_relu_conv2d(
 }
 
 /// Whether [`bn_relu_conv2d`] records one op for input `x` and a weight of shape `w`: in
-/// training, on the direct stride-1 path (see [`direct_fits`]).
+/// training, on the direct stride-1 path (stride 1, no groups, a kernel larger than 1x1, up to
+/// 128 channels).
 pub fn bn_relu_conv_fits(g: &Graph, x: Var, w: &[usize], spec: ConvSpec) -> bool {
     bn_relu_conv_geo(g, x, w, spec).is_some()
 }
