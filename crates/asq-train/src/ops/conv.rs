@@ -54,6 +54,25 @@ struct Geo {
 }
 
 impl Geo {
+    /// The geometry of input `[n, c, h, w]` and weight `[co, _, kh, kw]` (`sx`, `sw`); the
+    /// caller has checked that the kernel fits the padded input.
+    fn new(sx: &[usize], sw: &[usize], spec: ConvSpec) -> Self {
+        let (n, c, h, w) = (sx[0], sx[1], sx[2], sx[3]);
+        let (co, kh, kw) = (sw[0], sw[2], sw[3]);
+        Self {
+            n,
+            c,
+            h,
+            w,
+            co,
+            kh,
+            kw,
+            oh: (h + 2 * spec.pad - kh) / spec.stride + 1,
+            ow: (w + 2 * spec.pad - kw) / spec.stride + 1,
+            spec,
+        }
+    }
+
     fn cg(&self) -> usize {
         self.c / self.spec.groups
     }
@@ -519,18 +538,7 @@ pub fn conv2d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, spec: ConvSpec) -> 
             ));
         }
     }
-    let geo = Geo {
-        n,
-        c,
-        h,
-        w: wd,
-        co,
-        kh,
-        kw,
-        oh: (h + 2 * spec.pad - kh) / spec.stride + 1,
-        ow: (wd + 2 * spec.pad - kw) / spec.stride + 1,
-        spec,
-    };
+    let geo = Geo::new(&sx, &sw, spec);
     let reference = FORCE_IM2COL.with(|f| f.get());
     let depthwise = !reference && geo.spec.groups == c && co == c;
     let direct = !reference && !depthwise && direct_fits(&geo);
@@ -647,23 +655,10 @@ fn bn_relu_conv_geo(g: &Graph, x: Var, sw: &[usize], spec: ConvSpec) -> Option<G
     if !g.is_training() || sx.len() != 4 || sw.len() != 4 || spec.groups != 1 || sw[1] != sx[1] {
         return None;
     }
-    let (n, c, h, wd) = (sx[0], sx[1], sx[2], sx[3]);
-    let (co, kh, kw) = (sw[0], sw[2], sw[3]);
-    if spec.stride == 0 || h + 2 * spec.pad < kh || wd + 2 * spec.pad < kw {
+    if spec.stride == 0 || sx[2] + 2 * spec.pad < sw[2] || sx[3] + 2 * spec.pad < sw[3] {
         return None;
     }
-    let geo = Geo {
-        n,
-        c,
-        h,
-        w: wd,
-        co,
-        kh,
-        kw,
-        oh: (h + 2 * spec.pad - kh) / spec.stride + 1,
-        ow: (wd + 2 * spec.pad - kw) / spec.stride + 1,
-        spec,
-    };
+    let geo = Geo::new(sx, sw, spec);
     (!FORCE_IM2COL.with(|f| f.get()) && direct_fits(&geo)).then_some(geo)
 }
 
