@@ -643,20 +643,28 @@ pub fn batch_norm2d_eval(
         ));
     }
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let xv = g.value(x).as_standard_layout().into_owned();
-    let (n, _, hw) = dims(&xv);
-    let (gm, bt) = (g.value(gamma).clone(), g.value(beta).clone());
-    let xs = xv.as_slice().expect("std");
-    let mut y = vec![0.0f32; xs.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            let o = (b * c + ch) * hw;
-            for i in o..o + hw {
-                y[i] = (xs[i] - mean[ch]) * inv_std[ch] * gm[ch] + bt[ch];
-            }
-        }
-    }
-    let y = Tensor::from_shape_vec(xv.raw_dim(), y).expect("shape");
+    let (_, _, hw) = dims(g.value(x));
+    let dim = g.value(x).raw_dim();
+    // Plane by plane in parallel into a pooled buffer (it was one thread over a fresh buffer
+    // and a copy of the input: a fifth of a float ResNet-20's inference), each value with the
+    // same expression.
+    let y = {
+        let xv = g.value(x).as_standard_layout();
+        let (gm, bt) = (g.value(gamma), g.value(beta));
+        let xs = xv.as_slice().expect("std");
+        let mut y = buffers::take(xs.len());
+        y.par_chunks_mut(hw.max(1))
+            .zip(xs.par_chunks(hw.max(1)))
+            .enumerate()
+            .for_each(|(plane, (yp, xp))| {
+                let ch = plane % c;
+                let (mu, is, gv, bv) = (mean[ch], inv_std[ch], gm[ch], bt[ch]);
+                for (o, &v) in yp.iter_mut().zip(xp) {
+                    *o = (v - mu) * is * gv + bv;
+                }
+            });
+        Tensor::from_shape_vec(dim, y).expect("shape")
+    };
     Ok(g.record(
         y,
         &[x, gamma, beta],
@@ -880,6 +888,28 @@ mod tests {
         let bt = g.input(Tensor::zeros(IxDyn(&[3])));
         let err = batch_norm2d_train_act(&mut g, x, gm, bt, 1e-5, Some(r), BnAct::Relu);
         assert!(err.is_err());
+    }
+
+    /// Evaluation mode: `(x - mean)·inv_std·gamma + beta` per value, bit for bit (the planes
+    /// run in parallel).
+    #[test]
+    fn eval_output_is_the_plain_expression_bit_for_bit() {
+        let (x, gm, bt) = (
+            random(&[3, 5, 4, 7], 21),
+            random(&[5], 22),
+            random(&[5], 23),
+        );
+        let mean = [0.1f32, -0.2, 0.3, 0.0, 1.0];
+        let var = [1.0f32, 0.5, 2.0, 0.1, 3.0];
+        let mut g = Graph::new(false);
+        let v = [&x, &gm, &bt].map(|t| g.input(t.clone()));
+        let y = batch_norm2d_eval(&mut g, v[0], v[1], v[2], &mean, &var, 1e-5).unwrap();
+        for (i, (&got, &xv)) in g.value(y).iter().zip(x.iter()).enumerate() {
+            let ch = (i / 28) % 5;
+            let is = 1.0 / (var[ch] + 1e-5).sqrt();
+            let want = (xv - mean[ch]) * is * gm[ch] + bt[ch];
+            assert_eq!(got.to_bits(), want.to_bits(), "value {i}");
+        }
     }
 
     #[test]
