@@ -265,38 +265,51 @@ impl WithSimd for TransposeIn<'_> {
                 v
             }
         };
-        let src = &src[..pixels * c_pad];
-        // Tiles of 16 channels by 16 pixels through a fixed-size array (transposed in
-        // registers, as in [`TransposeOut`]), the rest value by value.
-        const T: usize = 16;
-        let (tiles, full) = (pixels / T, c / T * T);
-        for tp in 0..tiles {
-            let p0 = tp * T;
-            for c0 in (0..full).step_by(T) {
-                let mut t = [[0.0f32; T]; T];
-                for (p, row) in t.iter_mut().enumerate() {
-                    row.copy_from_slice(&src[(p0 + p) * c_pad + c0..][..T]);
-                }
-                for (o, plane) in dst[c0 * pixels..][..T * pixels]
-                    .chunks_exact_mut(pixels)
-                    .enumerate()
-                {
-                    let out: &mut [f32; T] = (&mut plane[p0..p0 + T]).try_into().expect("tile");
-                    for (p, d) in out.iter_mut().enumerate() {
-                        *d = value(c0 + o, t[p][o], *d);
-                    }
+        // Pixel-major `[pixels][c_pad]` -> planes `[c][pixels]`.
+        transpose(
+            (&src[..pixels * c_pad], c_pad),
+            (dst, pixels),
+            (pixels, c),
+            value,
+        );
+    }
+}
+
+/// `dst[j·dld + i] = f(j, src[i·sld + j], dst[j·dld + i])` for `i < rows`, `j < cols`: tiles
+/// of 16 x 16 through a fixed-size array (the compiler transposes it in registers with the
+/// CPU's shuffles), the rest value by value. Called inside a kernel's `with_simd`, so compiled
+/// for its vectors.
+#[inline(always)]
+fn transpose(
+    (src, sld): (&[f32], usize),
+    (dst, dld): (&mut [f32], usize),
+    (rows, cols): (usize, usize),
+    f: impl Fn(usize, f32, f32) -> f32,
+) {
+    const T: usize = 16;
+    let (ri, cj) = (rows / T * T, cols / T * T);
+    for i0 in (0..ri).step_by(T) {
+        for j0 in (0..cj).step_by(T) {
+            let mut t = [[0.0f32; T]; T];
+            for (ii, row) in t.iter_mut().enumerate() {
+                row.copy_from_slice(&src[(i0 + ii) * sld + j0..][..T]);
+            }
+            for jj in 0..T {
+                let out: &mut [f32; T] = (&mut dst[(j0 + jj) * dld + i0..][..T])
+                    .try_into()
+                    .expect("tile");
+                for (ii, d) in out.iter_mut().enumerate() {
+                    *d = f(j0 + jj, t[ii][jj], *d);
                 }
             }
         }
-        // The pixels and channels the tiles left.
-        for (o, plane) in dst.chunks_exact_mut(pixels).take(c).enumerate() {
-            let from = if o < full { tiles * T } else { 0 };
-            for (d, px) in plane[from..]
-                .iter_mut()
-                .zip(src[from * c_pad..].chunks_exact(c_pad))
-            {
-                *d = value(o, px[o], *d);
-            }
+    }
+    // The rows and columns the tiles left.
+    for j in 0..cols {
+        let from = if j < cj { ri } else { 0 };
+        for i in from..rows {
+            let d = &mut dst[j * dld + i];
+            *d = f(j, src[i * sld + j], *d);
         }
     }
 }
@@ -322,39 +335,9 @@ impl WithSimd for TransposeOut<'_> {
             co_pad,
             dst,
         } = self;
+        // Planes `[co][pixels]` -> pixel-major `[pixels][co_pad]`.
         let dst = &mut dst[..pixels * co_pad];
-        // Tiles of 16 pixels by 16 channels through a fixed-size array (the compiler transposes
-        // it in registers with shuffles on the CPU's vectors), the rest value by value.
-        const T: usize = 16;
-        let (tiles, full) = (pixels / T, co / T * T);
-        for tp in 0..tiles {
-            let p0 = tp * T;
-            for c0 in (0..full).step_by(T) {
-                let mut t = [[0.0f32; T]; T];
-                for (o, row) in t.iter_mut().enumerate() {
-                    row.copy_from_slice(&src[(c0 + o) * pixels + p0..][..T]);
-                }
-                for (p, px) in dst[p0 * co_pad..][..T * co_pad]
-                    .chunks_exact_mut(co_pad)
-                    .enumerate()
-                {
-                    let out: &mut [f32; T] = (&mut px[c0..c0 + T]).try_into().expect("tile");
-                    for (o, v) in out.iter_mut().enumerate() {
-                        *v = t[o][p];
-                    }
-                }
-            }
-        }
-        // The pixels and channels the tiles left.
-        for (o, plane) in src.chunks_exact(pixels).take(co).enumerate() {
-            let from = if o < full { tiles * T } else { 0 };
-            for (px, &v) in dst[from * co_pad..]
-                .chunks_exact_mut(co_pad)
-                .zip(&plane[from..])
-            {
-                px[o] = v;
-            }
-        }
+        transpose((src, pixels), (dst, co_pad), (co, pixels), |_, v, _| v);
         if co < co_pad {
             for px in dst.chunks_exact_mut(co_pad) {
                 px[co..].fill(0.0);
