@@ -13,10 +13,13 @@
 //!   faster than 16 x 1 on ResNet-20's 7x7 layers: its weights fit L1 beside the input), and
 //!   16 channels x 1 vector on smaller ones (less
 //!   padding waste); measured on a Xeon: 113 -> 126-140 GFLOP/s on ResNet-20's 16-channel layer.
+//!   AVX2's 16 registers take 4 x 3 and 4 x 2 blocks instead (AVX-512's spill there: 38 -> 73
+//!   GFLOP/s on a Zen 3).
 //!   On planes with rows of 7 or 14 pixels and at least 32 channels (ResNet's 7x7 and 14x14
 //!   stages, the stride-2 layers into them, and their input gradients) the product runs along
-//!   the output channels instead ([`forward_rows`]: 7 pixels x 2 channel vectors, inputs
-//!   broadcast, no thrown-away positions, pixel-major output): the same sums in the same order;
+//!   the output channels instead ([`forward_rows`]: 7 pixels x 2 channel vectors (1 on AVX2),
+//!   inputs broadcast, each to the three taps of a kernel row that read it, no thrown-away
+//!   positions, pixel-major output): the same sums in the same order;
 //! - input gradient: the same product on the zero-padded output gradient with the kernel
 //!   transposed and flipped;
 //! - weight gradient: `dw[o][i][t] = Σ_q gy[q][o] · x[i][q + off_t]`, vectorised along the output
@@ -1314,8 +1317,6 @@ impl<const R: usize, const V: usize> WithSimd for WeightGrad<'_, R, V> {
                         }
                     }
                     // The valid output pixels only, row by row (the grid's thrown-away columns
-                    // would add zero products).
-                    // The valid output pixels only, row by row (the grid's thrown-away columns
                     // would add zero products); rows of 7 and 14 pixels (ResNet's small planes)
                     // on fixed-length loops (no bounds checks, no loop overhead).
                     for (oy, grow) in g.chunks_exact(ow * co_pad).enumerate() {
@@ -1374,6 +1375,7 @@ fn dw_row<S: Simd, const R: usize, const V: usize, const OW: usize>(
     co_pad: usize,
 ) {
     let width = V * S::F32_LANES;
+    // Rows of a known length `OW`: `ox < OW` needs no bounds check on them.
     let xr: [&[f32; OW]; R] = std::array::from_fn(|r| xr[r].try_into().expect("row"));
     let xr: [&[f32]; R] = xr.map(|r| &r[..]);
     for ox in 0..OW {
