@@ -17,9 +17,10 @@
 //!   GFLOP/s on a Zen 3).
 //!   On planes with rows of 7 or 14 pixels and at least 32 channels (ResNet's 7x7 and 14x14
 //!   stages, the stride-2 layers into them, and their input gradients) the product runs along
-//!   the output channels instead ([`forward_rows`]: 7 pixels x 2 channel vectors (1 on AVX2),
-//!   inputs broadcast, each to the three taps of a kernel row that read it, no thrown-away
-//!   positions, pixel-major output): the same sums in the same order;
+//!   the output channels instead ([`forward_rows`]: 7 pixels x 2 channel vectors, inputs
+//!   broadcast; on AVX2 1 vector, each input broadcast once for the three taps of a kernel row
+//!   that read it; no thrown-away positions, pixel-major output): the same sums in the same
+//!   order;
 //! - input gradient: the same product on the zero-padded output gradient with the kernel
 //!   transposed and flipped;
 //! - weight gradient: `dw[o][i][t] = Σ_q gy[q][o] · x[i][q + off_t]`, vectorised along the output
@@ -1005,12 +1006,11 @@ impl WithSimd for ForwardRows<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        // Two vectors of channels where the block has them (14 accumulators, up to 6 weight
-        // vectors and a broadcast of AVX-512's 32 registers), else one (AVX2's 16). Scalar code
-        // takes AVX-512's block, so that the tests run its loops on every machine.
+        // Two vectors of channels where the block has them (14 accumulators, 2 weight vectors
+        // and a broadcast of AVX-512's 32 registers), else one (AVX2's 16).
         match (S::F32_LANES, self.cb) {
-            (8, 32) => rows::<S, 1, 32>(simd, self),
-            (_, 32) => rows::<S, 2, 32>(simd, self),
+            (MAX_LANES, 32) => rows::<S, 2, 32>(simd, self),
+            (_, 32) => rows::<S, 1, 32>(simd, self),
             _ => rows::<S, 1, CO_BLOCK>(simd, self),
         }
     }
@@ -1044,11 +1044,11 @@ fn rows<S: Simd, const CV: usize, const CB: usize>(simd: S, op: ForwardRows) {
     let segs = ow / ROW_BLOCK;
     let steps = (co_pad / width) * ci.div_ceil(IC) * oh * segs;
     let mut pf = Prefetcher::new(prefetch, steps);
-    let three = taps == 9
-        && offs
-            .iter()
-            .enumerate()
-            .all(|(t, &o)| o == (t / 3) * wp + t % 3);
+    // The three-tap loop for one vector of channels only: with two (AVX-512's block) its
+    // unrolled body depends on the compiler's unrolling (on AVX2 the same source measured 80
+    // GFLOP/s in one build and 12 in another, its accumulators spilled), so that block keeps
+    // the per-tap loop measured on the Xeon.
+    let three = CV == 1 && three_by_three(offs, wp);
     for (c0, wb) in (0..co_pad).step_by(CB).zip(w.chunks_exact(ci * taps * CB)) {
         for sub in (0..CB).step_by(width) {
             for (i0, wc) in (0..ci).step_by(IC).zip(wb.chunks(IC * taps * CB)) {
@@ -1079,6 +1079,15 @@ fn rows<S: Simd, const CV: usize, const CB: usize>(simd: S, op: ForwardRows) {
             }
         }
     }
+}
+
+/// Whether `offs` are a 3x3 kernel's taps on a stride-1 grid of rows `wp` long (in order).
+fn three_by_three(offs: &[usize], wp: usize) -> bool {
+    offs.len() == 9
+        && offs
+            .iter()
+            .enumerate()
+            .all(|(t, &o)| o == (t / 3) * wp + t % 3)
 }
 
 /// One pass of [`rows`] over a block of input channels, for the register blocks of one vector
@@ -1903,13 +1912,7 @@ pub(crate) fn weight_grad_part(
                     .with_simd(simd)
                 };
             }
-            let three = grid.kh == 3
-                && grid.kw == 3
-                && offs.len() == 9
-                && offs
-                    .iter()
-                    .enumerate()
-                    .all(|(t, &o)| o == (t / 3) * grid.wp + t % 3);
+            let three = grid.kh == 3 && grid.kw == 3 && three_by_three(offs, grid.wp);
             // The 3x3 kernel on 16 channels and rows of at least 20 pixels (measured on a
             // Xeon, one thread, in cache: 28x28 111 -> 121 GFLOP/s; 14x14 110 -> 92, its edge
             // columns weigh more).
