@@ -964,8 +964,8 @@ fn direct_grads(
             let mut tmp = scratch::take(1, ci_pad * back.nq);
             let mut gyt = scratch::take(2, pixels * co_pad);
             let mut xp = scratch::take(3, pad_len);
-            // Overwritten by the first sample's sums.
-            let mut part = buffers::take(co_pad * geo.c * taps);
+            // Overwritten by the first sample's sums (the grid path sums into `sums` instead).
+            let mut part = buffers::take(if on_grid { 0 } else { co_pad * geo.c * taps });
             let mut sums = buffers::take_zeroed(if on_grid { lane_sums } else { 0 });
             for j in 0..samples {
                 let gyn = &gy[(n0 + j) * out_len..][..out_len];
