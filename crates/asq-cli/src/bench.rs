@@ -366,6 +366,38 @@ fn print_train_profile(ops: &[asq_train::graph::OpTime], elapsed: Duration, step
     println!("| step | | | | {step:.2} ms |");
 }
 
+/// The direct convolution kernels' share of a profiled training step: thread time per step and
+/// rate per thread on each shape (multiply-adds computed, thrown-away grid positions included),
+/// to set against the kernels' rates in cache (docs/training.md).
+fn print_kernel_profile(kernels: &[asq_train::graph::KernelTime], steps: usize) {
+    if kernels.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "| kernel | input ch | output ch | positions | taps | calls/step | thread ms/step | GFLOP/s per thread |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for k in kernels {
+        let secs = k.time.as_secs_f64();
+        let rate = if secs > 0.0 {
+            k.flops_per_call() * k.calls as f64 / secs / 1e9
+        } else {
+            0.0
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {rate:.1} |",
+            k.kernel,
+            k.ci,
+            k.co,
+            k.positions,
+            k.taps,
+            k.calls / steps as u64,
+            secs * 1e3 / steps as f64
+        );
+    }
+}
+
 /// Options of `asq bench train`.
 #[derive(clap::Args)]
 pub struct TrainBenchArgs {
@@ -391,7 +423,8 @@ pub struct TrainBenchArgs {
     #[arg(long)]
     json: bool,
     /// Also print where a step's time goes: forward and backward time per op kind, averaged
-    /// over the timed steps (measured in extra profiled steps after the timed ones).
+    /// over the timed steps (measured in extra profiled steps after the timed ones), and the
+    /// direct convolution kernels' thread time and GFLOP/s per thread on each shape.
     #[arg(long)]
     profile: bool,
 }
@@ -452,6 +485,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                     asq_train::graph::set_profiling(false);
                     let ops = asq_train::graph::take_profile();
                     print_train_profile(&ops, elapsed, args.steps);
+                    print_kernel_profile(&asq_train::graph::take_kernel_profile(), args.steps);
                 }
                 Ok(())
             })?;

@@ -94,7 +94,8 @@ static PROFILE: Mutex<Vec<OpTime>> = Mutex::new(Vec::new());
 
 /// Turns the per-op profile of training graphs on or off (off by default: no cost). Graphs
 /// created while it is on time every op's forward and backward pass and add them up, read
-/// with [`take_profile`]. A profiled graph adds two clock reads per node.
+/// with [`take_profile`]. A profiled graph adds two clock reads per node; the direct
+/// convolution kernels then also time every call ([`take_kernel_profile`]).
 pub fn set_profiling(on: bool) {
     PROFILING.store(on, Ordering::Relaxed);
 }
@@ -104,6 +105,75 @@ pub fn set_profiling(on: bool) {
 pub fn take_profile() -> Vec<OpTime> {
     let mut all = std::mem::take(&mut *PROFILE.lock().unwrap_or_else(|e| e.into_inner()));
     all.sort_by_key(|t| std::cmp::Reverse(t.forward + t.backward));
+    all
+}
+
+/// Thread time of one convolution kernel on one shape over the passes profiled since the last
+/// [`take_kernel_profile`] (the direct convolutions' inner products only, without the copies
+/// around them), so its rate in the model can be set against its rate in cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelTime {
+    /// `"grid"` (forward or input gradient along the padded grid), `"rows"` (along the output
+    /// channels, 7-pixel row segments), `"dw channels"` (weight gradient along the output
+    /// channels) or `"dw grid"` (weight gradient along the grid).
+    pub kernel: &'static str,
+    /// Input channels of the product (for an input gradient: the output gradient's).
+    pub ci: usize,
+    /// Output channels as computed (padded to the register block).
+    pub co: usize,
+    /// Positions computed per call: grid positions (thrown-away columns included) or pixels.
+    pub positions: usize,
+    /// Kernel taps.
+    pub taps: usize,
+    /// Calls (one per sample, or per sample and phase on the stride-2 path).
+    pub calls: u64,
+    /// Thread time summed over the calls (with two threads, up to twice the wall time).
+    pub time: Duration,
+}
+
+impl KernelTime {
+    /// Multiply-adds computed per call, times two.
+    pub fn flops_per_call(&self) -> f64 {
+        2.0 * (self.ci * self.co * self.positions * self.taps) as f64
+    }
+}
+
+static KERNELS: Mutex<Vec<KernelTime>> = Mutex::new(Vec::new());
+
+/// Whether [`set_profiling`] is on (the kernels time themselves then).
+pub(crate) fn profiling() -> bool {
+    PROFILING.load(Ordering::Relaxed)
+}
+
+/// Adds one timed kernel call to the kernel profile.
+pub(crate) fn record_kernel(kernel: &'static str, shape: [usize; 4], time: Duration) {
+    let [ci, co, positions, taps] = shape;
+    let mut all = KERNELS.lock().unwrap_or_else(|e| e.into_inner());
+    let same = |k: &&mut KernelTime| {
+        (k.kernel, k.ci, k.co, k.positions, k.taps) == (kernel, ci, co, positions, taps)
+    };
+    match all.iter_mut().find(same) {
+        Some(k) => {
+            k.calls += 1;
+            k.time += time;
+        }
+        None => all.push(KernelTime {
+            kernel,
+            ci,
+            co,
+            positions,
+            taps,
+            calls: 1,
+            time,
+        }),
+    }
+}
+
+/// The kernel times gathered while [`set_profiling`] was on since the last call, largest first;
+/// clears them.
+pub fn take_kernel_profile() -> Vec<KernelTime> {
+    let mut all = std::mem::take(&mut *KERNELS.lock().unwrap_or_else(|e| e.into_inner()));
+    all.sort_by_key(|k| std::cmp::Reverse(k.time));
     all
 }
 

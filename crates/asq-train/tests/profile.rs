@@ -1,7 +1,8 @@
 //! The per-op profile of training graphs (`graph::set_profiling`), in its own test binary: the
 //! switch is process-wide.
 
-use asq_train::graph::{set_profiling, take_profile};
+use asq_train::graph::{set_profiling, take_kernel_profile, take_profile, KernelTime};
+use asq_train::ops::conv::{conv2d, ConvSpec};
 use asq_train::ops::{act, basic};
 use asq_train::{Graph, Tensor};
 
@@ -38,4 +39,60 @@ fn profile_counts_ops_and_times_both_passes_only_while_on() {
     assert!(totals.windows(2).all(|w| w[0] >= w[1]), "{ops:?}");
     pass();
     assert!(take_profile().is_empty(), "off again, and taken");
+
+    // The direct convolution kernels time themselves while it is on: per sample, the forward
+    // and input-gradient products and the weight gradient, each under its shape.
+    conv_pass(3, 16, 28);
+    assert!(
+        take_kernel_profile().is_empty(),
+        "kernels untimed while off"
+    );
+    set_profiling(true);
+    conv_pass(3, 16, 28);
+    conv_pass(2, 32, 14);
+    set_profiling(false);
+    take_profile();
+    let kernels = take_kernel_profile();
+    let find = |name: &str, ci: usize, positions: usize| -> &KernelTime {
+        kernels
+            .iter()
+            .find(|k| k.kernel == name && k.ci == ci && k.positions == positions)
+            .unwrap_or_else(|| panic!("{name} {ci} {positions}: {kernels:?}"))
+    };
+    // 28x28 planes on the padded grid (28 rows of 30, rounded to 48-position tiles): forward
+    // and input gradient, 3 samples each; the weight gradient along the grid.
+    let grid = find("grid", 16, 864);
+    assert_eq!((grid.co, grid.taps, grid.calls), (16, 9, 6), "{grid:?}");
+    assert_eq!(grid.flops_per_call(), 2.0 * (16 * 16 * 864 * 9) as f64);
+    assert_eq!(find("dw grid", 16, 864).calls, 3);
+    // 14x14 planes with 32 channels on the rows kernel, the weight gradient along the
+    // channels over the 196 pixels.
+    let rows = find("rows", 32, 196);
+    assert_eq!((rows.co, rows.calls), (32, 4), "{rows:?}");
+    assert_eq!(find("dw channels", 32, 196).calls, 2);
+    assert!(kernels.iter().all(|k| k.time > std::time::Duration::ZERO));
+    let times: Vec<_> = kernels.iter().map(|k| k.time).collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "largest first");
+    assert!(take_kernel_profile().is_empty(), "taken");
+}
+
+/// A direct 3x3 convolution of `n` samples of `c` channels on `hw x hw` planes, forward and
+/// backward.
+fn conv_pass(n: usize, c: usize, hw: usize) {
+    let mut g = Graph::new(true);
+    let x = g.input_with_grad(Tensor::from_shape_fn(
+        ndarray::IxDyn(&[n, c, hw, hw]),
+        |i| ((i[1] * 7 + i[2] * 3 + i[3]) % 11) as f32 - 5.0,
+    ));
+    let w = g.input_with_grad(Tensor::from_shape_fn(ndarray::IxDyn(&[c, c, 3, 3]), |i| {
+        ((i[0] + 2 * i[1] + i[2] * i[3]) % 5) as f32 * 0.1
+    }));
+    let spec = ConvSpec {
+        stride: 1,
+        pad: 1,
+        groups: 1,
+    };
+    let y = conv2d(&mut g, x, w, None, spec).unwrap();
+    let s = basic::sum(&mut g, y);
+    g.gradients(s).unwrap();
 }

@@ -447,6 +447,19 @@ fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
     }
 }
 
+/// [`dispatch`] for a kernel, timed into the kernel profile when profiling is on
+/// ([`crate::graph::take_kernel_profile`]; off, it costs one flag read): `shape` is
+/// `[ci, co, positions, taps]` of the product.
+fn dispatch_timed<Op: WithSimd>(kernel: &'static str, shape: [usize; 4], op: Op) -> Op::Output {
+    if !crate::graph::profiling() {
+        return dispatch(op);
+    }
+    let t = std::time::Instant::now();
+    let out = dispatch(op);
+    crate::graph::record_kernel(kernel, shape, t.elapsed());
+    out
+}
+
 /// Software prefetch into L2 of a few memory ranges, a few cache lines per step of a kernel's
 /// loop: the next sample's operands (and the current one's output) arrive while a
 /// compute-bound kernel runs, instead of stalling the copies around it, which wait on memory
@@ -961,19 +974,24 @@ pub(crate) fn forward_into(
         "input planes too short"
     );
     debug_assert!(nq.is_multiple_of(grid.tile));
-    dispatch(Forward {
-        accumulate,
-        x,
-        plane,
-        ci,
-        offs,
-        nq,
-        tile: grid.tile,
-        pack: grid.co_block(),
-        w,
-        out,
-        prefetch,
-    })
+    let co = w.len() / (offs.len() * ci).max(1);
+    dispatch_timed(
+        "grid",
+        [ci, co, nq, offs.len()],
+        Forward {
+            accumulate,
+            x,
+            plane,
+            ci,
+            offs,
+            nq,
+            tile: grid.tile,
+            pack: grid.co_block(),
+            w,
+            out,
+            prefetch,
+        },
+    )
 }
 
 /// Output pixels per register block of [`ForwardRows`]: a ResNet 7x7 row, or half a 14x14 one.
@@ -1246,17 +1264,22 @@ pub(crate) fn forward_rows(
         "input planes too short"
     );
     assert!(out.len() >= grid.oh * grid.ow * co_pad, "output too short");
-    dispatch(ForwardRows {
-        grid,
-        x,
-        plane,
-        offs,
-        w,
-        cb: rows_block(co_pad),
-        co_pad,
-        out,
-        prefetch,
-    })
+    let shape = [ci, co_pad, grid.oh * grid.ow, offs.len()];
+    dispatch_timed(
+        "rows",
+        shape,
+        ForwardRows {
+            grid,
+            x,
+            plane,
+            offs,
+            w,
+            cb: rows_block(co_pad),
+            co_pad,
+            out,
+            prefetch,
+        },
+    )
 }
 
 struct WeightGrad<'a, const R: usize, const V: usize> {
@@ -1788,19 +1811,24 @@ pub(crate) fn weight_grad_grid(
         acc.len() >= co * ci * offs.len() * GRID_SUM_LANES,
         "sums too short"
     );
-    dispatch(WeightGradGrid {
-        x,
-        plane: fwd.plane,
-        ci,
-        offs,
-        gy: gp,
-        gplane: back.plane,
-        g0: back.ph * back.wp + back.pw,
-        co,
-        nq,
-        acc,
-        prefetch,
-    })
+    let shape = [ci, co, nq, offs.len()];
+    dispatch_timed(
+        "dw grid",
+        shape,
+        WeightGradGrid {
+            x,
+            plane: fwd.plane,
+            ci,
+            offs,
+            gy: gp,
+            gplane: back.plane,
+            g0: back.ph * back.wp + back.pw,
+            co,
+            nq,
+            acc,
+            prefetch,
+        },
+    )
 }
 
 /// `dw[j] = Σ_l acc[j·16 + l]`, lanes in order (the same on every instruction set): the
@@ -1948,19 +1976,24 @@ pub(crate) fn weight_grad_part(
         }
     }
     debug_assert!(co_pad.is_multiple_of(CO_BLOCK));
-    dispatch(Pick(WeightGrad {
-        x,
-        xstride,
-        grid,
-        ci,
-        offs,
-        gyt,
-        co_pad,
-        samples,
-        accumulate,
-        part,
-        prefetch,
-    }));
+    let shape = [ci, co_pad, samples * grid.oh * grid.ow, offs.len()];
+    dispatch_timed(
+        "dw channels",
+        shape,
+        Pick(WeightGrad {
+            x,
+            xstride,
+            grid,
+            ci,
+            offs,
+            gyt,
+            co_pad,
+            samples,
+            accumulate,
+            part,
+            prefetch,
+        }),
+    );
 }
 
 #[cfg(test)]
