@@ -1226,17 +1226,50 @@ fn strided_grads(
     let kq = k.div_ceil(2);
     let back = Grid::new(geo.oh, geo.ow, kq - 1, kq - 1, kq, kq)
         .expect("the largest phase kernel fits its padded output gradient");
+    // On even planes whose phases have rows of 7 or 14 pixels and at least 32 input channels
+    // (ResNet's 14x14 -> 7x7 transition), each phase's pixels exactly on the rows kernel,
+    // vectorised along the input channels (49 positions a 7x7 phase instead of the grid's 96,
+    // and few-tap phases at the rows kernel's rate); the same sums in the same order, so the
+    // same bits (tested). The exact grid starts at the phase's first row and column inside
+    // the input (its offsets shifted there).
+    let exact = Grid {
+        oh: geo.h / 2,
+        ow: geo.w / 2,
+        ..back
+    };
+    let on_rows = geo.h.is_multiple_of(2)
+        && geo.w.is_multiple_of(2)
+        && exact.oh < back.oh
+        && exact.ow < back.ow
+        && direct::rows_fit(&exact, ci_pad)
+        && !FORCE_GRID_DX.with(|f| f.get());
+    let first = |a: usize| ((a + 2 - p % 2) % 2 + p) / 2;
     let backs: Vec<Back> = (0..4)
         .map(|i| {
             let (ka, kb) = ph.size(i, k);
             let wk = ph.weights(i, w, geo.co, geo.c, k);
-            let wt = direct::pack_weights(&wk, geo.co, geo.c, ka * kb, true, back.co_block());
+            let cb = if on_rows {
+                direct::rows_block(ci_pad)
+            } else {
+                back.co_block()
+            };
+            let wt = direct::pack_weights(&wk, geo.co, geo.c, ka * kb, true, cb);
+            let origin = if on_rows {
+                first(i / 2) * back.wp + first(i % 2)
+            } else {
+                0
+            };
             let offs = (0..ka * kb)
-                .map(|t| (t / kb + kq - ka) * back.wp + t % kb + kq - kb)
+                .map(|t| (t / kb + kq - ka) * back.wp + t % kb + kq - kb + origin)
                 .collect();
             Back { offs, wt }
         })
         .collect();
+    let phase_len = if on_rows {
+        exact.oh * exact.ow * ci_pad
+    } else {
+        ci_pad * back.nq
+    };
     let split_len = 4 * geo.c * grid.plane;
     let (taps, offs) = ph.combined(geo.c);
     let mut target = dx.target(geo.n * in_len);
@@ -1253,32 +1286,49 @@ fn strided_grads(
                 let gyn = &gy[(n0 + j) * out_len..][..out_len];
                 if let Some(dxn) = dxc.chunks_exact_mut(in_len).nth(j) {
                     let mut gp = scratch::take(0, geo.co * back.plane);
-                    let mut tmp = scratch::take(1, 4 * ci_pad * back.nq);
+                    let mut tmp = scratch::take(1, 4 * phase_len);
                     back.pad(gyn, geo.co, &mut gp);
                     // As in `direct_grads`: this sample's input and input gradient come into
                     // cache during the first phase's kernel, the next sample's output gradient
                     // during the first weight gradient's.
                     let xn = &x[(n0 + j) * in_len..][..in_len];
                     let streams = [xn, &*dxn];
-                    let outs = tmp.chunks_exact_mut(ci_pad * back.nq);
+                    let outs = tmp.chunks_exact_mut(phase_len);
                     for ((i, b), out) in backs.iter().enumerate().zip(outs) {
                         let pf: &[&[f32]] = if i == 0 { &streams } else { &[] };
-                        direct::forward_into(
-                            &back, false, &gp, back.plane, geo.co, &b.offs, &b.wt, out, pf,
-                        );
+                        if on_rows {
+                            direct::forward_rows(
+                                &exact, &gp, back.plane, geo.co, &b.offs, &b.wt, ci_pad, out, pf,
+                            );
+                        } else {
+                            direct::forward_into(
+                                &back, false, &gp, back.plane, geo.co, &b.offs, &b.wt, out, pf,
+                            );
+                        }
                     }
                     // Phase pixel (r, s) is input pixel (2r + a - p, 2s + b - p): the four
                     // phases interleaved back, every input pixel out of exactly one.
-                    let phase = |i: usize| &tmp[i * ci_pad * back.nq..][..ci_pad * back.nq];
-                    direct::merge_phases(
-                        [phase(0), phase(1), phase(2), phase(3)],
-                        back.nq,
-                        back.wp,
-                        geo.c,
-                        (geo.h, geo.w, p),
-                        dxn,
-                        add,
-                    );
+                    let phase = |i: usize| &tmp[i * phase_len..][..phase_len];
+                    let phases = [phase(0), phase(1), phase(2), phase(3)];
+                    if on_rows {
+                        direct::merge_phase_pixels(
+                            phases,
+                            (geo.c, ci_pad),
+                            (geo.h, geo.w, p),
+                            dxn,
+                            add,
+                        );
+                    } else {
+                        direct::merge_phases(
+                            phases,
+                            back.nq,
+                            back.wp,
+                            geo.c,
+                            (geo.h, geo.w, p),
+                            dxn,
+                            add,
+                        );
+                    }
                     scratch::give(0, gp);
                     scratch::give(1, tmp);
                 }
@@ -1322,6 +1372,9 @@ fn strided_grads(
 thread_local! {
     /// Tests only: route every convolution through im2col + GEMM (the reference).
     static FORCE_IM2COL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Tests only: the stride-2 input gradient on the padded phase grids, not on the rows
+    /// kernel (to compare the two bit for bit).
+    static FORCE_GRID_DX: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The window taps of output row `oy` that fall inside the input: `(ky, iy)` pairs.
@@ -1683,6 +1736,57 @@ mod tests {
                 check(&[x, wt, b], 1e-2, 1e-2, 25, |g, v| {
                     conv2d(g, v[0], v[1], Some(v[2]), spec).unwrap()
                 });
+            }
+        }
+    }
+
+    #[test]
+    fn strided_input_gradient_on_rows_is_the_grids_bits() {
+        // Phases of 7 and 14 pixels a row, at least 32 input channels: the rows kernel; a
+        // 5x5 kernel (padding 2) moves the phases' first rows and columns.
+        for (n, c, co, hw, k, seed) in [
+            (3, 32, 64, 14, 3, 1),
+            (2, 64, 16, 28, 3, 2),
+            (2, 32, 8, 14, 5, 3),
+            (2, 40, 24, 14, 3, 4),
+        ] {
+            let spec = ConvSpec {
+                stride: 2,
+                pad: (k - 1) / 2,
+                groups: 1,
+            };
+            let geo = Geo::new(&[n, c, hw, hw], &[co, c, k, k], spec);
+            let x = random(&[n, c, hw, hw], seed);
+            let w = random(&[co, c, k, k], seed + 10);
+            let gy = random(&[n, co, geo.oh, geo.ow], seed + 20);
+            let (xs, ws, gs) = (
+                x.as_slice().unwrap(),
+                w.as_slice().unwrap(),
+                gy.as_slice().unwrap(),
+            );
+            let before = random(&[n, c, hw, hw], seed + 30);
+            let run = |grid: bool| {
+                FORCE_GRID_DX.with(|f| f.set(grid));
+                let (dx, dw) = strided_grads(&geo, xs, ws, gs, Dx::New);
+                let mut acc = before.as_slice().unwrap().to_vec();
+                let (none, dw2) = strided_grads(&geo, xs, ws, gs, Dx::Add(&mut acc));
+                FORCE_GRID_DX.with(|f| f.set(false));
+                assert!(none.is_none());
+                assert_eq!(dw, dw2);
+                (dx.unwrap(), acc, dw)
+            };
+            let (rows, grid) = (run(false), run(true));
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&rows.0), bits(&grid.0), "dx {n} {c} {co} {hw} {k}");
+            assert_eq!(
+                bits(&rows.1),
+                bits(&grid.1),
+                "dx added {n} {c} {co} {hw} {k}"
+            );
+            assert_eq!(bits(&rows.2), bits(&grid.2), "dw");
+            // Added onto what was there: the new gradient plus the old values.
+            for ((&a, &d), &b) in rows.1.iter().zip(&rows.0).zip(before.iter()) {
+                assert_eq!(a.to_bits(), (b + d).to_bits());
             }
         }
     }
