@@ -1239,11 +1239,8 @@ fn strided_grads(
     };
     let on_rows = geo.h.is_multiple_of(2)
         && geo.w.is_multiple_of(2)
-        && exact.oh < back.oh
-        && exact.ow < back.ow
         && direct::rows_fit(&exact, ci_pad)
         && !FORCE_GRID_DX.with(|f| f.get());
-    let first = |a: usize| ((a + 2 - p % 2) % 2 + p) / 2;
     let backs: Vec<Back> = (0..4)
         .map(|i| {
             let (ka, kb) = ph.size(i, k);
@@ -1255,7 +1252,7 @@ fn strided_grads(
             };
             let wt = direct::pack_weights(&wk, geo.co, geo.c, ka * kb, true, cb);
             let origin = if on_rows {
-                first(i / 2) * back.wp + first(i % 2)
+                direct::phase_origin(i / 2, p) * back.wp + direct::phase_origin(i % 2, p)
             } else {
                 0
             };

@@ -778,10 +778,18 @@ pub(crate) fn merge_phases(
     })
 }
 
+/// The first row (or column) of phase `a` (0 or 1) that lands inside an input padded by `p`
+/// (input row `y` is phase `(y + p) % 2`'s row `(y + p) / 2`; the phase's first input row is
+/// `(a - p) mod 2`).
+pub(crate) fn phase_origin(a: usize, p: usize) -> usize {
+    ((a + 2 - p % 2) % 2 + p) / 2
+}
+
 /// [`merge_phases`] for pixel-major phase products (`phases[2a + b]` is `[(h/2)·(w/2)][c_pad]`,
 /// [`forward_rows`]' layout, holding exactly the phase's pixels: input pixel `(y, x)` is phase
 /// `((y + p) % 2, (x + p) % 2)`'s pixel `((y + p) / 2 - r0, (x + p) / 2 - s0)`, where `r0`,
-/// `s0` are the first phase row and column that land inside the input). `h` and `w` even.
+/// `s0` are the first phase row and column that land inside the input, [`phase_origin`]). `h`
+/// and `w` even.
 /// Written or, with `add`, added to `dst` (`c` planes of `h x w`).
 pub(crate) fn merge_phase_pixels(
     phases: [&[f32]; 4],
@@ -792,13 +800,10 @@ pub(crate) fn merge_phase_pixels(
 ) {
     assert!(h.is_multiple_of(2) && w.is_multiple_of(2), "even planes");
     let (hh, hw) = (h / 2, w / 2);
-    // The first row (column) of the input in phase `a`: `(a - p) mod 2`, its phase row
-    // `(that + p) / 2`.
-    let first = |a: usize| ((a + 2 - p % 2) % 2 + p) / 2;
     for (a, b) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
         let ph = phases[2 * a + b];
         assert!(ph.len() >= hh * hw * c_pad, "phase too short");
-        let (r0, s0) = (first(a), first(b));
+        let (r0, s0) = (phase_origin(a, p), phase_origin(b, p));
         for (k, px) in ph.chunks_exact(c_pad).take(hh * hw).enumerate() {
             // Phase pixel (r, s) is input pixel (2 (r + r0) + a - p, 2 (s + s0) + b - p).
             let (r, s) = (k / hw + r0, k % hw + s0);
