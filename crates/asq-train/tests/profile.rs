@@ -59,11 +59,23 @@ fn profile_counts_ops_and_times_both_passes_only_while_on() {
             .find(|k| k.kernel == name && k.ci == ci && k.positions == positions)
             .unwrap_or_else(|| panic!("{name} {ci} {positions}: {kernels:?}"))
     };
-    // 28x28 planes on the padded grid (28 rows of 30, rounded to 48-position tiles): forward
-    // and input gradient, 3 samples each; the weight gradient along the grid.
-    let grid = find("grid", 16, 864);
-    assert_eq!((grid.co, grid.taps, grid.calls), (16, 9, 6), "{grid:?}");
-    assert_eq!(grid.flops_per_call(), 2.0 * (16 * 16 * 864 * 9) as f64);
+    // 28x28 planes: forward and input gradient, 3 samples each, on the padded grid (28 rows of
+    // 30, rounded to 48-position tiles) or, on AVX2, along the channels over the 784 pixels;
+    // the weight gradient along the grid.
+    let product = kernels
+        .iter()
+        .find(|k| k.ci == 16 && [("grid", 864), ("rows", 784)].contains(&(k.kernel, k.positions)))
+        .unwrap_or_else(|| panic!("16-channel 28x28 product: {kernels:?}"));
+    assert_eq!(
+        (product.co, product.taps, product.calls),
+        (16, 9, 6),
+        "{product:?}"
+    );
+    assert_eq!(
+        product.flops_per_call(),
+        2.0 * (16 * 16 * 9 * product.positions) as f64
+    );
+    eprintln!("16-channel 28x28 product on the {} kernel", product.kernel);
     assert_eq!(find("dw grid", 16, 864).calls, 3);
     // 14x14 planes with 32 channels on the rows kernel, the weight gradient along the
     // channels over the 196 pixels.

@@ -1226,8 +1226,8 @@ fn strided_grads(
     let kq = k.div_ceil(2);
     let back = Grid::new(geo.oh, geo.ow, kq - 1, kq - 1, kq, kq)
         .expect("the largest phase kernel fits its padded output gradient");
-    // On even planes whose phases have rows of 7 or 14 pixels and at least 32 input channels
-    // (ResNet's 14x14 -> 7x7 transition), each phase's pixels exactly on the rows kernel,
+    // On even planes whose phases fit the rows kernel ([`direct::rows_fit`]: ResNet's 14x14 ->
+    // 7x7 transition, on AVX2 the 28x28 -> 14x14 one too), each phase's pixels exactly on it,
     // vectorised along the input channels (49 positions a 7x7 phase instead of the grid's 96,
     // and few-tap phases at the rows kernel's rate); the same sums in the same order, so the
     // same bits (tested). The exact grid starts at the phase's first row and column inside
@@ -1740,12 +1740,15 @@ mod tests {
     #[test]
     fn strided_input_gradient_on_rows_is_the_grids_bits() {
         // Phases of 7 and 14 pixels a row, at least 32 input channels: the rows kernel; a
-        // 5x5 kernel (padding 2) moves the phases' first rows and columns.
+        // 5x5 kernel (padding 2) moves the phases' first rows and columns. On AVX2 also 16
+        // input channels (ResNet's 28x28 -> 14x14 transition) and phases of 21 pixels.
         for (n, c, co, hw, k, seed) in [
             (3, 32, 64, 14, 3, 1),
             (2, 64, 16, 28, 3, 2),
             (2, 32, 8, 14, 5, 3),
             (2, 40, 24, 14, 3, 4),
+            (2, 16, 32, 28, 3, 5),
+            (2, 5, 8, 42, 3, 6),
         ] {
             let spec = ConvSpec {
                 stride: 2,

@@ -16,11 +16,13 @@
 //!   AVX2's 16 registers take 4 x 3 and 4 x 2 blocks instead (AVX-512's spill there: 38 -> 73
 //!   GFLOP/s on a Zen 3).
 //!   On planes with rows of 7 or 14 pixels and at least 32 channels (ResNet's 7x7 and 14x14
-//!   stages, the stride-2 layers into them, and their input gradients) the product runs along
-//!   the output channels instead ([`forward_rows`]: 7 pixels x 2 channel vectors, inputs
-//!   broadcast; on AVX2 1 vector, each input broadcast once for the three taps of a kernel row
-//!   that read it; no thrown-away positions, pixel-major output): the same sums in the same
-//!   order;
+//!   stages, the stride-2 layers into them, and their input gradients), and on AVX2 on every
+//!   plane with rows of 7 to 28 pixels (ResNet's 16-channel 28x28 stage too: there the grid
+//!   kernel's shifted loads, one in two across a cache line, measured 41 against 69 GFLOP/s),
+//!   the product runs along the output channels instead ([`forward_rows`]: 7 pixels x 2
+//!   channel vectors, inputs broadcast; on AVX2 1 vector, each input broadcast once for the
+//!   three taps of a kernel row that read it; no thrown-away positions, pixel-major output): the
+//!   same sums in the same order;
 //! - input gradient: the same product on the zero-padded output gradient with the kernel
 //!   transposed and flipped;
 //! - weight gradient: `dw[o][i][t] = Σ_q gy[q][o] · x[i][q + off_t]`, vectorised along the output
@@ -1253,12 +1255,33 @@ impl RowsBlock<'_> {
     }
 }
 
-/// Whether [`forward_rows`] computes `grid`'s product faster than the grid kernel: rows of one
-/// or two [`ROW_BLOCK`]s (ResNet's 7x7 and 14x14 planes) and at least 32 channels (measured).
+/// Whether [`forward_rows`] computes `grid`'s product faster than the grid kernel (measured):
+/// rows of one or two [`ROW_BLOCK`]s (ResNet's 7x7 and 14x14 planes) and at least 32 channels;
+/// on AVX2 rows of one to four blocks (ResNet's 28x28 planes too), any channel count and
+/// kernel. There the grid kernel's shifted loads (one in two crosses a cache line) hold it back
+/// and vary from call to call: measured on a Zen 3, one thread, in cache, median of 1000-16000
+/// calls, grid -> rows GFLOP/s: 3x3, 16 channels at 28x28 41-71 -> 69-73, 14x14 55 -> 74, 7x7
+/// 48 -> 72; 32 at 28x28 62 -> 69, 14x14 33 -> 67; a stride-2 input gradient's 2x2 and 1x1
+/// phase kernels, 32 -> 16 channels at 14x14, 32 -> 36 and 13 -> 22; 5x5, 1 and 6 -> 16
+/// channels at 28x28, 31 -> 38 and 36 -> 44. On AVX-512 the grid keeps the 16-channel layers
+/// (Xeon: 158 against 113).
 pub(crate) fn rows_fit(grid: &Grid, co_pad: usize) -> bool {
-    grid.ow.is_multiple_of(ROW_BLOCK)
-        && (ROW_BLOCK..=2 * ROW_BLOCK).contains(&grid.ow)
-        && co_pad.is_multiple_of(2 * CO_BLOCK)
+    let sevens = |blocks: usize| {
+        grid.ow.is_multiple_of(ROW_BLOCK) && (ROW_BLOCK..=blocks * ROW_BLOCK).contains(&grid.ow)
+    };
+    (sevens(2) && co_pad.is_multiple_of(2 * CO_BLOCK)) || (sevens(4) && dispatch(Lanes) == 8)
+}
+
+/// The f32 lanes of the vectors [`dispatch`] runs the kernels on (this thread's level).
+struct Lanes;
+
+impl WithSimd for Lanes {
+    type Output = usize;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) -> usize {
+        S::F32_LANES
+    }
 }
 
 /// The channel block of [`forward_rows`]' weights for `co_pad` channels: 32 where they divide
@@ -2289,8 +2312,8 @@ mod tests {
         eprintln!("weight gradient on the grid: checked {ran:?} against Scalar");
     }
 
-    /// The product along the channels: the grid kernel's bits on every level (rows of 7 and
-    /// 14, odd channel counts, one and two channel vectors), its pixel-major output extracted
+    /// The product along the channels: the grid kernel's bits on every level (rows of 7, 14,
+    /// 21 and 28, odd channel counts, one and two channel vectors), its pixel-major output extracted
     /// as the grid's is (bias, adding, a zero bias leaving -0.0 alone).
     #[test]
     fn rows_kernel_and_pixel_extract_are_the_grid_kernels_bits() {
@@ -2301,6 +2324,9 @@ mod tests {
             (5, 33, 7, 14, 3, 1),
             (20, 50, 14, 7, 3, 1),
             (3, 16, 4, 7, 3, 1),
+            // Rows of four and three blocks (AVX2's 28x28 layers), two passes of input channels.
+            (16, 16, 28, 28, 3, 1),
+            (18, 16, 9, 21, 3, 1),
             (6, 32, 7, 7, 5, 2),
             (17, 40, 5, 14, 1, 0),
             (4, 20, 6, 8, 2, 0),
