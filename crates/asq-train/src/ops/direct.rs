@@ -249,7 +249,7 @@ impl WithSimd for TransposeIn<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: Simd>(self, _: S) {
+    fn with_simd<S: Simd>(self, simd: S) {
         let Self {
             pixels,
             src,
@@ -259,39 +259,79 @@ impl WithSimd for TransposeIn<'_> {
             bias,
             add,
         } = self;
-        // As [`Extract`]: `v + b` (a zero bias adds nothing: -0.0 stays), then `dst + that`.
-        let value = |o: usize, v: f32, d: f32| {
-            let v = match bias.map(|b| b[o]) {
-                Some(b) if b != 0.0 => v + b,
-                _ => v,
-            };
-            if add {
-                d + v
-            } else {
-                v
-            }
-        };
         // Pixel-major `[pixels][c_pad]` -> planes `[c][pixels]`.
         transpose(
+            simd,
             (&src[..pixels * c_pad], c_pad),
             (dst, pixels),
             (pixels, c),
-            value,
+            Finish { bias, add },
         );
     }
 }
 
-/// `dst[j·dld + i] = f(j, src[i·sld + j], dst[j·dld + i])` for `i < rows`, `j < cols`: tiles
-/// of 16 x 16 through a fixed-size array (the compiler transposes it in registers with the
-/// CPU's shuffles), the rest value by value. Called inside a kernel's `with_simd`, so compiled
-/// for its vectors.
+/// What a transposed value becomes on its way out: as [`Extract`], `v + b` with row `j`'s
+/// `bias[j]` (a zero bias adds nothing: -0.0 stays), then `d + that` with `add` (`d` what the
+/// destination held).
+#[derive(Clone, Copy)]
+struct Finish<'a> {
+    bias: Option<&'a [f32]>,
+    add: bool,
+}
+
+impl Finish<'_> {
+    /// Destination row `j`'s bias, `None` where it adds nothing.
+    #[inline(always)]
+    fn bias(&self, j: usize) -> Option<f32> {
+        self.bias.map(|b| b[j]).filter(|&b| b != 0.0)
+    }
+
+    #[inline(always)]
+    fn value(&self, j: usize, v: f32, d: f32) -> f32 {
+        let v = match self.bias(j) {
+            Some(b) => v + b,
+            None => v,
+        };
+        if self.add {
+            d + v
+        } else {
+            v
+        }
+    }
+}
+
+/// `dst[j·dld + i] = fin(j, src[i·sld + j], dst[j·dld + i])` for `i < rows`, `j < cols`: with
+/// AVX (the AVX2 and AVX-512 levels) in tiles of 8 x 8 transposed in registers by shuffles
+/// ([`transpose8`]); else in tiles of 16 x 16 through a fixed-size array (which the compiler
+/// turns into scalar moves); the rest value by value. The same values on every level (moves,
+/// and the same additions). Called inside a kernel's `with_simd`.
 #[inline(always)]
-fn transpose(
+fn transpose<S: Simd>(
+    _: S,
     (src, sld): (&[f32], usize),
     (dst, dld): (&mut [f32], usize),
     (rows, cols): (usize, usize),
-    f: impl Fn(usize, f32, f32) -> f32,
+    fin: Finish,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if S::F32_LANES >= 8 {
+        if let Some(v3) = pulp::x86::V3::try_new() {
+            let (ri, cj) = (rows / 8 * 8, cols / 8 * 8);
+            for i0 in (0..ri).step_by(8) {
+                for j0 in (0..cj).step_by(8) {
+                    transpose8(
+                        v3,
+                        (&src[i0 * sld + j0..], sld),
+                        (&mut dst[j0 * dld + i0..], dld),
+                        j0,
+                        fin,
+                    );
+                }
+            }
+            transpose_rest((src, sld), (dst, dld), (rows, cols), (ri, cj), fin);
+            return;
+        }
+    }
     const T: usize = 16;
     let (ri, cj) = (rows / T * T, cols / T * T);
     for i0 in (0..ri).step_by(T) {
@@ -305,18 +345,93 @@ fn transpose(
                     .try_into()
                     .expect("tile");
                 for (ii, d) in out.iter_mut().enumerate() {
-                    *d = f(j0 + jj, t[ii][jj], *d);
+                    *d = fin.value(j0 + jj, t[ii][jj], *d);
                 }
             }
         }
     }
-    // The rows and columns the tiles left.
+    transpose_rest((src, sld), (dst, dld), (rows, cols), (ri, cj), fin);
+}
+
+/// The part of [`transpose`] its tiles (`ri` rows by `cj` columns) left, value by value.
+#[inline(always)]
+fn transpose_rest(
+    (src, sld): (&[f32], usize),
+    (dst, dld): (&mut [f32], usize),
+    (rows, cols): (usize, usize),
+    (ri, cj): (usize, usize),
+    fin: Finish,
+) {
     for j in 0..cols {
         let from = if j < cj { ri } else { 0 };
         for i in from..rows {
             let d = &mut dst[j * dld + i];
-            *d = f(j, src[i * sld + j], *d);
+            *d = fin.value(j, src[i * sld + j], *d);
         }
+    }
+}
+
+/// One 8 x 8 tile of [`transpose`]: the 8 source rows loaded, transposed in AVX registers
+/// (unpack pairs of rows, shuffle pairs of pairs, swap 128-bit halves: 24 shuffles for 64
+/// values, where the array tile took 64 scalar loads and stores), finished as [`Finish`] says
+/// with vector adds (the same roundings as the scalar ones), stored as 8 destination rows.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn transpose8(
+    v3: pulp::x86::V3,
+    (src, sld): (&[f32], usize),
+    (dst, dld): (&mut [f32], usize),
+    j0: usize,
+    fin: Finish,
+) {
+    use core::arch::x86_64::__m256;
+    let avx = v3.avx;
+    let r: [__m256; 8] = std::array::from_fn(|i| {
+        let row: [f32; 8] = src[i * sld..][..8].try_into().expect("row");
+        pulp::cast(row)
+    });
+    let lo = |a, b| avx._mm256_unpacklo_ps(a, b);
+    let hi = |a, b| avx._mm256_unpackhi_ps(a, b);
+    let t = [
+        lo(r[0], r[1]),
+        hi(r[0], r[1]),
+        lo(r[2], r[3]),
+        hi(r[2], r[3]),
+        lo(r[4], r[5]),
+        hi(r[4], r[5]),
+        lo(r[6], r[7]),
+        hi(r[6], r[7]),
+    ];
+    let even = |a, b| avx._mm256_shuffle_ps::<0x44>(a, b);
+    let odd = |a, b| avx._mm256_shuffle_ps::<0xEE>(a, b);
+    let u = [
+        even(t[0], t[2]),
+        odd(t[0], t[2]),
+        even(t[1], t[3]),
+        odd(t[1], t[3]),
+        even(t[4], t[6]),
+        odd(t[4], t[6]),
+        even(t[5], t[7]),
+        odd(t[5], t[7]),
+    ];
+    let cols: [__m256; 8] = std::array::from_fn(|j| {
+        let (a, b) = (u[j % 4], u[4 + j % 4]);
+        if j < 4 {
+            avx._mm256_permute2f128_ps::<0x20>(a, b)
+        } else {
+            avx._mm256_permute2f128_ps::<0x31>(a, b)
+        }
+    });
+    for (jj, &col) in cols.iter().enumerate() {
+        let out: &mut [f32; 8] = (&mut dst[jj * dld..][..8]).try_into().expect("row");
+        let mut v = col;
+        if let Some(b) = fin.bias(j0 + jj) {
+            v = avx._mm256_add_ps(v, avx._mm256_set1_ps(b));
+        }
+        if fin.add {
+            v = avx._mm256_add_ps(pulp::cast(*out), v);
+        }
+        *out = pulp::cast(v);
     }
 }
 
@@ -333,7 +448,7 @@ impl WithSimd for TransposeOut<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: Simd>(self, _: S) {
+    fn with_simd<S: Simd>(self, simd: S) {
         let Self {
             pixels,
             src,
@@ -343,7 +458,11 @@ impl WithSimd for TransposeOut<'_> {
         } = self;
         // Planes `[co][pixels]` -> pixel-major `[pixels][co_pad]`.
         let dst = &mut dst[..pixels * co_pad];
-        transpose((src, pixels), (dst, co_pad), (co, pixels), |_, v, _| v);
+        let copy = Finish {
+            bias: None,
+            add: false,
+        };
+        transpose(simd, (src, pixels), (dst, co_pad), (co, pixels), copy);
         if co < co_pad {
             for px in dst.chunks_exact_mut(co_pad) {
                 px[co..].fill(0.0);
@@ -2436,6 +2555,8 @@ mod tests {
             (16, 28, 28, 1, 3),
             (33, 5, 7, 1, 3),
             (32, 4, 4, 1, 3),
+            (64, 7, 7, 1, 3),
+            (9, 3, 5, 1, 3),
         ] {
             let g = Grid::new(h, w, p, p, k, k).unwrap();
             let x = rand(c * h * w, 3);
@@ -2450,7 +2571,8 @@ mod tests {
                 }
             }
             let grid_out = rand(c * g.nq, 4);
-            // (The transposes' 16 x 16 tiles: from 16 channels and 16 pixels on.)
+            // (The transposes' tiles, 8 x 8 with AVX, else 16 x 16: from 8 or 16 channels and
+            // pixels on; the rest value by value.)
             let bias: Vec<f32> = (0..c)
                 .map(|i| if i == 1 { 0.0 } else { i as f32 - 0.5 })
                 .collect();
@@ -2471,8 +2593,36 @@ mod tests {
                     want_t[q * cop + i] = want_ext[i * g.oh * g.ow + q];
                 }
             }
+            // A pixel-major product back to planes: + bias (a zero one leaves -0.0 alone), or
+            // added to what the planes held.
+            let mut px = rand(g.oh * g.ow * cop, 5);
+            px[1] = -0.0;
+            let mut base = rand(c * g.oh * g.ow, 6);
+            base[0] = -0.0;
+            let (mut want_in, mut want_add) = (want_ext.clone(), base.clone());
+            for i in 0..c {
+                for q in 0..g.oh * g.ow {
+                    let v = px[q * cop + i];
+                    let at = i * g.oh * g.ow + q;
+                    want_in[at] = if bias[i] == 0.0 { v } else { v + bias[i] };
+                    want_add[at] += v;
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             for level in levels() {
                 set_level(level);
+                let mut got = vec![f32::NAN; c * g.oh * g.ow];
+                g.extract_pixels(&px, (c, cop), &mut got, Some(&bias), false);
+                assert!(
+                    bits(&got) == bits(&want_in),
+                    "{level:?} pixels in {c} {h}x{w}"
+                );
+                let mut got = base.clone();
+                g.extract_pixels(&px, (c, cop), &mut got, None, true);
+                assert!(
+                    bits(&got) == bits(&want_add),
+                    "{level:?} pixels added {c} {h}x{w}"
+                );
                 let mut got = vec![f32::NAN; c * g.plane];
                 g.pad(&x, c, &mut got);
                 assert!(got == want_pad, "{level:?} pad {c} {h}x{w} p{p}");
