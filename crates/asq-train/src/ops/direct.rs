@@ -2570,6 +2570,27 @@ mod tests {
                     }
                 }
             }
+            // Through batch norm + ReLU on the way in, `t > 0 ? t : 0` (the padding +0).
+            let coef: Vec<Coef> = (0..c)
+                .map(|i| {
+                    (
+                        0.1 * i as f32 - 0.2,
+                        1.5 - 0.1 * i as f32,
+                        0.05 * i as f32 - 0.1,
+                    )
+                })
+                .collect();
+            let mut want_bn = vec![0.0f32; c * g.plane];
+            for i in 0..c {
+                let (mu, k, b) = coef[i];
+                for y in 0..h {
+                    for xx in 0..w {
+                        let t = (x[(i * h + y) * w + xx] - mu) * k + b;
+                        want_bn[i * g.plane + (y + p) * g.wp + xx + p] =
+                            if t > 0.0 { t } else { 0.0 };
+                    }
+                }
+            }
             let grid_out = rand(c * g.nq, 4);
             // (The transposes' tiles, 8 x 8 with AVX, else 16 x 16: from 8 or 16 channels and
             // pixels on; the rest value by value.)
@@ -2626,6 +2647,12 @@ mod tests {
                 let mut got = vec![f32::NAN; c * g.plane];
                 g.pad(&x, c, &mut got);
                 assert!(got == want_pad, "{level:?} pad {c} {h}x{w} p{p}");
+                let mut got = vec![f32::NAN; c * g.plane];
+                g.pad_bn_relu(&x, c, &mut got, &coef);
+                assert!(
+                    bits(&got) == bits(&want_bn),
+                    "{level:?} pad bn {c} {h}x{w} p{p}"
+                );
                 let mut got = vec![f32::NAN; c * g.oh * g.ow];
                 g.extract(&grid_out, c, &mut got, Some(&bias));
                 assert!(got == want_ext, "{level:?} extract {c} {h}x{w} p{p}");
