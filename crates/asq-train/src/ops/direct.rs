@@ -390,30 +390,27 @@ fn transpose8(
         let row: [f32; 8] = src[i * sld..][..8].try_into().expect("row");
         pulp::cast(row)
     });
-    let lo = |a, b| avx._mm256_unpacklo_ps(a, b);
-    let hi = |a, b| avx._mm256_unpackhi_ps(a, b);
-    let t = [
-        lo(r[0], r[1]),
-        hi(r[0], r[1]),
-        lo(r[2], r[3]),
-        hi(r[2], r[3]),
-        lo(r[4], r[5]),
-        hi(r[4], r[5]),
-        lo(r[6], r[7]),
-        hi(r[6], r[7]),
-    ];
-    let even = |a, b| avx._mm256_shuffle_ps::<0x44>(a, b);
-    let odd = |a, b| avx._mm256_shuffle_ps::<0xEE>(a, b);
-    let u = [
-        even(t[0], t[2]),
-        odd(t[0], t[2]),
-        even(t[1], t[3]),
-        odd(t[1], t[3]),
-        even(t[4], t[6]),
-        odd(t[4], t[6]),
-        even(t[5], t[7]),
-        odd(t[5], t[7]),
-    ];
+    // Rows 2m and 2m + 1 interleaved: `t[2m]` their first, `t[2m + 1]` their second pair of
+    // values in each 128-bit half.
+    let t: [__m256; 8] = std::array::from_fn(|k| {
+        let (a, b) = (r[k & !1], r[k | 1]);
+        if k % 2 == 0 {
+            avx._mm256_unpacklo_ps(a, b)
+        } else {
+            avx._mm256_unpackhi_ps(a, b)
+        }
+    });
+    // Four rows' values of one column in each half: `u[k]` column `k % 4` (and `k % 4 + 4`)
+    // of rows 0-3 for `k < 4`, of rows 4-7 else.
+    let u: [__m256; 8] = std::array::from_fn(|k| {
+        let base = (k / 4) * 4 + (k % 4) / 2;
+        let (a, b) = (t[base], t[base + 2]);
+        if k % 2 == 0 {
+            avx._mm256_shuffle_ps::<0x44>(a, b)
+        } else {
+            avx._mm256_shuffle_ps::<0xEE>(a, b)
+        }
+    });
     let cols: [__m256; 8] = std::array::from_fn(|j| {
         let (a, b) = (u[j % 4], u[4 + j % 4]);
         if j < 4 {
