@@ -2215,6 +2215,11 @@ mod tests {
         }
     }
 
+    /// The bit patterns of `v` (to compare results bit for bit, -0.0 and NaN included).
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut r = Rng::new(seed);
         (0..n).map(|_| r.uniform() * 2.0 - 1.0).collect()
@@ -2481,7 +2486,6 @@ mod tests {
                 let mut got_add = base.clone();
                 g.extract_pixels(&out, (co, cop), &mut got_add, None, true);
                 set_level(Level::Auto);
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{level:?} {ci} {co} {h}x{w} k{k}");
                 assert_eq!(
                     bits(&got_add),
@@ -2626,7 +2630,6 @@ mod tests {
                     want_add[at] += v;
                 }
             }
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             for level in levels() {
                 set_level(level);
                 let mut got = vec![f32::NAN; c * g.oh * g.ow];
