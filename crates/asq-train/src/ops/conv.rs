@@ -15,6 +15,7 @@ use crate::graph::{Backward, Graph, Var};
 use crate::ops::direct::{self, Grid};
 use crate::ops::norm::{self, BnAct, BnTrainOp, Coef};
 use crate::ops::scratch;
+use crate::ops::winograd;
 use crate::Tensor;
 
 /// Geometry of a convolution.
@@ -866,13 +867,18 @@ fn direct_forward(
 ) -> (Vec<f32>, Option<Vec<(f64, f64)>>) {
     let grid = forward_grid(geo);
     let co_pad = direct::padded_channels(geo.co);
-    let rows = direct::rows_fit(&grid, co_pad);
+    let wino = winograd::fits(&grid, geo.c, co_pad);
+    let rows = wino || direct::rows_fit(&grid, co_pad);
     let cb = if rows {
         direct::rows_block(co_pad)
     } else {
         grid.co_block()
     };
-    let wk = direct::pack_weights(wv, geo.co, geo.c, geo.kh * geo.kw, false, cb);
+    let wk = if wino {
+        winograd::pack_weights(wv, geo.co, geo.c, false)
+    } else {
+        direct::pack_weights(wv, geo.co, geo.c, geo.kh * geo.kw, false, cb)
+    };
     let offs = grid.offsets();
     let (c, plane) = (geo.c, grid.plane);
     per_sample_forward(
@@ -888,7 +894,9 @@ fn direct_forward(
         },
         (
             |xp: &[f32], out: &mut [f32], pf: &[&[f32]]| {
-                if rows {
+                if wino {
+                    winograd::product_scratch(&grid, xp, plane, c, &wk, co_pad, out)
+                } else if rows {
                     direct::forward_rows(&grid, xp, plane, c, &offs, &wk, co_pad, out, pf)
                 } else {
                     direct::forward_into(&grid, false, xp, plane, c, &offs, &wk, out, pf)
@@ -939,14 +947,20 @@ fn direct_grads(
         direct::padded_channels(geo.c),
         direct::padded_channels(geo.co),
     );
-    // The input gradient's product along the channels on small planes (as the forward's).
-    let rows = direct::rows_fit(&back, ci_pad);
+    // The input gradient's product along the channels on small planes (as the forward's), or
+    // Winograd's where it fits.
+    let wino = winograd::fits(&back, geo.co, ci_pad);
+    let rows = wino || direct::rows_fit(&back, ci_pad);
     let cb = if rows {
         direct::rows_block(ci_pad)
     } else {
         back.co_block()
     };
-    let wt = direct::pack_weights(w, geo.co, geo.c, taps, true, cb);
+    let wt = if wino {
+        winograd::pack_weights(w, geo.co, geo.c, true)
+    } else {
+        direct::pack_weights(w, geo.co, geo.c, taps, true, cb)
+    };
     let (offs_f, offs_b) = (fwd.offsets(), back.offsets());
     let pixels = geo.oh * geo.ow;
     let mut target = dx.target(geo.n * in_len);
@@ -976,7 +990,12 @@ fn direct_grads(
                 if let Some(dxn) = dxc.chunks_exact_mut(in_len).nth(j) {
                     back.pad(gyn, geo.co, gp);
                     let streams = [xn, &*dxn];
-                    if rows {
+                    if wino {
+                        winograd::product_scratch(
+                            &back, gp, back.plane, geo.co, &wt, ci_pad, &mut tmp,
+                        );
+                        back.extract_pixels(&tmp, (geo.c, ci_pad), dxn, None, add);
+                    } else if rows {
                         direct::forward_rows(
                             &back, gp, back.plane, geo.co, &offs_b, &wt, ci_pad, &mut tmp, &streams,
                         );
@@ -1706,6 +1725,8 @@ mod tests {
             (2, 3, 5, 23, 21, 3, 1, 9),
             (2, 20, 50, 7, 14, 3, 1, 10),
             (2, 32, 32, 14, 14, 3, 1, 11),
+            // Odd planes with 32+ channels (Winograd's tiles past the edge, on AVX2).
+            (2, 32, 40, 9, 11, 3, 1, 12),
         ] {
             let spec = ConvSpec {
                 stride: 1,
@@ -1948,23 +1969,27 @@ mod tests {
                 pad: 1,
                 groups: 1,
             };
-            let (x, wt) = (random(&[37, 16, 9, 9], 1), random(&[32, 16, 3, 3], 2));
-            let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                pool.install(|| {
-                    let mut g = Graph::new(true);
-                    let (xv, wv) = (g.input_with_grad(x.clone()), g.input_with_grad(wt.clone()));
-                    let y = conv2d(&mut g, xv, wv, None, spec).unwrap();
-                    let l = crate::ops::basic::sum(&mut g, y);
-                    let l = crate::ops::basic::mul(&mut g, l, l).unwrap();
-                    let all = g.gradients(l).unwrap();
-                    (all[xv.0].clone().unwrap(), all[wv.0].clone().unwrap())
-                })
-            };
-            assert_eq!(run(1), run(3), "stride {stride}");
+            // 16 -> 32 channels, and 32 -> 32 (on AVX2 machines Winograd's, stride 1).
+            for (ci, co) in [(16, 32), (32, 32)] {
+                let (x, wt) = (random(&[37, ci, 9, 9], 1), random(&[co, ci, 3, 3], 2));
+                let run = |threads: usize| {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    pool.install(|| {
+                        let mut g = Graph::new(true);
+                        let (xv, wv) =
+                            (g.input_with_grad(x.clone()), g.input_with_grad(wt.clone()));
+                        let y = conv2d(&mut g, xv, wv, None, spec).unwrap();
+                        let l = crate::ops::basic::sum(&mut g, y);
+                        let l = crate::ops::basic::mul(&mut g, l, l).unwrap();
+                        let all = g.gradients(l).unwrap();
+                        (all[xv.0].clone().unwrap(), all[wv.0].clone().unwrap())
+                    })
+                };
+                assert_eq!(run(1), run(3), "stride {stride}, {ci} -> {co}");
+            }
         }
     }
 

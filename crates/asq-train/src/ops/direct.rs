@@ -432,6 +432,22 @@ fn transpose8(
     }
 }
 
+/// `rows` rows of `cols` values (`src`, `sld` apart) transposed into `dst` (`dld` apart): the
+/// copy of [`Grid::transpose_out`] on any strides, inside a caller's vector code.
+#[inline(always)]
+pub(crate) fn transpose_copy<S: Simd>(
+    simd: S,
+    src: (&[f32], usize),
+    dst: (&mut [f32], usize),
+    (rows, cols): (usize, usize),
+) {
+    let copy = Finish {
+        bias: None,
+        add: false,
+    };
+    transpose(simd, src, dst, (rows, cols), copy);
+}
+
 /// [`Grid::transpose_out`].
 struct TransposeOut<'a> {
     pixels: usize,
@@ -568,7 +584,11 @@ fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
 /// [`dispatch`] for a kernel, timed into the kernel profile when profiling is on
 /// ([`crate::graph::take_kernel_profile`]; off, it costs one flag read): `shape` is
 /// `[ci, co, positions, taps]` of the product.
-fn dispatch_timed<Op: WithSimd>(kernel: &'static str, shape: [usize; 4], op: Op) -> Op::Output {
+pub(crate) fn dispatch_timed<Op: WithSimd>(
+    kernel: &'static str,
+    shape: [usize; 4],
+    op: Op,
+) -> Op::Output {
     if !crate::graph::profiling() {
         return dispatch(op);
     }
@@ -1389,7 +1409,7 @@ pub(crate) fn rows_fit(grid: &Grid, co_pad: usize) -> bool {
 }
 
 /// The f32 lanes of the vectors [`dispatch`] runs the kernels on (this thread's level).
-struct Lanes;
+pub(crate) struct Lanes;
 
 impl WithSimd for Lanes {
     type Output = usize;

@@ -11,6 +11,7 @@ pub mod matmul;
 pub mod norm;
 pub mod pool;
 pub mod quant;
+mod winograd;
 
 /// Per-thread scratch buffers reused across calls (im2col columns and GEMM staging), so that a
 /// training step does not allocate, fault in and free hundreds of megabytes of temporaries.
@@ -18,8 +19,17 @@ pub(crate) mod scratch {
     use std::cell::RefCell;
 
     thread_local! {
-        static SLOTS: RefCell<[Vec<f32>; 4]> =
-            const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
+        static SLOTS: RefCell<[Vec<f32>; 7]> = const {
+            RefCell::new([
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            ])
+        };
     }
 
     /// Takes slot `i` resized to `len` (contents unspecified: callers overwrite what they read).

@@ -1,0 +1,551 @@
+//! Winograd F(2x2, 3x3) for the 3x3 stride-1 products of the direct path: each 2x2 block of
+//! output pixels (a tile) from the 4x4 block of padded input under it, in 16 multiplies per
+//! input and output channel instead of 36.
+//!
+//! Per sample: the zero-padded input planes are transposed to pixel-major (channels
+//! innermost); each tile's `V = Bᵀ·d·B` (additions only, along the channels) goes to
+//! `[16][tiles][ci_pad]`; 16 products `M[ξ] = V[ξ]·U[ξ]` over the input channels, with
+//! `U = G·g·Gᵀ` the transformed kernel (`[16][ci][co_pad]`, once per op), on the CPU's widest
+//! vectors (register block 6 tiles x 16 output channels, the tiles' inputs broadcast), into
+//! `[tiles][16][co_pad]`; each tile's `Y = Aᵀ·M·A` (additions only, along the channels) goes to
+//! the pixel-major output of [`super::direct`]'s rows kernel. Every multiply-add is fused and
+//! every sum runs in the same order on every level, so all levels give the same bits (tested);
+//! the results differ from the direct product's by rounding (the transforms' additions: a few
+//! units in the last place of the sum's magnitude).
+
+use pulp::{Simd, WithSimd};
+use rayon::prelude::*;
+
+use super::direct::{self, Grid};
+
+/// Tiles per register block of the product.
+const TB: usize = 6;
+/// Output channels per register block of the product.
+const CB: usize = 16;
+/// Transformed positions of a tile (4x4).
+const XI: usize = 16;
+
+/// The tiling of one plane: `th x tw` tiles of 2x2 output pixels, their count rounded up to
+/// whole register blocks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tiles {
+    th: usize,
+    tw: usize,
+    padded: usize,
+}
+
+impl Tiles {
+    /// The tiles of `grid`'s output, `None` unless it is a 3x3 kernel on a stride-1 grid with
+    /// at least two output rows and columns.
+    pub(crate) fn new(grid: &Grid) -> Option<Self> {
+        if grid.kh != 3 || grid.kw != 3 || grid.oh < 2 || grid.ow < 2 {
+            return None;
+        }
+        let (th, tw) = (grid.oh.div_ceil(2), grid.ow.div_ceil(2));
+        Some(Self {
+            th,
+            tw,
+            padded: (th * tw).div_ceil(TB) * TB,
+        })
+    }
+
+    /// Values of the transformed input of `ci` channels.
+    pub(crate) fn input_len(&self, ci: usize) -> usize {
+        XI * direct::padded_channels(ci) * self.padded
+    }
+
+    /// Values of the pixel-major padded input of `ci` channels on `grid`.
+    pub(crate) fn pixels_len(&self, grid: &Grid, ci: usize) -> usize {
+        (grid.oh + 2) * grid.wp * direct::padded_channels(ci)
+    }
+
+    /// Values of the product for `co_pad` channels.
+    pub(crate) fn product_len(&self, co_pad: usize) -> usize {
+        self.padded * XI * co_pad
+    }
+}
+
+/// Whether the forward or input-gradient product of `ci -> co_pad` channels on `grid` runs
+/// here: a 3x3 stride-1 grid ([`Tiles::new`]), at least 32 channels each way, on a machine
+/// whose widest vectors are AVX2's. Measured on a Zen 4 (AVX2 only), one thread, in cache,
+/// GFLOP/s counted as the direct product's, per-call p10 / median: 32 channels at 14x14 77 / 66
+/// on the rows kernel -> 118 / 86 here, 64 at 7x7 67 / 64 -> 79 / 72; in ResNet-20's training
+/// step (alternating binaries) these products' thread time fell 22 % against the kernels left
+/// unchanged. 16 channels at 28x28 were faster here in cache (p10 77 -> 88) but not in the
+/// step (its 200 KB transformed input and product each), so they stay on the rows kernel.
+/// AVX-512 machines keep their measured kernels. The choice follows the machine, not the level
+/// a test pins, so every level computes the same sums (bit-identical on this machine).
+pub(crate) fn fits(grid: &Grid, ci: usize, co_pad: usize) -> bool {
+    Tiles::new(grid).is_some() && ci >= 32 && co_pad >= 32 && machine_lanes() == 8
+}
+
+/// The f32 lanes of the machine's widest vectors (whatever level a test pins).
+fn machine_lanes() -> usize {
+    static LANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LANES.get_or_init(|| pulp::Arch::new().dispatch(direct::Lanes))
+}
+
+/// Scratch slots ([`crate::ops::scratch`]) of [`product`]'s buffers.
+pub(crate) const SLOTS: [usize; 3] = [4, 5, 6];
+
+/// [`product`] with its buffers from this thread's scratch slots.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product_scratch(
+    grid: &Grid,
+    x: &[f32],
+    plane: usize,
+    ci: usize,
+    u: &[f32],
+    co_pad: usize,
+    out: &mut [f32],
+) {
+    use crate::ops::scratch;
+    let tiles = Tiles::new(grid).expect("checked by fits");
+    let mut xt = scratch::take(SLOTS[0], tiles.pixels_len(grid, ci));
+    let mut v = scratch::take(SLOTS[1], tiles.input_len(ci));
+    let mut m = scratch::take(SLOTS[2], tiles.product_len(co_pad));
+    let bufs = Scratch {
+        xt: &mut xt,
+        v: &mut v,
+        m: &mut m,
+    };
+    product(grid, &tiles, x, plane, ci, u, co_pad, out, bufs);
+    scratch::give(SLOTS[0], xt);
+    scratch::give(SLOTS[1], v);
+    scratch::give(SLOTS[2], m);
+}
+
+/// The transformed kernel `U = G·g·Gᵀ` of weights `[co][ci][3][3]`, laid out `[16][ci][co_pad]`
+/// (padding channels zero). With `transpose_flip`, the input gradient's kernel instead (output
+/// channel `ci`, input channel `co`, taps reversed), as [`direct::pack_weights`].
+pub(crate) fn pack_weights(w: &[f32], co: usize, ci: usize, transpose_flip: bool) -> Vec<f32> {
+    let (n_in, n_out) = if transpose_flip { (co, ci) } else { (ci, co) };
+    let out_pad = direct::padded_channels(n_out);
+    let mut u = vec![0.0f32; XI * n_in * out_pad];
+    // Position by position over the threads (the other waited on a serial pass).
+    u.par_chunks_mut(n_in * out_pad)
+        .enumerate()
+        .for_each(|(xi, ux)| {
+            let (a, b) = (xi / 4, xi % 4);
+            for (i, row) in ux.chunks_exact_mut(out_pad).enumerate() {
+                for (o, d) in row.iter_mut().enumerate().take(n_out) {
+                    let tap = |ky: usize, kx: usize| {
+                        if transpose_flip {
+                            w[(i * ci + o) * 9 + (2 - ky) * 3 + (2 - kx)]
+                        } else {
+                            w[(o * ci + i) * 9 + ky * 3 + kx]
+                        }
+                    };
+                    // Row `a` of G·g, then its entry `b` of (G·g)·Gᵀ.
+                    let ga: [f32; 3] = std::array::from_fn(|kx| {
+                        kernel_side(a, [tap(0, kx), tap(1, kx), tap(2, kx)])
+                    });
+                    *d = kernel_side(b, ga);
+                }
+            }
+        });
+    u
+}
+
+/// Row `a` of `G·v` for a column `v` of 3 taps.
+fn kernel_side(a: usize, v: [f32; 3]) -> f32 {
+    match a {
+        0 => v[0],
+        1 => (v[0] + v[1] + v[2]) * 0.5,
+        2 => (v[0] - v[1] + v[2]) * 0.5,
+        _ => v[2],
+    }
+}
+
+/// Scratch of [`product`]: the pixel-major input ([`Tiles::pixels_len`]), the transformed
+/// input ([`Tiles::input_len`]) and the product ([`Tiles::product_len`]).
+pub(crate) struct Scratch<'a> {
+    pub xt: &'a mut [f32],
+    pub v: &'a mut [f32],
+    pub m: &'a mut [f32],
+}
+
+/// `grid`'s 3x3 product of `ci` zero-padded input planes (`plane` apart) with the transformed
+/// kernel `u` ([`pack_weights`]) into the pixel-major `out` (`[oh·ow][co_pad]`), the layout of
+/// [`direct::forward_rows`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product(
+    grid: &Grid,
+    tiles: &Tiles,
+    x: &[f32],
+    plane: usize,
+    ci: usize,
+    u: &[f32],
+    co_pad: usize,
+    out: &mut [f32],
+    scratch: Scratch,
+) {
+    assert!(co_pad.is_multiple_of(CB), "{co_pad} channels");
+    assert_eq!(u.len(), XI * ci * co_pad, "weights");
+    assert!(ci == 0 || x.len() >= (ci - 1) * plane + (grid.oh + 2) * grid.wp);
+    assert!(out.len() >= grid.oh * grid.ow * co_pad, "output too short");
+    let Scratch { xt, v, m } = scratch;
+    let (xt, v, m) = (
+        &mut xt[..tiles.pixels_len(grid, ci)],
+        &mut v[..tiles.input_len(ci)],
+        &mut m[..tiles.product_len(co_pad)],
+    );
+    direct::dispatch_timed(
+        "winograd",
+        [ci, co_pad, grid.oh * grid.ow, 9],
+        Product {
+            grid,
+            tiles,
+            x,
+            plane,
+            ci,
+            u,
+            co_pad,
+            out,
+            v,
+            m,
+            xt,
+        },
+    )
+}
+
+struct Product<'a> {
+    grid: &'a Grid,
+    tiles: &'a Tiles,
+    x: &'a [f32],
+    plane: usize,
+    ci: usize,
+    u: &'a [f32],
+    co_pad: usize,
+    out: &'a mut [f32],
+    v: &'a mut [f32],
+    m: &'a mut [f32],
+    xt: &'a mut [f32],
+}
+
+impl WithSimd for Product<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Self {
+            grid,
+            tiles,
+            x,
+            plane,
+            ci,
+            u,
+            co_pad,
+            out,
+            v,
+            m,
+            xt,
+        } = self;
+        let ci_pad = direct::padded_channels(ci);
+        let (hp, wp) = (grid.oh + 2, grid.wp);
+        // The padded planes pixel-major, `[hp·wp][ci_pad]` (padding channels zero).
+        direct::transpose_copy(simd, (x, plane), (&mut *xt, ci_pad), (ci, hp * wp));
+        if ci < ci_pad {
+            for px in xt[..hp * wp * ci_pad].chunks_exact_mut(ci_pad) {
+                px[ci..].fill(0.0);
+            }
+        }
+        input_tiles(simd, grid, tiles, xt, ci_pad, v);
+        multiply(simd, tiles, v, ci, ci_pad, u, co_pad, m);
+        output_tiles(simd, grid, tiles, m, co_pad, out);
+    }
+}
+
+/// `V = Bᵀ·d·B` of every tile of the pixel-major padded input `x` (`[hp·wp][ci_pad]`) into
+/// `v[ξ][block][tile][ci_pad]`, along the channels; rows and columns past the padded plane
+/// read as zero; the padding tiles are zero.
+#[inline(always)]
+fn input_tiles<S: Simd>(
+    simd: S,
+    grid: &Grid,
+    tiles: &Tiles,
+    x: &[f32],
+    ci_pad: usize,
+    v: &mut [f32],
+) {
+    let lanes = S::F32_LANES;
+    let (hp, wp) = (grid.oh + 2, grid.wp);
+    let Tiles { th, tw, padded } = *tiles;
+    let xi_stride = padded * ci_pad;
+    let zero = simd.splat_f32s(0.0);
+    for ty in 0..th {
+        for tx in 0..tw {
+            let t = ty * tw + tx;
+            let base = t * ci_pad;
+            let inside = 2 * ty + 3 < hp && 2 * tx + 3 < wp;
+            for c in (0..ci_pad).step_by(lanes) {
+                let mut d = [[zero; 4]; 4];
+                for (k, dk) in d.iter_mut().enumerate() {
+                    let r = 2 * ty + k;
+                    for (l, dkl) in dk.iter_mut().enumerate() {
+                        let col = 2 * tx + l;
+                        if inside || (r < hp && col < wp) {
+                            *dkl = load::<S>(&x[(r * wp + col) * ci_pad + c..]);
+                        }
+                    }
+                }
+                // Bᵀ·d down the rows, then ·B along them.
+                let mut e = [[zero; 4]; 4];
+                for l in 0..4 {
+                    e[0][l] = simd.sub_f32s(d[0][l], d[2][l]);
+                    e[1][l] = simd.add_f32s(d[1][l], d[2][l]);
+                    e[2][l] = simd.sub_f32s(d[2][l], d[1][l]);
+                    e[3][l] = simd.sub_f32s(d[1][l], d[3][l]);
+                }
+                for (a, ea) in e.iter().enumerate() {
+                    let vals = [
+                        simd.sub_f32s(ea[0], ea[2]),
+                        simd.add_f32s(ea[1], ea[2]),
+                        simd.sub_f32s(ea[2], ea[1]),
+                        simd.sub_f32s(ea[1], ea[3]),
+                    ];
+                    for (b, &val) in vals.iter().enumerate() {
+                        store::<S>(&mut v[(a * 4 + b) * xi_stride + base + c..], val);
+                    }
+                }
+            }
+        }
+    }
+    for xi in 0..XI {
+        v[xi * xi_stride + th * tw * ci_pad..][..(padded - th * tw) * ci_pad].fill(0.0);
+    }
+}
+
+/// `m[tile][ξ][co] = Σ_i v[ξ][tile][i]·u[ξ][i][co]`, over `i` in order, fused multiply-adds.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn multiply<S: Simd>(
+    simd: S,
+    tiles: &Tiles,
+    v: &[f32],
+    ci: usize,
+    ci_pad: usize,
+    u: &[f32],
+    co_pad: usize,
+    m: &mut [f32],
+) {
+    let cv = CB / S::F32_LANES;
+    match cv {
+        1 => multiply_block::<S, 1>(simd, tiles, v, ci, ci_pad, u, co_pad, m),
+        2 => multiply_block::<S, 2>(simd, tiles, v, ci, ci_pad, u, co_pad, m),
+        4 => multiply_block::<S, 4>(simd, tiles, v, ci, ci_pad, u, co_pad, m),
+        _ => multiply_block::<S, 16>(simd, tiles, v, ci, ci_pad, u, co_pad, m),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn multiply_block<S: Simd, const CV: usize>(
+    simd: S,
+    tiles: &Tiles,
+    v: &[f32],
+    ci: usize,
+    ci_pad: usize,
+    u: &[f32],
+    co_pad: usize,
+    m: &mut [f32],
+) {
+    let lanes = S::F32_LANES;
+    let padded = tiles.padded;
+    for xi in 0..XI {
+        let (vx, ux) = (
+            &v[xi * padded * ci_pad..][..padded * ci_pad],
+            &u[xi * ci * co_pad..][..ci * co_pad],
+        );
+        for c0 in (0..co_pad).step_by(CB) {
+            for (blk, vb) in vx.chunks_exact(TB * ci_pad).enumerate() {
+                let rows: [&[f32]; TB] = std::array::from_fn(|t| &vb[t * ci_pad..][..ci]);
+                let mut acc = [[simd.splat_f32s(0.0); CV]; TB];
+                for (i, uw) in ux.chunks_exact(co_pad).enumerate() {
+                    let uw = &uw[c0..][..CB];
+                    let mut uv = [simd.splat_f32s(0.0); CV];
+                    for (c, w) in uv.iter_mut().enumerate() {
+                        *w = load::<S>(&uw[c * lanes..]);
+                    }
+                    for (a, row) in acc.iter_mut().zip(&rows) {
+                        let b = simd.splat_f32s(row[i]);
+                        for (av, &w) in a.iter_mut().zip(&uv) {
+                            *av = simd.mul_add_f32s(w, b, *av);
+                        }
+                    }
+                }
+                for (t, a) in acc.iter().enumerate() {
+                    let dst = &mut m[((blk * TB + t) * XI + xi) * co_pad + c0..][..CB];
+                    for (c, &av) in a.iter().enumerate() {
+                        store::<S>(&mut dst[c * lanes..], av);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `Y = Aᵀ·M·A` of every tile into the pixel-major `out`, the pixels inside the plane only.
+#[inline(always)]
+fn output_tiles<S: Simd>(
+    simd: S,
+    grid: &Grid,
+    tiles: &Tiles,
+    m: &[f32],
+    co_pad: usize,
+    out: &mut [f32],
+) {
+    let lanes = S::F32_LANES;
+    let (oh, ow) = (grid.oh, grid.ow);
+    for ty in 0..tiles.th {
+        for tx in 0..tiles.tw {
+            let mt = &m[(ty * tiles.tw + tx) * XI * co_pad..][..XI * co_pad];
+            for c in (0..co_pad).step_by(lanes) {
+                let mut g = [simd.splat_f32s(0.0); XI];
+                for (xi, gv) in g.iter_mut().enumerate() {
+                    *gv = load::<S>(&mt[xi * co_pad + c..]);
+                }
+                // Aᵀ·M down the rows, then ·A along them.
+                let mut r = [[simd.splat_f32s(0.0); 4]; 2];
+                for b in 0..4 {
+                    r[0][b] = simd.add_f32s(simd.add_f32s(g[b], g[4 + b]), g[8 + b]);
+                    r[1][b] = simd.sub_f32s(simd.sub_f32s(g[4 + b], g[8 + b]), g[12 + b]);
+                }
+                for (p, r) in r.iter().enumerate() {
+                    let oy = 2 * ty + p;
+                    if oy >= oh {
+                        continue;
+                    }
+                    let y0 = simd.add_f32s(simd.add_f32s(r[0], r[1]), r[2]);
+                    let y1 = simd.sub_f32s(simd.sub_f32s(r[1], r[2]), r[3]);
+                    let ox = 2 * tx;
+                    store::<S>(&mut out[(oy * ow + ox) * co_pad + c..], y0);
+                    if ox + 1 < ow {
+                        store::<S>(&mut out[(oy * ow + ox + 1) * co_pad + c..], y1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn load<S: Simd>(s: &[f32]) -> S::f32s {
+    bytemuck::pod_read_unaligned(bytemuck::cast_slice(&s[..S::F32_LANES]))
+}
+
+#[inline(always)]
+fn store<S: Simd>(d: &mut [f32], v: S::f32s) {
+    d[..S::F32_LANES].copy_from_slice(bytemuck::cast_slice(std::slice::from_ref(&v)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::direct::{set_level, Level};
+    use crate::rng::Rng;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed);
+        (0..n).map(|_| r.normal()).collect()
+    }
+
+    fn levels() -> Vec<Level> {
+        vec![
+            Level::Scalar,
+            Level::Auto,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512,
+        ]
+    }
+
+    /// Runs the product on `level` for a fresh layout of `ci -> co` channels on `h x w`.
+    fn run(g: &Grid, xp: &[f32], ci: usize, u: &[f32], cop: usize) -> Vec<f32> {
+        let t = Tiles::new(g).unwrap();
+        let mut xt = vec![f32::NAN; t.pixels_len(g, ci)];
+        let mut v = vec![f32::NAN; t.input_len(ci)];
+        let mut m = vec![f32::NAN; t.product_len(cop)];
+        let mut out = vec![f32::NAN; g.oh * g.ow * cop];
+        let scratch = Scratch {
+            xt: &mut xt,
+            v: &mut v,
+            m: &mut m,
+        };
+        product(g, &t, xp, g.plane, ci, u, cop, &mut out, scratch);
+        out
+    }
+
+    #[test]
+    fn winograd_is_the_direct_product_within_rounding_and_the_same_bits_on_every_level() {
+        let mut ran = vec![];
+        for (i, (ci, co, h, w, flip)) in [
+            (16, 16, 28, 28, false),
+            (32, 32, 14, 14, true),
+            (64, 64, 7, 7, false),
+            (3, 20, 5, 9, false),
+            (17, 5, 13, 6, true),
+            (1, 16, 2, 2, false),
+            (5, 33, 3, 11, true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let g = Grid::new(h, w, 1, 1, 3, 3).unwrap();
+            let (n_in, n_out) = if flip { (co, ci) } else { (ci, co) };
+            let cop = direct::padded_channels(n_out);
+            let x = rand(n_in * h * w, i as u64);
+            let wt = rand(co * ci * 9, i as u64 + 7);
+            let mut xp = vec![0.0f32; n_in * g.plane];
+            g.pad(&x, n_in, &mut xp);
+            let u = pack_weights(&wt, co, ci, flip);
+            let reference = run(&g, &xp, n_in, &u, cop);
+            // Within rounding of the sums in f64: |error| <= 1e-5 · Σ|w·x|.
+            let wgt = |o: usize, i: usize, ky: usize, kx: usize| {
+                if flip {
+                    wt[(i * ci + o) * 9 + (2 - ky) * 3 + (2 - kx)]
+                } else {
+                    wt[(o * ci + i) * 9 + ky * 3 + kx]
+                }
+            };
+            for oy in 0..h {
+                for ox in 0..w {
+                    for o in 0..n_out {
+                        let (mut sum, mut mag) = (0.0f64, 0.0f64);
+                        for i in 0..n_in {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let xv = xp[i * g.plane + (oy + ky) * g.wp + ox + kx];
+                                    let p = (wgt(o, i, ky, kx) * xv) as f64;
+                                    sum += p;
+                                    mag += p.abs();
+                                }
+                            }
+                        }
+                        let got = reference[(oy * w + ox) * cop + o] as f64;
+                        assert!(
+                            (got - sum).abs() <= 1e-5 * mag + 1e-30,
+                            "{ci}->{co} {h}x{w} flip {flip}: ({oy}, {ox}, {o}) {got} vs {sum}"
+                        );
+                    }
+                }
+            }
+            // The padding channels stay zero.
+            for px in reference.chunks_exact(cop) {
+                assert!(px[n_out..].iter().all(|&v| v == 0.0));
+            }
+            for level in levels() {
+                set_level(level);
+                let got = run(&g, &xp, n_in, &u, cop);
+                set_level(Level::Auto);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&reference), "{level:?} {ci}->{co} {h}x{w}");
+                if !ran.contains(&level) {
+                    ran.push(level);
+                }
+            }
+        }
+        eprintln!("winograd: checked {ran:?} against the scalar level");
+    }
+}
