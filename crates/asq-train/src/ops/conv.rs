@@ -961,6 +961,13 @@ fn direct_grads(
     } else {
         direct::pack_weights(w, geo.co, geo.c, taps, true, cb)
     };
+    // The weight gradient of 32+ channels in Winograd's domain where the products run there.
+    let wino_dw = !on_grid && winograd::fits(&fwd, geo.c, co_pad);
+    let part_len = if wino_dw {
+        winograd::sums_len(geo.c, co_pad)
+    } else {
+        co_pad * geo.c * taps
+    };
     let (offs_f, offs_b) = (fwd.offsets(), back.offsets());
     let pixels = geo.oh * geo.ow;
     let mut target = dx.target(geo.n * in_len);
@@ -979,7 +986,7 @@ fn direct_grads(
             let mut gyt = scratch::take(2, pixels * co_pad);
             let mut xp = scratch::take(3, pad_len);
             // Overwritten by the first sample's sums (the grid path sums into `sums` instead).
-            let mut part = buffers::take(if on_grid { 0 } else { co_pad * geo.c * taps });
+            let mut part = buffers::take(if on_grid { 0 } else { part_len });
             let mut sums = buffers::take_zeroed(if on_grid { lane_sums } else { 0 });
             for j in 0..samples {
                 let gyn = &gy[(n0 + j) * out_len..][..out_len];
@@ -1026,6 +1033,14 @@ fn direct_grads(
                     continue;
                 }
                 fwd.transpose_out(gyn, geo.co, co_pad, &mut gyt);
+                if wino_dw {
+                    let plane = fwd.plane;
+                    let acc = j > 0;
+                    winograd::weight_grad_sample(
+                        &fwd, &xp, plane, geo.c, &gyt, co_pad, acc, &mut part,
+                    );
+                    continue;
+                }
                 direct::weight_grad_part(
                     &fwd,
                     &xp,
@@ -1060,6 +1075,11 @@ fn direct_grads(
         .collect();
     let dw = if on_grid {
         sum_in_order(partials, w.len())
+    } else if wino_dw {
+        let total = sum_in_order(partials, part_len);
+        let dw = winograd::weight_grad_from_sums(&total, geo.co, geo.c, co_pad);
+        buffers::give(total);
+        dw
     } else {
         let total = sum_in_order(partials, co_pad * geo.c * taps);
         let mut dw = buffers::take(w.len());
