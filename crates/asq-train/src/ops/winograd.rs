@@ -106,20 +106,36 @@ pub(crate) fn product_scratch(
     co_pad: usize,
     out: &mut [f32],
 ) {
-    use crate::ops::scratch;
     let tiles = Tiles::new(grid).expect("checked by fits");
-    let mut xt = scratch::take(SLOTS[0], tiles.pixels_len(grid, ci));
-    let mut v = scratch::take(SLOTS[1], tiles.input_len(ci));
-    let mut m = scratch::take(SLOTS[2], tiles.product_len(co_pad));
+    let [mut xt, mut v, mut m] = take_buffers(grid, &tiles, ci, co_pad);
     let bufs = Scratch {
         xt: &mut xt,
         v: &mut v,
         m: &mut m,
     };
     product(grid, &tiles, x, plane, ci, u, co_pad, out, bufs);
-    scratch::give(SLOTS[0], xt);
-    scratch::give(SLOTS[1], v);
-    scratch::give(SLOTS[2], m);
+    give_buffers([xt, v, m]);
+}
+
+/// This thread's scratch buffers of [`product`] and [`weight_grad_sample`]: the pixel-major
+/// input, the transformed input (with [`IB`] values of slack past its end, which a block of
+/// input channels past the last reads and drops) and the product (or the transformed output
+/// gradient).
+fn take_buffers(grid: &Grid, tiles: &Tiles, ci: usize, co_pad: usize) -> [Vec<f32>; 3] {
+    use crate::ops::scratch;
+    let lens = [
+        tiles.pixels_len(grid, ci),
+        tiles.input_len(ci) + IB,
+        tiles.product_len(co_pad),
+    ];
+    std::array::from_fn(|k| scratch::take(SLOTS[k], lens[k]))
+}
+
+/// Returns [`take_buffers`]' buffers for the next call on this thread.
+fn give_buffers(bufs: [Vec<f32>; 3]) {
+    for (k, b) in bufs.into_iter().enumerate() {
+        crate::ops::scratch::give(SLOTS[k], b);
+    }
 }
 
 /// The transformed kernel `U = G·g·Gᵀ` of weights `[co][ci][3][3]`, laid out `[16][ci][co_pad]`
@@ -249,18 +265,34 @@ impl WithSimd for Product<'_> {
             xt,
         } = self;
         let ci_pad = direct::padded_channels(ci);
-        let (hp, wp) = (grid.oh + 2, grid.wp);
-        // The padded planes pixel-major, `[hp·wp][ci_pad]` (padding channels zero).
-        direct::transpose_copy(simd, (x, plane), (&mut *xt, ci_pad), (ci, hp * wp));
-        if ci < ci_pad {
-            for px in xt[..hp * wp * ci_pad].chunks_exact_mut(ci_pad) {
-                px[ci..].fill(0.0);
-            }
-        }
-        input_tiles(simd, grid, tiles, xt, ci_pad, v);
+        let n = tiles.input_len(ci);
+        transformed_input(simd, grid, tiles, (x, plane), ci, xt, &mut v[..n]);
         multiply(simd, tiles, v, ci, ci_pad, u, co_pad, m);
         output_tiles(simd, grid, tiles, m, co_pad, out);
     }
+}
+
+/// The transformed input `v` ([`input_tiles`]) of `ci` zero-padded planes (`x`, `plane`
+/// apart), through their pixel-major copy `xt` (`[hp·wp][ci_pad]`, padding channels zero).
+#[inline(always)]
+fn transformed_input<S: Simd>(
+    simd: S,
+    grid: &Grid,
+    tiles: &Tiles,
+    (x, plane): (&[f32], usize),
+    ci: usize,
+    xt: &mut [f32],
+    v: &mut [f32],
+) {
+    let ci_pad = direct::padded_channels(ci);
+    let pixels = (grid.oh + 2) * grid.wp;
+    direct::transpose_copy(simd, (x, plane), (&mut *xt, ci_pad), (ci, pixels));
+    if ci < ci_pad {
+        for px in xt[..pixels * ci_pad].chunks_exact_mut(ci_pad) {
+            px[ci..].fill(0.0);
+        }
+    }
+    input_tiles(simd, grid, tiles, xt, ci_pad, v);
 }
 
 /// `V = Bᵀ·d·B` of every tile of the pixel-major padded input `x` (`[hp·wp][ci_pad]`) into
@@ -463,16 +495,12 @@ pub(crate) fn weight_grad_sample(
     accumulate: bool,
     sums: &mut [f32],
 ) {
-    use crate::ops::scratch;
     let tiles = Tiles::new(grid).expect("checked by fits");
     assert!(co_pad.is_multiple_of(CB), "{co_pad} channels");
     assert!(gyt.len() >= grid.oh * grid.ow * co_pad, "output gradient");
     assert!(ci == 0 || x.len() >= (ci - 1) * plane + (grid.oh + 2) * grid.wp);
     let sums = &mut sums[..sums_len(ci, co_pad)];
-    let mut xt = scratch::take(SLOTS[0], tiles.pixels_len(grid, ci));
-    // Slack past the end: a block of input channels past the last reads (and drops) a few.
-    let mut v = scratch::take(SLOTS[1], tiles.input_len(ci) + IB);
-    let mut gt = scratch::take(SLOTS[2], tiles.product_len(co_pad));
+    let [mut xt, mut v, mut gt] = take_buffers(grid, &tiles, ci, co_pad);
     direct::dispatch_timed(
         "dw winograd",
         [ci, co_pad, grid.oh * grid.ow, 9],
@@ -491,9 +519,7 @@ pub(crate) fn weight_grad_sample(
             gt: &mut gt,
         },
     );
-    scratch::give(SLOTS[0], xt);
-    scratch::give(SLOTS[1], v);
-    scratch::give(SLOTS[2], gt);
+    give_buffers([xt, v, gt]);
 }
 
 struct WeightGradSample<'a> {
@@ -531,15 +557,8 @@ impl WithSimd for WeightGradSample<'_> {
             gt,
         } = self;
         let ci_pad = direct::padded_channels(ci);
-        let (hp, wp) = (grid.oh + 2, grid.wp);
-        direct::transpose_copy(simd, (x, plane), (&mut *xt, ci_pad), (ci, hp * wp));
-        if ci < ci_pad {
-            for px in xt[..hp * wp * ci_pad].chunks_exact_mut(ci_pad) {
-                px[ci..].fill(0.0);
-            }
-        }
         let n = tiles.input_len(ci);
-        input_tiles(simd, grid, tiles, xt, ci_pad, &mut v[..n]);
+        transformed_input(simd, grid, tiles, (x, plane), ci, xt, &mut v[..n]);
         v[n..].fill(0.0);
         grad_tiles(simd, grid, tiles, gyt, co_pad, gt);
         match CB / S::F32_LANES {
