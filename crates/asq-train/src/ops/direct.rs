@@ -435,20 +435,27 @@ fn transpose8(
     }
 }
 
-/// `rows` rows of `cols` values (`src`, `sld` apart) transposed into `dst` (`dld` apart): the
-/// copy of [`Grid::transpose_out`] on any strides, inside a caller's vector code.
+/// `rows` planes of `cols` values (`src`, `sld` apart) into pixel-major `dst` (`cols` pixels,
+/// `dld >= rows` apart, the values past `rows` zero): [`Grid::transpose_out`] on any source
+/// stride, inside a caller's vector code.
 #[inline(always)]
 pub(crate) fn transpose_copy<S: Simd>(
     simd: S,
     src: (&[f32], usize),
-    dst: (&mut [f32], usize),
+    (dst, dld): (&mut [f32], usize),
     (rows, cols): (usize, usize),
 ) {
+    let dst = &mut dst[..cols * dld];
     let copy = Finish {
         bias: None,
         add: false,
     };
-    transpose(simd, src, dst, (rows, cols), copy);
+    transpose(simd, src, (&mut *dst, dld), (rows, cols), copy);
+    if rows < dld {
+        for px in dst.chunks_exact_mut(dld) {
+            px[rows..].fill(0.0);
+        }
+    }
 }
 
 /// [`Grid::transpose_out`].
@@ -473,17 +480,7 @@ impl WithSimd for TransposeOut<'_> {
             dst,
         } = self;
         // Planes `[co][pixels]` -> pixel-major `[pixels][co_pad]`.
-        let dst = &mut dst[..pixels * co_pad];
-        let copy = Finish {
-            bias: None,
-            add: false,
-        };
-        transpose(simd, (src, pixels), (dst, co_pad), (co, pixels), copy);
-        if co < co_pad {
-            for px in dst.chunks_exact_mut(co_pad) {
-                px[co..].fill(0.0);
-            }
-        }
+        transpose_copy(simd, (src, pixels), (dst, co_pad), (co, pixels));
     }
 }
 
@@ -661,12 +658,12 @@ impl<'a> Prefetcher<'a> {
 }
 
 #[inline(always)]
-fn load<S: Simd>(s: &[f32]) -> S::f32s {
+pub(crate) fn load<S: Simd>(s: &[f32]) -> S::f32s {
     bytemuck::pod_read_unaligned(bytemuck::cast_slice(&s[..S::F32_LANES]))
 }
 
 #[inline(always)]
-fn store<S: Simd>(d: &mut [f32], v: S::f32s) {
+pub(crate) fn store<S: Simd>(d: &mut [f32], v: S::f32s) {
     d[..S::F32_LANES].copy_from_slice(bytemuck::cast_slice(std::slice::from_ref(&v)));
 }
 
@@ -2198,7 +2195,7 @@ pub(crate) fn weight_grad_part(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::rng::Rng;
 
@@ -2555,7 +2552,7 @@ mod tests {
         }
     }
     /// The levels this machine can run.
-    fn levels() -> Vec<Level> {
+    pub(crate) fn levels() -> Vec<Level> {
         [
             Level::Scalar,
             Level::Auto,

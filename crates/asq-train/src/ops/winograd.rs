@@ -21,7 +21,7 @@
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::direct::{self, Grid};
+use super::direct::{self, load, store, Grid};
 
 /// Tiles per register block of the product.
 const TB: usize = 6;
@@ -93,7 +93,7 @@ fn machine_lanes() -> usize {
 }
 
 /// Scratch slots ([`crate::ops::scratch`]) of [`product`]'s buffers.
-pub(crate) const SLOTS: [usize; 3] = [4, 5, 6];
+const SLOTS: [usize; 3] = [4, 5, 6];
 
 /// [`product`] with its buffers from this thread's scratch slots.
 #[allow(clippy::too_many_arguments)]
@@ -287,16 +287,11 @@ fn transformed_input<S: Simd>(
     let ci_pad = direct::padded_channels(ci);
     let pixels = (grid.oh + 2) * grid.wp;
     direct::transpose_copy(simd, (x, plane), (&mut *xt, ci_pad), (ci, pixels));
-    if ci < ci_pad {
-        for px in xt[..pixels * ci_pad].chunks_exact_mut(ci_pad) {
-            px[ci..].fill(0.0);
-        }
-    }
     input_tiles(simd, grid, tiles, xt, ci_pad, v);
 }
 
 /// `V = Bᵀ·d·B` of every tile of the pixel-major padded input `x` (`[hp·wp][ci_pad]`) into
-/// `v[ξ][block][tile][ci_pad]`, along the channels; rows and columns past the padded plane
+/// `v[ξ][tile][ci_pad]`, along the channels; rows and columns past the padded plane
 /// read as zero; the padding tiles are zero.
 #[inline(always)]
 fn input_tiles<S: Simd>(
@@ -708,36 +703,16 @@ pub(crate) fn weight_grad_from_sums(sums: &[f32], co: usize, ci: usize, co_pad: 
     dw
 }
 
-#[inline(always)]
-fn load<S: Simd>(s: &[f32]) -> S::f32s {
-    bytemuck::pod_read_unaligned(bytemuck::cast_slice(&s[..S::F32_LANES]))
-}
-
-#[inline(always)]
-fn store<S: Simd>(d: &mut [f32], v: S::f32s) {
-    d[..S::F32_LANES].copy_from_slice(bytemuck::cast_slice(std::slice::from_ref(&v)));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::direct::tests::levels;
     use crate::ops::direct::{set_level, Level};
     use crate::rng::Rng;
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut r = Rng::new(seed);
         (0..n).map(|_| r.normal()).collect()
-    }
-
-    fn levels() -> Vec<Level> {
-        vec![
-            Level::Scalar,
-            Level::Auto,
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx2,
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512,
-        ]
     }
 
     /// Runs the product on `level` for a fresh layout of `ci -> co` channels on `h x w`.
