@@ -344,7 +344,7 @@ impl ConvOp {
                 let (dx, dw) = depthwise_grads(&geo, x, w, gy);
                 (want_dx.then_some(dx), dw)
             }
-            (Path::Direct, dx) => direct_grads(&geo, x, w, gy, dx, None),
+            (Path::Direct, dx) => direct_grads(&geo, x, w, gy, dx, None, None),
             (Path::Strided, dx) => strided_grads(&geo, x, w, gy, dx),
             (Path::Gemm, _) => gemm_grads(&geo, x, w, gy, want_dx),
         };
@@ -680,11 +680,15 @@ impl Backward for BnReluConvOp {
             grad.as_standard_layout(),
         );
         let [xv, wv, gy] = [&xs, &ws, &gs].map(|t| t.as_slice().expect("standard layout"));
-        let (dz, dw) = direct_grads(&self.geo, xv, wv, gy, Dx::New, Some(&coef));
+        // Batch norm's gradient sums taken from each sample's `dz` while it is in cache (one
+        // pass over `dz` and `x` fewer).
+        let mut sums = vec![(0.0f64, 0.0f64); self.geo.n * self.geo.c];
+        let bn_sums = Some((&self.bn.mean[..], &mut sums[..]));
+        let (dz, dw) = direct_grads(&self.geo, xv, wv, gy, Dx::New, Some(&coef), bn_sums);
         let dz = Tensor::from_shape_vec(x.raw_dim(), dz.expect("asked for")).expect("input shape");
         // Batch norm + ReLU without a residual reads only its input and gradient (the ReLU
         // mask recomputed from the input), not its output: `x` stands in for it.
-        let mut grads = self.bn.backward(&[x, gamma, beta], x, &dz);
+        let mut grads = self.bn.backward_from(&[x, gamma, beta], x, &dz, Some(sums));
         // Back to the pool, as the graph does with the gradients it is done with (a dropped
         // 6.4 MB buffer costs the next one fresh pages).
         buffers::recycle(dz);
@@ -895,7 +899,7 @@ fn direct_forward(
         (
             |xp: &[f32], out: &mut [f32], pf: &[&[f32]]| {
                 if wino {
-                    winograd::product_scratch(&grid, xp, plane, c, &wk, co_pad, out)
+                    winograd::product_scratch(&grid, xp, plane, c, &wk, co_pad, out, pf)
                 } else if rows {
                     direct::forward_rows(&grid, xp, plane, c, &offs, &wk, co_pad, out, pf)
                 } else {
@@ -907,11 +911,17 @@ fn direct_forward(
     )
 }
 
+/// A batch norm's mean per channel and its per-sample gradient sums `[N][C]` to fill
+/// ([`norm::relu_grad_sums`]).
+type BnSums<'a> = (&'a [f32], &'a mut [(f64, f64)]);
+
 /// `(dx, dw)` on the direct kernels: `dx` (a new tensor, added into the input's gradient, or
 /// none: [`Dx`]) is the forward kernel run on the output gradient padded by `k - 1 - pad` with
 /// the kernel transposed and flipped; `dw` is reduced over fixed sample chunks in order, as on
 /// the GEMM path. With `act`, the convolution's input is `x` through batch norm + ReLU (as in
-/// [`direct_forward`]; `dx` is then the gradient w.r.t. that input).
+/// [`direct_forward`]; `dx` is then the gradient w.r.t. that input, and with `bn_sums`
+/// `(mean, sums)` each sample's batch norm + ReLU gradient sums of `dx` go to `sums` (`[N][C]`,
+/// [`norm::relu_grad_sums`]) while it is in cache).
 fn direct_grads(
     geo: &Geo,
     x: &[f32],
@@ -919,6 +929,7 @@ fn direct_grads(
     gy: &[f32],
     dx: Dx,
     act: Option<&[Coef]>,
+    bn_sums: Option<BnSums>,
 ) -> (Option<Vec<f32>>, Vec<f32>) {
     let geo = *geo;
     let (taps, in_len, out_len) = (geo.kh * geo.kw, geo.c * geo.h * geo.w, geo.co * geo.opix());
@@ -972,9 +983,23 @@ fn direct_grads(
     let pixels = geo.oh * geo.ow;
     let mut target = dx.target(geo.n * in_len);
     let add = matches!(target, DxTarget::Add(_));
-    let partials: Vec<Vec<f32>> = sample_chunks(geo.n, in_len, target.values())
+    let chunks = sample_chunks(geo.n, in_len, target.values());
+    // Each chunk's part of the batch norm sums (none without them).
+    let (mean, mut bn_rest) = match bn_sums {
+        Some((mean, sums)) => (mean, sums),
+        None => (&[][..], &mut [][..]),
+    };
+    let mut bn_parts = Vec::with_capacity(chunks.len());
+    for &((_, samples), _) in &chunks {
+        let take = (samples * geo.c).min(bn_rest.len());
+        let (part, rest) = std::mem::take(&mut bn_rest).split_at_mut(take);
+        bn_parts.push(part);
+        bn_rest = rest;
+    }
+    let partials: Vec<Vec<f32>> = chunks
         .into_par_iter()
-        .map(|((n0, samples), dxc)| {
+        .zip(bn_parts)
+        .map(|(((n0, samples), dxc), bn_part)| {
             // Sample by sample: the input gradient (when wanted: else `dxc` is empty), then the
             // weight gradient's operands and sums, while the sample's output gradient is still
             // in cache. The weight-gradient sums run on in `part` from one sample to the next.
@@ -999,7 +1024,7 @@ fn direct_grads(
                     let streams = [xn, &*dxn];
                     if wino {
                         winograd::product_scratch(
-                            &back, gp, back.plane, geo.co, &wt, ci_pad, &mut tmp,
+                            &back, gp, back.plane, geo.co, &wt, ci_pad, &mut tmp, &streams,
                         );
                         back.extract_pixels(&tmp, (geo.c, ci_pad), dxn, None, add);
                     } else if rows {
@@ -1016,6 +1041,10 @@ fn direct_grads(
                         } else {
                             back.extract(&tmp, geo.c, dxn, None);
                         }
+                    }
+                    if let (Some(coef), false) = (act, bn_part.is_empty()) {
+                        let sums = &mut bn_part[j * geo.c..][..geo.c];
+                        norm::relu_grad_sums(dxn, xn, geo.h * geo.w, mean, coef, sums);
                     }
                 }
                 match act {
@@ -1037,7 +1066,7 @@ fn direct_grads(
                     let plane = fwd.plane;
                     let acc = j > 0;
                     winograd::weight_grad_sample(
-                        &fwd, &xp, plane, geo.c, &gyt, co_pad, acc, &mut part,
+                        &fwd, &xp, plane, geo.c, &gyt, co_pad, acc, &mut part, &streams,
                     );
                     continue;
                 }

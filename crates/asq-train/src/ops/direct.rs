@@ -602,7 +602,7 @@ pub(crate) fn dispatch_timed<Op: WithSimd>(
 /// loop: the next sample's operands (and the current one's output) arrive while a
 /// compute-bound kernel runs, instead of stalling the copies around it, which wait on memory
 /// for most of their time (a sample's 50 KB are past L2 by the time its turn comes).
-struct Prefetcher<'a> {
+pub(crate) struct Prefetcher<'a> {
     streams: &'a [&'a [f32]],
     /// Stream and line within it of the next request.
     stream: usize,
@@ -618,7 +618,7 @@ const LINE: usize = 16;
 
 impl<'a> Prefetcher<'a> {
     /// Requests for every line of `streams`, in order, spread over `steps` steps.
-    fn new(streams: &'a [&'a [f32]], steps: usize) -> Self {
+    pub(crate) fn new(streams: &'a [&'a [f32]], steps: usize) -> Self {
         let lines: usize = streams.iter().map(|s| s.len().div_ceil(LINE)).sum();
         Self {
             streams,
@@ -646,7 +646,7 @@ impl<'a> Prefetcher<'a> {
 
     /// The requests of one step (a hint: no effect on any value).
     #[inline(always)]
-    fn step(&mut self) {
+    pub(crate) fn step(&mut self) {
         #[cfg(target_arch = "x86_64")]
         if let Some(sse) = self.sse {
             for _ in 0..self.per_step {
@@ -687,17 +687,6 @@ fn put<S: Simd>(simd: S, d: &mut [f32], v: S::f32s) {
     }
 }
 
-/// `d` = `s` (`s.len() <= d.len()`) followed by zeros, a vector at a time (the rows here are
-/// 7-30 values: a `memmove` and a `memset` call per row cost more than the copy).
-#[inline(always)]
-fn copy_zero_extend<S: Simd>(simd: S, s: &[f32], d: &mut [f32]) {
-    let lanes = S::F32_LANES;
-    for (j, dc) in d.chunks_mut(lanes).enumerate() {
-        let (lo, hi) = ((j * lanes).min(s.len()), ((j + 1) * lanes).min(s.len()));
-        put(simd, dc, get(simd, &s[lo..hi]));
-    }
-}
-
 /// [`Grid::pad`].
 struct Pad<'a> {
     grid: &'a Grid,
@@ -720,47 +709,80 @@ impl WithSimd for Pad<'_> {
             dst,
             act,
         } = self;
-        let (h, w) = (grid.h, grid.w);
-        for (ch, (s, d)) in src
-            .chunks_exact(h * w)
-            .zip(dst.chunks_exact_mut(grid.plane))
-            .take(c)
-            .enumerate()
-        {
-            // Each row with the gap after it (right pad + next left pad), then the rest.
-            let mut at = grid.ph * grid.wp + grid.pw;
-            copy_zero_extend(simd, &[], &mut d[..at]);
-            for row in s.chunks_exact(w) {
-                let next = (at + grid.wp).min(d.len());
-                match act {
-                    None => copy_zero_extend(simd, row, &mut d[at..next]),
-                    Some(coef) => {
-                        // A vector at a time (a row's tail in a partial one): `(x - mu)·k + b`
-                        // unfused as batch norm computes it, then `t > 0 ? t : 0`, which equals
-                        // its `max(t, 0)` but for the sign of a zero (no product or sum of the
-                        // kernels depends on it: every sum starts from +0).
-                        let (mu, k, b) = coef[ch];
-                        let (vmu, vk, vb) =
-                            (simd.splat_f32s(mu), simd.splat_f32s(k), simd.splat_f32s(b));
-                        let zero = simd.splat_f32s(0.0);
-                        let lanes = S::F32_LANES;
-                        let (data, gap) = d[at..next].split_at_mut(w);
-                        for (dc, sc) in data.chunks_mut(lanes).zip(row.chunks(lanes)) {
-                            let t = simd
-                                .add_f32s(simd.mul_f32s(simd.sub_f32s(get(simd, sc), vmu), vk), vb);
-                            put(
-                                simd,
-                                dc,
-                                simd.select_f32s(simd.greater_than_f32s(t, zero), t, zero),
-                            );
-                        }
-                        copy_zero_extend(simd, &[], gap);
-                    }
-                }
-                at = next;
+        let (h, w, wp, plane) = (grid.h, grid.w, grid.wp, grid.plane);
+        let lanes = S::F32_LANES;
+        let src = &src[..c * h * w];
+        let dst = &mut dst[..c * plane];
+        // Whole vectors wherever the buffers go on: the planes are written front to back, and a
+        // vector that runs past its part (a row into the gap after it, the gap or the bottom
+        // padding into what follows) covers only values written after it. Only the buffers'
+        // last values take partial loads and stores (per-row partial ones cost more than the
+        // copy: rows here are 7-30 values).
+        let zero = simd.splat_f32s(0.0);
+        for ch in 0..c {
+            let base = ch * plane;
+            let first = base + grid.ph * wp + grid.pw;
+            zero_range(simd, dst, base..first, zero);
+            if h == 0 {
+                zero_range(simd, dst, first..base + plane, zero);
             }
-            copy_zero_extend(simd, &[], &mut d[at..]);
+            for r in 0..h {
+                let (at, from) = (first + r * wp, (ch * h + r) * w);
+                for j in (0..w).step_by(lanes) {
+                    let v = load_at(simd, src, from + j);
+                    let v = match act {
+                        None => v,
+                        Some(coef) => {
+                            // `(x - mu)·k + b` unfused as batch norm computes it, then
+                            // `t > 0 ? t : 0`, which equals its `max(t, 0)` but for the sign of
+                            // a zero (no product or sum of the kernels depends on it: every sum
+                            // starts from +0).
+                            let (mu, k, b) = coef[ch];
+                            let t = simd.add_f32s(
+                                simd.mul_f32s(
+                                    simd.sub_f32s(v, simd.splat_f32s(mu)),
+                                    simd.splat_f32s(k),
+                                ),
+                                simd.splat_f32s(b),
+                            );
+                            simd.select_f32s(simd.greater_than_f32s(t, zero), t, zero)
+                        }
+                    };
+                    store_at(simd, dst, at + j, v);
+                }
+                // The gap to the next row, or the rest of the plane after the last.
+                let end = if r + 1 < h { at + wp } else { base + plane };
+                zero_range(simd, dst, at + w..end, zero);
+            }
         }
+    }
+}
+
+/// `s[at..at + lanes]`, or what `s` has from `at` on (the rest zero).
+#[inline(always)]
+fn load_at<S: Simd>(simd: S, s: &[f32], at: usize) -> S::f32s {
+    if at + S::F32_LANES <= s.len() {
+        load::<S>(&s[at..])
+    } else {
+        simd.partial_load_f32s(&s[at..])
+    }
+}
+
+/// `v` into `d[at..at + lanes]`, or as much of it as `d` has room for.
+#[inline(always)]
+fn store_at<S: Simd>(simd: S, d: &mut [f32], at: usize, v: S::f32s) {
+    if at + S::F32_LANES <= d.len() {
+        store::<S>(&mut d[at..], v)
+    } else {
+        simd.partial_store_f32s(&mut d[at..], v)
+    }
+}
+
+/// Zeros over `range` of `d`, whole vectors that may run on past its end (see [`Pad`]).
+#[inline(always)]
+fn zero_range<S: Simd>(simd: S, d: &mut [f32], range: std::ops::Range<usize>, zero: S::f32s) {
+    for at in range.step_by(S::F32_LANES) {
+        store_at(simd, d, at, zero);
     }
 }
 
@@ -2664,14 +2686,21 @@ pub(crate) mod tests {
                     bits(&got) == bits(&want_add),
                     "{level:?} pixels added {c} {h}x{w}"
                 );
-                let mut got = vec![f32::NAN; c * g.plane];
+                // (Whole vectors run on past each part: the buffer's end stays untouched.)
+                let len = c * g.plane;
+                let mut got = vec![f32::NAN; len + 19];
                 g.pad(&x, c, &mut got);
-                assert!(got == want_pad, "{level:?} pad {c} {h}x{w} p{p}");
-                let mut got = vec![f32::NAN; c * g.plane];
+                assert!(got[..len] == want_pad, "{level:?} pad {c} {h}x{w} p{p}");
+                assert!(got[len..].iter().all(|v| v.is_nan()), "{level:?} pad's end");
+                let mut got = vec![f32::NAN; len + 19];
                 g.pad_bn_relu(&x, c, &mut got, &coef);
                 assert!(
-                    bits(&got) == bits(&want_bn),
+                    bits(&got[..len]) == bits(&want_bn),
                     "{level:?} pad bn {c} {h}x{w} p{p}"
+                );
+                assert!(
+                    got[len..].iter().all(|v| v.is_nan()),
+                    "{level:?} pad bn's end"
                 );
                 let mut got = vec![f32::NAN; c * g.oh * g.ow];
                 g.extract(&grid_out, c, &mut got, Some(&bias));

@@ -327,8 +327,41 @@ pub(crate) struct BnTrainOp {
     pub(crate) residual: bool,
 }
 
-impl Backward for BnTrainOp {
-    fn backward(&self, inputs: &[&Tensor], out: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
+/// The per-sample sums `(Σ gm, Σ gm·(x - mean))` per channel of a batch norm + ReLU's backward
+/// (`gm`: `g` where the forward's `(x - mu)·k + b > 0`, `coef[ch] = (mu, k, b)`), of one sample
+/// `x` with gradient `g` (`C` planes of `hw`) into `sums` (`C` values): what
+/// [`BnTrainOp::backward_from`] takes, computed by the caller while the sample is in cache.
+pub(crate) fn relu_grad_sums(
+    g: &[f32],
+    x: &[f32],
+    hw: usize,
+    mean: &[f32],
+    coef: &[Coef],
+    sums: &mut [(f64, f64)],
+) {
+    pulp::Arch::new().dispatch(Pass::GradSums {
+        g,
+        y: x,
+        x,
+        act: BnAct::Relu,
+        masked: None,
+        hw,
+        mean,
+        coef,
+        sums,
+    })
+}
+
+impl BnTrainOp {
+    /// [`Backward::backward`] with the gradient's per-sample sums `[N][C]` already taken
+    /// ([`relu_grad_sums`]; batch norm + ReLU without a residual only), else its own pass.
+    pub(crate) fn backward_from(
+        &self,
+        inputs: &[&Tensor],
+        out: &Tensor,
+        grad: &Tensor,
+        sums: Option<Vec<(f64, f64)>>,
+    ) -> Vec<Option<Tensor>> {
         let (n, c, hw) = dims(inputs[0]);
         let xs = inputs[0].as_standard_layout();
         let (gs, ys) = (grad.as_standard_layout(), out.as_standard_layout());
@@ -349,7 +382,13 @@ impl Backward for BnTrainOp {
             _ => Vec::new(),
         };
         let fwd_coef = normalise_coef(&self.mean, &self.inv_std, gamma, inputs[2]);
-        let mut partial = vec![(0.0f64, 0.0f64); n * c];
+        let given = sums.is_some();
+        assert!(
+            !given || (self.act == BnAct::Relu && !self.residual),
+            "sums given for batch norm + ReLU only"
+        );
+        let mut partial = sums.unwrap_or_else(|| vec![(0.0f64, 0.0f64); n * c]);
+        assert_eq!(partial.len(), n * c, "sums per sample and channel");
         let pass = |s: usize, masked: Option<&mut [f32]>, sums: &mut [(f64, f64)]| {
             arch.dispatch(Pass::GradSums {
                 g: &gy[s * len..][..len],
@@ -363,12 +402,13 @@ impl Backward for BnTrainOp {
                 sums,
             })
         };
-        if masked.is_empty() {
+        // (Taken by the caller when given.)
+        if !given && masked.is_empty() {
             partial
                 .par_chunks_mut(c)
                 .enumerate()
                 .for_each(|(s, p)| pass(s, None, p));
-        } else {
+        } else if !given {
             partial
                 .par_chunks_mut(c)
                 .zip(masked.par_chunks_mut(len))
@@ -435,6 +475,12 @@ impl Backward for BnTrainOp {
             buffers::give(masked);
         }
         grads
+    }
+}
+
+impl Backward for BnTrainOp {
+    fn backward(&self, inputs: &[&Tensor], out: &Tensor, grad: &Tensor) -> Vec<Option<Tensor>> {
+        self.backward_from(inputs, out, grad, None)
     }
 
     fn name(&self) -> &'static str {
