@@ -60,11 +60,12 @@ fn profile_counts_ops_and_times_both_passes_only_while_on() {
             .unwrap_or_else(|| panic!("{name} {ci} {positions}: {kernels:?}"))
     };
     // 28x28 planes: forward and input gradient, 3 samples each, on the padded grid (28 rows of
-    // 30, rounded to 48-position tiles) or, on AVX2, along the channels over the 784 pixels;
-    // the weight gradient along the grid.
+    // 30, rounded to 48-position tiles), along the channels over the 784 pixels, or, on AVX2
+    // machines, in Winograd's F(4x4, 3x3); the weight gradient along the grid.
+    let kinds = [("grid", 864), ("rows", 784), ("winograd", 784)];
     let product = kernels
         .iter()
-        .find(|k| k.ci == 16 && [("grid", 864), ("rows", 784)].contains(&(k.kernel, k.positions)))
+        .find(|k| k.ci == 16 && kinds.contains(&(k.kernel, k.positions)))
         .unwrap_or_else(|| panic!("16-channel 28x28 product: {kernels:?}"));
     assert_eq!(
         (product.co, product.taps, product.calls),
@@ -78,7 +79,7 @@ fn profile_counts_ops_and_times_both_passes_only_while_on() {
     eprintln!("16-channel 28x28 product on the {} kernel", product.kernel);
     assert_eq!(find("dw grid", 16, 864).calls, 3);
     // 14x14 planes with 32 channels on the rows kernel (or, on AVX2 machines, Winograd's
-    // F(2x2, 3x3)), the weight gradient along the channels over the 196 pixels (or in
+    // F(4x4, 3x3)), the weight gradient along the channels over the 196 pixels (or in
     // Winograd's domain).
     let rows = kernels
         .iter()
