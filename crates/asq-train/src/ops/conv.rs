@@ -947,8 +947,12 @@ fn direct_grads(
     // The weight gradient along the grid, its output gradient the input gradient's padded copy,
     // where its lane sums fit in L2 beside the operands (ResNet's 16-channel layers; see
     // [`direct::weight_grad_grid`]).
+    // Winograd's F(3x3, 4x4) takes precedence where it runs ([`winograd::grad_tile`]).
     let lane_sums = geo.co * geo.c * geo.kh * geo.kw * direct::GRID_SUM_LANES;
-    let on_grid = direct::grids_align(&fwd, &back)
+    let dw_tile = winograd::grad_tile(&fwd);
+    let wino_dw_fits = winograd::dw_fits(&fwd, geo.c, direct::padded_channels(geo.co));
+    let on_grid = !(wino_dw_fits && dw_tile == 4)
+        && direct::grids_align(&fwd, &back)
         && lane_sums <= GRID_SUMS_MAX
         && fwd.nq >= GRID_MIN_POSITIONS;
     if on_grid {
@@ -973,9 +977,9 @@ fn direct_grads(
         direct::pack_weights(w, geo.co, geo.c, taps, true, cb)
     };
     // The weight gradient of 32+ channels in Winograd's domain where the products run there.
-    let wino_dw = !on_grid && winograd::fits(&fwd, geo.c, co_pad);
+    let wino_dw = !on_grid && wino_dw_fits;
     let part_len = if wino_dw {
-        winograd::sums_len(geo.c, co_pad)
+        winograd::sums_len(dw_tile, geo.c, co_pad)
     } else {
         co_pad * geo.c * taps
     };
@@ -1066,7 +1070,7 @@ fn direct_grads(
                     let plane = fwd.plane;
                     let acc = j > 0;
                     winograd::weight_grad_sample(
-                        &fwd, &xp, plane, geo.c, &gyt, co_pad, acc, &mut part, &streams,
+                        &fwd, dw_tile, &xp, plane, geo.c, &gyt, co_pad, acc, &mut part, &streams,
                     );
                     continue;
                 }
@@ -1106,7 +1110,7 @@ fn direct_grads(
         sum_in_order(partials, w.len())
     } else if wino_dw {
         let total = sum_in_order(partials, part_len);
-        let dw = winograd::weight_grad_from_sums(&total, geo.co, geo.c, co_pad);
+        let dw = winograd::weight_grad_from_sums(&total, geo.co, geo.c, co_pad, dw_tile);
         buffers::give(total);
         dw
     } else {

@@ -35,7 +35,8 @@
 //!   the 16 lanes added at the end.
 //!
 //! On machines whose widest vectors are AVX2's, the 3x3 products and weight gradients with at
-//! least 32 channels each way run in Winograd's domain instead (`ops::winograd`).
+//! least 32 channels each way, and the 16-channel weight gradients on 28x28-sized planes, run
+//! in Winograd's domain instead (`ops::winograd`).
 //!
 //! The kernels are written once over `pulp`'s safe SIMD abstraction and dispatched at run time
 //! (AVX-512, AVX2 + FMA, or scalar): no `unsafe` here. Every multiply-add is fused and every sum
