@@ -727,8 +727,9 @@ pub(crate) fn grad_tile(grid: &Grid) -> usize {
     }
 }
 
-/// One sample's weight gradient in Winograd's F(3x3, 2x2) domain: with `d` the 4x4 input tile
-/// under a 2x2 tile `g` of the output gradient, the 3x3 `Σ_{p,q} g[p][q]·d[p + ky][q + kx]` is
+/// One sample's weight gradient in Winograd's F(3x3, m x m) domain (`m` 2 or 4, [`grad_tile`];
+/// written here for 2): with `d` the 4x4 input tile under a 2x2 tile `g` of the output
+/// gradient (6x6 under 4x4 for `m = 4`), the 3x3 `Σ_{p,q} g[p][q]·d[p + ky][q + kx]` is
 /// `Gᵀ·[(A·g·Aᵀ) ⊙ (Bᵀ·d·B)]·G`, so the products are summed over the tiles (and samples) in the
 /// transformed domain, `sums[ξ][i][o] (+)= Σ_t V[ξ][t][i]·(A·g·Aᵀ)[ξ][t][o]`, and turned into
 /// the 3x3 gradient once ([`weight_grad_from_sums`]). `x`: the sample's zero-padded input planes
