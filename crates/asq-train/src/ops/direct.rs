@@ -714,47 +714,66 @@ impl WithSimd for Pad<'_> {
         let lanes = S::F32_LANES;
         let src = &src[..c * h * w];
         let dst = &mut dst[..c * plane];
-        // Whole vectors wherever the buffers go on: the planes are written front to back, and a
-        // vector that runs past its part (a row into the gap after it, the gap or the bottom
-        // padding into what follows) covers only values written after it. Only the buffers'
-        // last values take partial loads and stores (per-row partial ones cost more than the
-        // copy: rows here are 7-30 values).
+        // Each plane zeroed (one memset), then its rows in whole vectors: a row of at least a
+        // vector ends on one that overlaps the one before it; a narrower row's vector has its
+        // lanes past the row zero (they land on padding, or on the next row or plane, written
+        // after it). Only the buffers' last values take partial loads and stores. Measured on a
+        // Zen 4, one thread, in cache: 16 x 28x28 planes 11.3 -> 2.9 us, 64 x 7x7 6.7 -> 1.3 us
+        // against a loop of zero vectors over the padding and partial loads at each row's end
+        // (3-4x the cost of memset + memcpy of the same bytes). Zeroing only the padding (one
+        // vector per gap, memsets above and below) measured no faster.
         let zero = simd.splat_f32s(0.0);
+        let first = grid.ph * wp + grid.pw;
+        // Lanes `< w` of a row narrower than a vector.
+        let narrow = (w < lanes).then(|| {
+            let idx: [f32; MAX_LANES] = std::array::from_fn(|l| l as f32);
+            simd.less_than_f32s(load::<S>(&idx), simd.splat_f32s(w as f32))
+        });
         for ch in 0..c {
             let base = ch * plane;
-            let first = base + grid.ph * wp + grid.pw;
-            zero_range(simd, dst, base..first, zero);
-            if h == 0 {
-                zero_range(simd, dst, first..base + plane, zero);
-            }
+            let cf = act.map(|coef| {
+                let (mu, k, b) = coef[ch];
+                (simd.splat_f32s(mu), simd.splat_f32s(k), simd.splat_f32s(b))
+            });
+            dst[base..base + plane].fill(0.0);
             for r in 0..h {
-                let (at, from) = (first + r * wp, (ch * h + r) * w);
-                for j in (0..w).step_by(lanes) {
-                    let v = load_at(simd, src, from + j);
-                    let v = match act {
-                        None => v,
-                        Some(coef) => {
-                            // `(x - mu)·k + b` unfused as batch norm computes it, then
-                            // `t > 0 ? t : 0`, which equals its `max(t, 0)` but for the sign of
-                            // a zero (no product or sum of the kernels depends on it: every sum
-                            // starts from +0).
-                            let (mu, k, b) = coef[ch];
-                            let t = simd.add_f32s(
-                                simd.mul_f32s(
-                                    simd.sub_f32s(v, simd.splat_f32s(mu)),
-                                    simd.splat_f32s(k),
-                                ),
-                                simd.splat_f32s(b),
-                            );
-                            simd.select_f32s(simd.greater_than_f32s(t, zero), t, zero)
-                        }
-                    };
-                    store_at(simd, dst, at + j, v);
+                let (at, from) = (base + first + r * wp, (ch * h + r) * w);
+                if let Some(mask) = narrow {
+                    let v = bn_relu(simd, load_at(simd, src, from), cf, zero);
+                    store_at(simd, dst, at, simd.select_f32s(mask, v, zero));
+                } else {
+                    let (srow, drow) = (&src[from..][..w], &mut dst[at..][..w]);
+                    let last = w - lanes;
+                    for j in (0..last).step_by(lanes) {
+                        store::<S>(
+                            &mut drow[j..],
+                            bn_relu(simd, load::<S>(&srow[j..]), cf, zero),
+                        );
+                    }
+                    let v = bn_relu(simd, load::<S>(&srow[last..]), cf, zero);
+                    store::<S>(&mut drow[last..], v);
                 }
-                // The gap to the next row, or the rest of the plane after the last.
-                let end = if r + 1 < h { at + wp } else { base + plane };
-                zero_range(simd, dst, at + w..end, zero);
             }
+        }
+    }
+}
+
+/// A training-mode batch norm + ReLU on `v` with a plane's `(mu, k, b)` ([`Grid::pad_bn_relu`]),
+/// or `v` itself without them: `(x - mu)·k + b` unfused as batch norm computes it, then
+/// `t > 0 ? t : 0`, which equals its `max(t, 0)` but for the sign of a zero (no product or sum
+/// of the kernels depends on it: every sum starts from +0).
+#[inline(always)]
+fn bn_relu<S: Simd>(
+    simd: S,
+    v: S::f32s,
+    coef: Option<(S::f32s, S::f32s, S::f32s)>,
+    zero: S::f32s,
+) -> S::f32s {
+    match coef {
+        None => v,
+        Some((mu, k, b)) => {
+            let t = simd.add_f32s(simd.mul_f32s(simd.sub_f32s(v, mu), k), b);
+            simd.select_f32s(simd.greater_than_f32s(t, zero), t, zero)
         }
     }
 }
@@ -776,14 +795,6 @@ fn store_at<S: Simd>(simd: S, d: &mut [f32], at: usize, v: S::f32s) {
         store::<S>(&mut d[at..], v)
     } else {
         simd.partial_store_f32s(&mut d[at..], v)
-    }
-}
-
-/// Zeros over `range` of `d`, whole vectors that may run on past its end (see [`Pad`]).
-#[inline(always)]
-fn zero_range<S: Simd>(simd: S, d: &mut [f32], range: std::ops::Range<usize>, zero: S::f32s) {
-    for at in range.step_by(S::F32_LANES) {
-        store_at(simd, d, at, zero);
     }
 }
 
