@@ -1013,8 +1013,12 @@ fn direct_grads(
             let start = direct::aligned_start(&gp_buf, &back);
             let gp = &mut gp_buf[start..][..geo.co * back.plane];
             let mut tmp = scratch::take(1, ci_pad * back.nq);
-            let mut gyt = scratch::take(2, pixels * co_pad);
-            let mut xp = scratch::take(3, pad_len);
+            // The Winograd weight gradient takes `batch` samples at a time, their padded
+            // inputs and output gradients side by side.
+            let batch = if wino_dw { winograd::DW_BATCH } else { 1 };
+            let gyt_len = pixels * co_pad;
+            let mut gyt_buf = scratch::take(2, batch * gyt_len);
+            let mut xp_buf = scratch::take(3, batch * pad_len);
             // Overwritten by the first sample's sums (the grid path sums into `sums` instead).
             let mut part = buffers::take(if on_grid { 0 } else { part_len });
             let mut sums = buffers::take_zeroed(if on_grid { lane_sums } else { 0 });
@@ -1052,9 +1056,12 @@ fn direct_grads(
                         norm::relu_grad_sums(dxn, xn, geo.h * geo.w, mean, coef, sums);
                     }
                 }
+                // This sample's place in the batch.
+                let b = j % batch;
+                let xp = &mut xp_buf[b * pad_len..][..pad_len];
                 match act {
-                    None => fwd.pad(xn, geo.c, &mut xp),
-                    Some(coef) => fwd.pad_bn_relu(xn, geo.c, &mut xp, coef),
+                    None => fwd.pad(xn, geo.c, xp),
+                    Some(coef) => fwd.pad_bn_relu(xn, geo.c, xp, coef),
                 }
                 let streams = next_operands((gy, out_len), (x, in_len), n0 + j + 1, dxc.is_empty());
                 if on_grid {
@@ -1062,26 +1069,40 @@ fn direct_grads(
                         back.pad(gyn, geo.co, gp);
                     }
                     direct::weight_grad_grid(
-                        &fwd, &back, &xp, geo.c, &offs_f, gp, geo.co, &mut sums, &streams,
+                        &fwd, &back, xp, geo.c, &offs_f, gp, geo.co, &mut sums, &streams,
                     );
                     continue;
                 }
-                fwd.transpose_out(gyn, geo.co, co_pad, &mut gyt);
+                let gyt = &mut gyt_buf[b * gyt_len..][..gyt_len];
+                fwd.transpose_out(gyn, geo.co, co_pad, gyt);
                 if wino_dw {
-                    let plane = fwd.plane;
-                    let acc = j > 0;
-                    winograd::weight_grad_sample(
-                        &fwd, dw_tile, &xp, plane, geo.c, &gyt, co_pad, acc, &mut part, &streams,
-                    );
+                    // The batch's sums once it is full (or the chunk ends), added to the
+                    // earlier batches'.
+                    if b + 1 == batch || j + 1 == samples {
+                        let (xs, gs) = ((&xp_buf[..], pad_len, fwd.plane), (&gyt_buf[..], gyt_len));
+                        let (acc, m) = (j > b, dw_tile);
+                        winograd::weight_grad_samples(
+                            &fwd,
+                            m,
+                            xs,
+                            geo.c,
+                            gs,
+                            b + 1,
+                            co_pad,
+                            acc,
+                            &mut part,
+                            &streams,
+                        );
+                    }
                     continue;
                 }
                 direct::weight_grad_part(
                     &fwd,
-                    &xp,
+                    xp,
                     pad_len,
                     geo.c,
                     &offs_f,
-                    &gyt,
+                    gyt,
                     co_pad,
                     1,
                     j > 0,
@@ -1091,8 +1112,8 @@ fn direct_grads(
             }
             scratch::give(0, gp_buf);
             scratch::give(1, tmp);
-            scratch::give(2, gyt);
-            scratch::give(3, xp);
+            scratch::give(2, gyt_buf);
+            scratch::give(3, xp_buf);
             // The chunk's sums: in the weights' layout off the grid's lanes, else as the
             // kernel left them (`[ci·taps][co_pad]`, transposed once after the chunks' sum).
             if on_grid {
@@ -2159,11 +2180,15 @@ mod tests {
     /// weight-gradient sums cancel. Measured on a Zen 4: at most 1.3e-6 (im2col: 2.1e-7).
     #[test]
     fn direct_paths_are_within_1e_5_of_f64_sums_on_resnet_like_operands() {
+        // Past 16 samples the weight-gradient chunks hold several (34: chunks of 3, so the
+        // Winograd weight gradient's batches of two and one; 20: of 2).
         for (n, c, co, h) in [
             (8, 16, 16, 28),
             (8, 32, 32, 14),
             (8, 64, 64, 7),
             (3, 33, 20, 9),
+            (34, 16, 16, 28),
+            (20, 64, 64, 7),
         ] {
             let x = random(&[n, c, h, h], 1).mapv(|v| v.max(0.0));
             let wt = random(&[co, c, 3, 3], 2).mapv(|v| v * 0.1);

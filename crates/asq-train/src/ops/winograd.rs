@@ -17,7 +17,7 @@
 //! have entries up to 8 and down to 1/24, about ten times that).
 //!
 //! The weight gradient runs in the same domains transposed (F(3x3, 2x2), or F(3x3, 4x4) on
-//! planes with at least 32 such tiles, [`grad_tile`]; [`weight_grad_sample`]): each sample's
+//! planes with at least 32 such tiles, [`grad_tile`]; [`weight_grad_samples`]): each sample's
 //! input tiles as above and its `m x m` output-gradient tiles as `A·g·Aᵀ`, their products
 //! summed over tiles and samples per position, `Gᵀ·S·G` once at the end: 16 multiplies per 2x2
 //! tile and channel pair instead of 36, or 36 per 4x4 tile instead of 144.
@@ -106,7 +106,7 @@ pub(crate) fn fits(grid: &Grid, ci: usize, co_pad: usize) -> bool {
 }
 
 /// Whether the weight gradient of `ci -> co_pad` channels on `grid` runs in Winograd's domain
-/// ([`weight_grad_sample`]): where the products do ([`fits`]), and on the large planes whose
+/// ([`weight_grad_samples`]): where the products do ([`fits`]), and on the large planes whose
 /// output-gradient tiles are 4x4 ([`grad_tile`]) from 16 channels each way (ResNet-20's 28x28
 /// stage: in the training step on a Zen 4, 34 % less thread time than the grid kernel).
 pub(crate) fn dw_fits(grid: &Grid, ci: usize, co_pad: usize) -> bool {
@@ -151,7 +151,7 @@ pub(crate) fn product_scratch(
     prefetch: &[&[f32]],
 ) {
     let tiles = Tiles::with(grid, product_tile(grid)).expect("checked by fits");
-    let [mut xt, mut v, mut m] = take_buffers(grid, &tiles, ci, co_pad);
+    let [mut xt, mut v, mut m] = take_buffers(grid, &tiles, ci, co_pad, 1);
     let bufs = Scratch {
         xt: &mut xt,
         v: &mut v,
@@ -161,16 +161,22 @@ pub(crate) fn product_scratch(
     give_buffers([xt, v, m]);
 }
 
-/// This thread's scratch buffers of [`product`] and [`weight_grad_sample`]: the pixel-major
-/// input, the transformed input (with [`IB`] values of slack past its end, which a block of
-/// input channels past the last reads and drops) and the product (or the transformed output
-/// gradient).
-fn take_buffers(grid: &Grid, tiles: &Tiles, ci: usize, co_pad: usize) -> [Vec<f32>; 3] {
+/// This thread's scratch buffers of [`product`] and [`weight_grad_samples`]: the pixel-major
+/// input, the transformed input of `samples` (with [`IB`] values of slack past its end, which a
+/// block of input channels past the last reads and drops) and the product (or their
+/// transformed output gradients).
+fn take_buffers(
+    grid: &Grid,
+    tiles: &Tiles,
+    ci: usize,
+    co_pad: usize,
+    samples: usize,
+) -> [Vec<f32>; 3] {
     use crate::ops::scratch;
     let lens = [
         tiles.pixels_len(grid, ci),
-        tiles.input_len(ci) + IB,
-        tiles.product_len(co_pad),
+        samples * tiles.input_len(ci) + IB,
+        samples * tiles.product_len(co_pad),
     ];
     std::array::from_fn(|k| scratch::take(SLOTS[k], lens[k]))
 }
@@ -707,13 +713,16 @@ fn output_side4<S: Simd>(simd: S, m: [S::f32s; 6]) -> [S::f32s; 4] {
 /// Input channels per register block of the weight gradient's sums.
 const IB: usize = 6;
 
-/// Values of [`weight_grad_sample`]'s sums for `ci -> co_pad` channels on tiles of `m x m`:
+/// Samples per call of [`weight_grad_samples`] in the training step's backward pass.
+pub(crate) const DW_BATCH: usize = 2;
+
+/// Values of [`weight_grad_samples`]' sums for `ci -> co_pad` channels on tiles of `m x m`:
 /// `[(m + 2)²][ci][co_pad]`.
 pub(crate) fn sums_len(m: usize, ci: usize, co_pad: usize) -> usize {
     (m + 2) * (m + 2) * ci * co_pad
 }
 
-/// The output-gradient tile of [`weight_grad_sample`] on `grid`: 4x4 (F(3x3, 4x4): 36
+/// The output-gradient tile of [`weight_grad_samples`] on `grid`: 4x4 (F(3x3, 4x4): 36
 /// multiplies per 16 output-gradient pixels instead of F(3x3, 2x2)'s 64) where a sample has at
 /// least 32 of them, else 2x2. Each sample's pass loads and stores the sums once per block of
 /// channels, over 2.25 times the positions with 4x4 tiles: measured on a Zen 4 in the step,
@@ -727,15 +736,69 @@ pub(crate) fn grad_tile(grid: &Grid) -> usize {
     }
 }
 
-/// One sample's weight gradient in Winograd's F(3x3, m x m) domain (`m` 2 or 4, [`grad_tile`];
-/// written here for 2): with `d` the 4x4 input tile under a 2x2 tile `g` of the output
-/// gradient (6x6 under 4x4 for `m = 4`), the 3x3 `Σ_{p,q} g[p][q]·d[p + ky][q + kx]` is
-/// `Gᵀ·[(A·g·Aᵀ) ⊙ (Bᵀ·d·B)]·G`, so the products are summed over the tiles (and samples) in the
-/// transformed domain, `sums[ξ][i][o] (+)= Σ_t V[ξ][t][i]·(A·g·Aᵀ)[ξ][t][o]`, and turned into
-/// the 3x3 gradient once ([`weight_grad_from_sums`]). `x`: the sample's zero-padded input planes
-/// (`plane` apart, as [`product`]); `gyt`: its output gradient pixel-major (`[oh·ow][co_pad]`,
+/// The weight gradient of `samples` consecutive samples in Winograd's F(3x3, m x m) domain
+/// (`m` 2 or 4, [`grad_tile`]; written here for 2): with `d` the 4x4 input tile under a 2x2
+/// tile `g` of the output gradient (6x6 under 4x4 for `m = 4`), the 3x3
+/// `Σ_{p,q} g[p][q]·d[p + ky][q + kx]` is `Gᵀ·[(A·g·Aᵀ) ⊙ (Bᵀ·d·B)]·G`, so the products are
+/// summed over the tiles and samples in the transformed domain,
+/// `sums[ξ][i][o] (+)= Σ_b Σ_t V_b[ξ][t][i]·(A·g_b·Aᵀ)[ξ][t][o]`, and turned into the 3x3
+/// gradient once ([`weight_grad_from_sums`]). `x`: `(inputs, stride, plane)`, sample `b`'s
+/// zero-padded input planes at `b·stride`, `plane` apart (as [`product`]); `gyt`:
+/// `(gradients, stride)`, each sample's output gradient pixel-major (`[oh·ow][co_pad]`,
 /// [`Grid::transpose_out`]); `accumulate`: add onto `sums` (else overwrite). Each sum runs over
-/// the tiles in order with fused multiply-adds: the same bits on every level.
+/// the samples in order, then their tiles, with fused multiply-adds in registers: the same bits
+/// on every level, and the same as one call per sample (tested), the sums loaded and stored
+/// once per batch instead of once per sample.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn weight_grad_samples(
+    grid: &Grid,
+    m: usize,
+    (x, x_stride, plane): (&[f32], usize, usize),
+    ci: usize,
+    (gyt, gyt_stride): (&[f32], usize),
+    samples: usize,
+    co_pad: usize,
+    accumulate: bool,
+    sums: &mut [f32],
+    prefetch: &[&[f32]],
+) {
+    let tiles = Tiles::with(grid, m).expect("checked by fits");
+    assert!(co_pad.is_multiple_of(CB), "{co_pad} channels");
+    let pixels = grid.oh * grid.ow * co_pad;
+    let reach = (grid.oh + 2) * grid.wp;
+    if samples > 0 {
+        assert!(
+            gyt.len() >= (samples - 1) * gyt_stride + pixels,
+            "output gradient"
+        );
+        assert!(ci == 0 || x.len() >= (samples - 1) * x_stride + (ci - 1) * plane + reach);
+    }
+    let sums = &mut sums[..sums_len(m, ci, co_pad)];
+    let [mut xt, mut v, mut gt] = take_buffers(grid, &tiles, ci, co_pad, samples.max(1));
+    direct::dispatch_timed(
+        "dw winograd",
+        [ci, co_pad, grid.oh * grid.ow, 9],
+        WeightGradSample {
+            grid,
+            tiles: &tiles,
+            x: (x, x_stride, plane),
+            ci,
+            gyt: (gyt, gyt_stride),
+            samples,
+            co_pad,
+            accumulate,
+            sums,
+            xt: &mut xt,
+            v: &mut v,
+            gt: &mut gt,
+            prefetch,
+        },
+    );
+    give_buffers([xt, v, gt]);
+}
+
+/// [`weight_grad_samples`] of one sample.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn weight_grad_sample(
     grid: &Grid,
@@ -749,41 +812,19 @@ pub(crate) fn weight_grad_sample(
     sums: &mut [f32],
     prefetch: &[&[f32]],
 ) {
-    let tiles = Tiles::with(grid, m).expect("checked by fits");
-    assert!(co_pad.is_multiple_of(CB), "{co_pad} channels");
-    assert!(gyt.len() >= grid.oh * grid.ow * co_pad, "output gradient");
-    assert!(ci == 0 || x.len() >= (ci - 1) * plane + (grid.oh + 2) * grid.wp);
-    let sums = &mut sums[..sums_len(m, ci, co_pad)];
-    let [mut xt, mut v, mut gt] = take_buffers(grid, &tiles, ci, co_pad);
-    direct::dispatch_timed(
-        "dw winograd",
-        [ci, co_pad, grid.oh * grid.ow, 9],
-        WeightGradSample {
-            grid,
-            tiles: &tiles,
-            x,
-            plane,
-            ci,
-            gyt,
-            co_pad,
-            accumulate,
-            sums,
-            xt: &mut xt,
-            v: &mut v,
-            gt: &mut gt,
-            prefetch,
-        },
-    );
-    give_buffers([xt, v, gt]);
+    let (x, gyt) = ((x, 0, plane), (gyt, 0));
+    weight_grad_samples(grid, m, x, ci, gyt, 1, co_pad, accumulate, sums, prefetch);
 }
 
 struct WeightGradSample<'a> {
     grid: &'a Grid,
     tiles: &'a Tiles,
-    x: &'a [f32],
-    plane: usize,
+    /// The inputs, their stride and plane length.
+    x: (&'a [f32], usize, usize),
     ci: usize,
-    gyt: &'a [f32],
+    /// The output gradients and their stride.
+    gyt: (&'a [f32], usize),
+    samples: usize,
     co_pad: usize,
     accumulate: bool,
     sums: &'a mut [f32],
@@ -801,10 +842,10 @@ impl WithSimd for WeightGradSample<'_> {
         let Self {
             grid,
             tiles,
-            x,
-            plane,
+            x: (x, x_stride, plane),
             ci,
-            gyt,
+            gyt: (gyt, gyt_stride),
+            samples,
             co_pad,
             accumulate,
             sums,
@@ -814,17 +855,22 @@ impl WithSimd for WeightGradSample<'_> {
             prefetch,
         } = self;
         let ci_pad = direct::padded_channels(ci);
-        let n = tiles.input_len(ci);
-        transformed_input(simd, grid, tiles, (x, plane), ci, xt, &mut v[..n]);
-        v[n..].fill(0.0);
-        if tiles.m == 4 {
-            grad_tiles4(simd, grid, tiles, gyt, co_pad, gt);
-        } else {
-            grad_tiles(simd, grid, tiles, gyt, co_pad, gt);
+        let (n, gn) = (tiles.input_len(ci), tiles.product_len(co_pad));
+        for b in 0..samples {
+            let xb = &x[b * x_stride..];
+            transformed_input(simd, grid, tiles, (xb, plane), ci, xt, &mut v[b * n..][..n]);
+            let (gb, gtb) = (&gyt[b * gyt_stride..], &mut gt[b * gn..][..gn]);
+            if tiles.m == 4 {
+                grad_tiles4(simd, grid, tiles, gb, co_pad, gtb);
+            } else {
+                grad_tiles(simd, grid, tiles, gb, co_pad, gtb);
+            }
         }
+        v[samples * n..].fill(0.0);
         let steps = tiles.xi() * (co_pad / CB) * ci.div_ceil(IB);
         let mut pf = Prefetcher::new(prefetch, steps);
         let (acc, pf) = (accumulate, &mut pf);
+        let (v, gt) = ((&v[..], n, samples), (&gt[..], gn));
         match CB / S::F32_LANES {
             1 => grad_sums::<S, 1>(simd, tiles, v, ci, ci_pad, gt, co_pad, acc, sums, pf),
             2 => grad_sums::<S, 2>(simd, tiles, v, ci, ci_pad, gt, co_pad, acc, sums, pf),
@@ -957,10 +1003,10 @@ fn grad_side<S: Simd>(simd: S, a: S::f32s, b: S::f32s) -> [S::f32s; 4] {
 fn grad_sums<S: Simd, const CV: usize>(
     simd: S,
     tiles: &Tiles,
-    v: &[f32],
+    (v, v_stride, samples): (&[f32], usize, usize),
     ci: usize,
     ci_pad: usize,
-    gt: &[f32],
+    (gt, gt_stride): (&[f32], usize),
     co_pad: usize,
     accumulate: bool,
     sums: &mut [f32],
@@ -969,8 +1015,6 @@ fn grad_sums<S: Simd, const CV: usize>(
     let lanes = S::F32_LANES;
     let (padded, n) = (tiles.padded, tiles.th * tiles.tw);
     for xi in 0..tiles.xi() {
-        let vx = &v[xi * padded * ci_pad..];
-        let gx = &gt[xi * padded * co_pad..][..n * co_pad];
         let sx = &mut sums[xi * ci * co_pad..][..ci * co_pad];
         for c0 in (0..co_pad).step_by(CB) {
             for i0 in (0..ci).step_by(IB) {
@@ -984,17 +1028,21 @@ fn grad_sums<S: Simd, const CV: usize>(
                         }
                     }
                 }
-                for (t, gw) in gx.chunks_exact(co_pad).enumerate() {
-                    let gw = &gw[c0..][..CB];
-                    let mut gv = [simd.splat_f32s(0.0); CV];
-                    for (c, g) in gv.iter_mut().enumerate() {
-                        *g = load::<S>(&gw[c * lanes..]);
-                    }
-                    let xs: &[f32; IB] = vx[t * ci_pad + i0..][..IB].try_into().expect("block");
-                    for (a, &xv) in acc.iter_mut().zip(xs) {
-                        let b = simd.splat_f32s(xv);
-                        for (av, &g) in a.iter_mut().zip(&gv) {
-                            *av = simd.mul_add_f32s(g, b, *av);
+                for b in 0..samples {
+                    let vx = &v[b * v_stride + xi * padded * ci_pad..];
+                    let gx = &gt[b * gt_stride + xi * padded * co_pad..][..n * co_pad];
+                    for (t, gw) in gx.chunks_exact(co_pad).enumerate() {
+                        let gw = &gw[c0..][..CB];
+                        let mut gv = [simd.splat_f32s(0.0); CV];
+                        for (c, g) in gv.iter_mut().enumerate() {
+                            *g = load::<S>(&gw[c * lanes..]);
+                        }
+                        let xs: &[f32; IB] = vx[t * ci_pad + i0..][..IB].try_into().expect("block");
+                        for (a, &xv) in acc.iter_mut().zip(xs) {
+                            let b = simd.splat_f32s(xv);
+                            for (av, &g) in a.iter_mut().zip(&gv) {
+                                *av = simd.mul_add_f32s(g, b, *av);
+                            }
                         }
                     }
                 }
@@ -1009,7 +1057,7 @@ fn grad_sums<S: Simd, const CV: usize>(
 }
 
 /// The weight gradient `[co][ci][3][3]` from the transformed-domain sums `[ξ][ci][co_pad]`
-/// ([`weight_grad_sample`] on output-gradient tiles of `m x m`, [`grad_tile`]): `Gᵀ·S·G` per
+/// ([`weight_grad_samples`] on output-gradient tiles of `m x m`, [`grad_tile`]): `Gᵀ·S·G` per
 /// channel pair (F(3x3, 4x4)'s `G` in f64, rounded once).
 pub(crate) fn weight_grad_from_sums(
     sums: &[f32],
@@ -1229,6 +1277,17 @@ mod tests {
                 }
                 weight_grad_from_sums(&sums, co, ci, cop, m)
             };
+            // The samples in batches of two (the last alone when `n` is odd).
+            let batched = || {
+                let mut sums = vec![f32::NAN; sums_len(m, ci, cop)];
+                for s in (0..n).step_by(2) {
+                    let xs = (&xp[s * ci * g.plane..], ci * g.plane, g.plane);
+                    let gs = (&gyt[s * h * w * cop..], h * w * cop);
+                    let b = 2.min(n - s);
+                    weight_grad_samples(&g, m, xs, ci, gs, b, cop, s > 0, &mut sums, &[]);
+                }
+                weight_grad_from_sums(&sums, co, ci, cop, m)
+            };
             set_level(Level::Scalar);
             let reference = run();
             set_level(Level::Auto);
@@ -1286,13 +1345,18 @@ mod tests {
             }
             for level in levels() {
                 set_level(level);
-                let got = run();
+                let (got, got_batched) = (run(), batched());
                 set_level(Level::Auto);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(
                     bits(&got),
                     bits(&reference),
                     "{level:?} F{m} {ci}->{co} {h}x{w}"
+                );
+                assert_eq!(
+                    bits(&got_batched),
+                    bits(&reference),
+                    "{level:?} F{m} {ci}->{co} {h}x{w}, batches of two"
                 );
                 if !ran.contains(&level) {
                     ran.push(level);
