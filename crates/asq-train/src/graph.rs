@@ -114,8 +114,10 @@ pub fn take_profile() -> Vec<OpTime> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct KernelTime {
     /// `"grid"` (forward or input gradient along the padded grid), `"rows"` (along the output
-    /// channels, 7-pixel row segments), `"dw channels"` (weight gradient along the output
-    /// channels) or `"dw grid"` (weight gradient along the grid).
+    /// channels, row segments), `"winograd"` (forward or input gradient in Winograd's
+    /// domain), `"dw channels"` (weight gradient along the output channels), `"dw grid"`
+    /// (weight gradient along the grid) or `"dw winograd"` (weight gradient in Winograd's
+    /// domain).
     pub kernel: &'static str,
     /// Input channels of the product (for an input gradient: the output gradient's).
     pub ci: usize,
@@ -125,7 +127,8 @@ pub struct KernelTime {
     pub positions: usize,
     /// Kernel taps.
     pub taps: usize,
-    /// Calls (one per sample, or per sample and phase on the stride-2 path).
+    /// Calls (one per sample, or per sample and phase on the stride-2 path; a call over
+    /// several samples counts each).
     pub calls: u64,
     /// Thread time summed over the calls (with two threads, up to twice the wall time).
     pub time: Duration,
@@ -145,8 +148,9 @@ pub(crate) fn profiling() -> bool {
     PROFILING.load(Ordering::Relaxed)
 }
 
-/// Adds one timed kernel call to the kernel profile.
-pub(crate) fn record_kernel(kernel: &'static str, shape: [usize; 4], time: Duration) {
+/// Adds one timed kernel call to the kernel profile, `samples` calls of `shape` (a batched
+/// call's samples each count as one).
+pub(crate) fn record_kernel(kernel: &'static str, shape: [usize; 4], samples: u64, time: Duration) {
     let [ci, co, positions, taps] = shape;
     let mut all = KERNELS.lock().unwrap_or_else(|e| e.into_inner());
     let same = |k: &&mut KernelTime| {
@@ -154,7 +158,7 @@ pub(crate) fn record_kernel(kernel: &'static str, shape: [usize; 4], time: Durat
     };
     match all.iter_mut().find(same) {
         Some(k) => {
-            k.calls += 1;
+            k.calls += samples;
             k.time += time;
         }
         None => all.push(KernelTime {
@@ -163,7 +167,7 @@ pub(crate) fn record_kernel(kernel: &'static str, shape: [usize; 4], time: Durat
             co,
             positions,
             taps,
-            calls: 1,
+            calls: samples,
             time,
         }),
     }

@@ -584,10 +584,21 @@ fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
 
 /// [`dispatch`] for a kernel, timed into the kernel profile when profiling is on
 /// ([`crate::graph::take_kernel_profile`]; off, it costs one flag read): `shape` is
-/// `[ci, co, positions, taps]` of the product.
+/// `[ci, co, positions, taps]` of one sample's product.
 pub(crate) fn dispatch_timed<Op: WithSimd>(
     kernel: &'static str,
     shape: [usize; 4],
+    op: Op,
+) -> Op::Output {
+    dispatch_timed_samples(kernel, shape, 1, op)
+}
+
+/// [`dispatch_timed`] of a kernel computing `samples` samples' products in one call (counted
+/// as that many calls of `shape`).
+pub(crate) fn dispatch_timed_samples<Op: WithSimd>(
+    kernel: &'static str,
+    shape: [usize; 4],
+    samples: usize,
     op: Op,
 ) -> Op::Output {
     if !crate::graph::profiling() {
@@ -595,7 +606,7 @@ pub(crate) fn dispatch_timed<Op: WithSimd>(
     }
     let t = std::time::Instant::now();
     let out = dispatch(op);
-    crate::graph::record_kernel(kernel, shape, t.elapsed());
+    crate::graph::record_kernel(kernel, shape, samples as u64, t.elapsed());
     out
 }
 

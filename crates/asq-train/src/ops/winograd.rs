@@ -775,9 +775,10 @@ pub(crate) fn weight_grad_samples(
     }
     let sums = &mut sums[..sums_len(m, ci, co_pad)];
     let [mut xt, mut v, mut gt] = take_buffers(grid, &tiles, ci, co_pad, samples.max(1));
-    direct::dispatch_timed(
+    direct::dispatch_timed_samples(
         "dw winograd",
         [ci, co_pad, grid.oh * grid.ow, 9],
+        samples,
         WeightGradSample {
             grid,
             tiles: &tiles,
