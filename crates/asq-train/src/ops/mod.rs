@@ -39,6 +39,17 @@ pub(crate) mod scratch {
         v
     }
 
+    /// Takes slot `i` with at least `len` values (contents unspecified), never shortened: for
+    /// callers that slice what they use, so that slots shared by calls of different sizes
+    /// are not zero-filled again on every growth.
+    pub(crate) fn take_at_least(i: usize, len: usize) -> Vec<f32> {
+        let mut v = SLOTS.with(|s| std::mem::take(&mut s.borrow_mut()[i]));
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        v
+    }
+
     /// Returns a buffer to slot `i` for the next call on this thread.
     pub(crate) fn give(i: usize, v: Vec<f32>) {
         SLOTS.with(|s| s.borrow_mut()[i] = v);

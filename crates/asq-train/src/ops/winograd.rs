@@ -178,7 +178,9 @@ fn take_buffers(
         samples * tiles.input_len(ci) + IB,
         samples * tiles.product_len(co_pad),
     ];
-    std::array::from_fn(|k| scratch::take(SLOTS[k], lens[k]))
+    // At least as long as asked: the product and the weight gradient of a layer take them in
+    // turn with different lengths, and each growth would zero-fill the difference again.
+    std::array::from_fn(|k| scratch::take_at_least(SLOTS[k], lens[k]))
 }
 
 /// Returns [`take_buffers`]' buffers for the next call on this thread.
@@ -867,7 +869,7 @@ impl WithSimd for WeightGradSample<'_> {
                 grad_tiles(simd, grid, tiles, gb, co_pad, gtb);
             }
         }
-        v[samples * n..].fill(0.0);
+        v[samples * n..][..IB].fill(0.0);
         let steps = tiles.xi() * (co_pad / CB) * ci.div_ceil(IB);
         let mut pf = Prefetcher::new(prefetch, steps);
         let (acc, pf) = (accumulate, &mut pf);
