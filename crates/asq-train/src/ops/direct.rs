@@ -1219,7 +1219,7 @@ pub(crate) fn forward_into(
 /// Output pixels per register block of [`ForwardRows`]: a ResNet 7x7 row, or half a 14x14 one.
 pub(crate) const ROW_BLOCK: usize = 7;
 
-/// Output pixels per row of [`RowsBlock::run3x2`]'s two-row register block.
+/// Output pixels per row of [`RowsBlock::run3`]'s two-row register block.
 const PAIR_BLOCK: usize = 4;
 
 /// The forward product vectorised along the output channels instead of the grid, for small
@@ -1290,7 +1290,7 @@ fn rows<S: Simd, const CV: usize, const CB: usize>(simd: S, op: ForwardRows) {
     // GFLOP/s in one build and 12 in another, its accumulators spilled), so that block keeps
     // the per-tap loop measured on the Xeon.
     let three = CV == 1 && three_by_three(offs, wp);
-    // Two rows of [`PAIR_BLOCK`] pixels where they tile the plane (see [`RowsBlock::run3x2`]).
+    // Two rows of [`PAIR_BLOCK`] pixels where they tile the plane (see [`RowsBlock::run3`]).
     let pair = three && oh.is_multiple_of(2) && ow.is_multiple_of(PAIR_BLOCK);
     let blocks = if pair {
         (oh / 2) * (ow / PAIR_BLOCK)
@@ -1320,7 +1320,7 @@ fn rows<S: Simd, const CV: usize, const CB: usize>(simd: S, op: ForwardRows) {
                             pf.step();
                             let q0 = oy * wp + s * PAIR_BLOCK;
                             let at = (oy * ow + s * PAIR_BLOCK) * co_pad;
-                            block.run3x2::<S>(simd, q0, &mut out[at..], ow * co_pad);
+                            block.run3::<S, 2, PAIR_BLOCK>(simd, q0, &mut out[at..], ow * co_pad);
                         }
                     }
                     continue;
@@ -1331,7 +1331,7 @@ fn rows<S: Simd, const CV: usize, const CB: usize>(simd: S, op: ForwardRows) {
                         let q0 = oy * wp + s * ROW_BLOCK;
                         let ob = &mut out[(oy * ow + s * ROW_BLOCK) * co_pad..];
                         if three {
-                            block.run3::<S, CV>(simd, q0, ob);
+                            block.run3::<S, 1, ROW_BLOCK>(simd, q0, ob, 0);
                         } else {
                             block.run::<S, CV>(simd, q0, ob);
                         }
@@ -1396,56 +1396,33 @@ impl RowsBlock<'_> {
         self.store::<S, CV>(&acc, ob);
     }
 
-    /// [`RowsBlock::run`] for a 3x3 kernel on a stride-1 grid: per kernel row, each of the
-    /// `PB + 2` input values of the segment is broadcast once and meets the weights of the (up
-    /// to) three taps that read it, `acc[m - kx] += w[kx] · x[m]`: three multiply-adds per
-    /// broadcast instead of one, the same sums in the same order (each gets `m = p, p + 1, p + 2`
-    /// for taps `kx = 0, 1, 2`). Measured on a Zen 3, one thread, in cache: 32 channels at 14x14
-    /// 58 -> 73 GFLOP/s, 64 at 7x7 61 -> 73.
+    /// [`RowsBlock::run`] for a 3x3 kernel on a stride-1 grid, one vector of channels, on a
+    /// block of `R` rows of `P` pixels (row `r` at `r·next` in `ob`): per kernel row, each of
+    /// the `P + 2` input values of a block row is broadcast once and meets the weights of the
+    /// (up to) three taps that read it, `acc[m - kx] += w[kx] · x[m]`: three multiply-adds per
+    /// broadcast instead of one, the same sums in the same order (each gets `m = p, p + 1,
+    /// p + 2` for taps `kx = 0, 1, 2`). Measured on a Zen 3, one thread, in cache, one row of 7:
+    /// 32 channels at 14x14 58 -> 73 GFLOP/s, 64 at 7x7 61 -> 73. Two rows of 4 (8
+    /// accumulators instead of 7, which the 4-cycle latency of the multiply-adds on two pipes
+    /// needs to keep both busy: each sum's 9 taps per input channel run in sequence) took 10 %
+    /// less time on a Zen 4's 16-channel 28x28 layers.
     #[inline(always)]
-    fn run3<S: Simd, const CV: usize>(&self, simd: S, q0: usize, ob: &mut [f32]) {
-        const PB: usize = ROW_BLOCK;
-        let lanes = S::F32_LANES;
-        let (width, cb) = (CV * lanes, self.cb);
-        let mut acc = self.load::<S, CV>(simd, ob);
-        for (i, wi) in (self.i0..).zip(self.wc.chunks_exact(9 * cb)) {
-            let xi = &self.x[i * self.plane + q0..];
-            for (ky, wr) in wi.chunks_exact(3 * cb).enumerate() {
-                let wv: [[S::f32s; CV]; 3] = std::array::from_fn(|kx| {
-                    let wt = &wr[kx * cb + self.wsub..][..width];
-                    std::array::from_fn(|v| load::<S>(&wt[v * lanes..]))
-                });
-                let xs: &[f32; PB + 2] = xi[ky * self.wp..][..PB + 2].try_into().expect("block");
-                for (m, &xv) in xs.iter().enumerate() {
-                    let b = simd.splat_f32s(xv);
-                    for (kx, wk) in wv.iter().enumerate() {
-                        if m >= kx && m - kx < PB {
-                            for (av, &w) in acc[m - kx].iter_mut().zip(wk) {
-                                *av = simd.mul_add_f32s(w, b, *av);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        self.store::<S, CV>(&acc, ob);
-    }
-
-    /// [`RowsBlock::run3`] on a block of two rows of [`PAIR_BLOCK`] pixels (the second row
-    /// `next` values after the first in `ob`): 8 accumulators instead of 7, which the 4-cycle
-    /// latency of the multiply-adds on two pipes needs to keep both busy (each sum's 9 taps per
-    /// input channel run in sequence). The same sums in the same order.
-    #[inline(always)]
-    fn run3x2<S: Simd>(&self, simd: S, q0: usize, ob: &mut [f32], next: usize) {
-        const PB: usize = PAIR_BLOCK;
+    fn run3<S: Simd, const R: usize, const P: usize>(
+        &self,
+        simd: S,
+        q0: usize,
+        ob: &mut [f32],
+        next: usize,
+    ) {
         let lanes = S::F32_LANES;
         let cb = self.cb;
+        let at = |r: usize, p: usize| r * next + p * self.co_pad + self.c0;
         let zero = simd.splat_f32s(0.0);
-        let mut acc = [[zero; PB]; 2];
+        let mut acc = [[zero; P]; R];
         if self.i0 > 0 {
             for (r, a) in acc.iter_mut().enumerate() {
                 for (p, av) in a.iter_mut().enumerate() {
-                    *av = load::<S>(&ob[r * next + p * self.co_pad + self.c0..]);
+                    *av = load::<S>(&ob[at(r, p)..]);
                 }
             }
         }
@@ -1455,13 +1432,11 @@ impl RowsBlock<'_> {
                 let wv: [S::f32s; 3] =
                     std::array::from_fn(|kx| load::<S>(&wr[kx * cb + self.wsub..][..lanes]));
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let xs: &[f32; PB + 2] = xi[(ky + r) * self.wp..][..PB + 2]
-                        .try_into()
-                        .expect("block");
+                    let xs = &xi[(ky + r) * self.wp..][..P + 2];
                     for (m, &xv) in xs.iter().enumerate() {
                         let b = simd.splat_f32s(xv);
                         for (kx, &w) in wv.iter().enumerate() {
-                            if m >= kx && m - kx < PB {
+                            if m >= kx && m - kx < P {
                                 a[m - kx] = simd.mul_add_f32s(w, b, a[m - kx]);
                             }
                         }
@@ -1471,7 +1446,7 @@ impl RowsBlock<'_> {
         }
         for (r, a) in acc.iter().enumerate() {
             for (p, &av) in a.iter().enumerate() {
-                store::<S>(&mut ob[r * next + p * self.co_pad + self.c0..], av);
+                store::<S>(&mut ob[at(r, p)..], av);
             }
         }
     }
@@ -2577,8 +2552,8 @@ pub(crate) mod tests {
             (20, 50, 14, 7, 3, 1),
             (3, 16, 4, 7, 3, 1),
             // Rows of four and three blocks (AVX2's 28x28 layers), two passes of input channels;
-            // on AVX2, pairs of rows (`RowsBlock::run3x2`) where the rows are even in number
-            // and a multiple of 4 pixels long.
+            // on AVX2, blocks of two rows (`RowsBlock::run3`) where the rows are even in
+            // number and a multiple of 4 pixels long.
             (16, 16, 28, 28, 3, 1),
             (18, 16, 9, 21, 3, 1),
             (20, 24, 6, 28, 3, 1),

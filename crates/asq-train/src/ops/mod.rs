@@ -34,8 +34,8 @@ pub(crate) mod scratch {
 
     /// Takes slot `i` resized to `len` (contents unspecified: callers overwrite what they read).
     pub(crate) fn take(i: usize, len: usize) -> Vec<f32> {
-        let mut v = SLOTS.with(|s| std::mem::take(&mut s.borrow_mut()[i]));
-        v.resize(len, 0.0);
+        let mut v = take_at_least(i, len);
+        v.truncate(len);
         v
     }
 

@@ -1031,9 +1031,9 @@ fn grad_sums<S: Simd, const CV: usize>(
                         }
                     }
                 }
-                for b in 0..samples {
-                    let vx = &v[b * v_stride + xi * padded * ci_pad..];
-                    let gx = &gt[b * gt_stride + xi * padded * co_pad..][..n * co_pad];
+                for s in 0..samples {
+                    let vx = &v[s * v_stride + xi * padded * ci_pad..];
+                    let gx = &gt[s * gt_stride + xi * padded * co_pad..][..n * co_pad];
                     for (t, gw) in gx.chunks_exact(co_pad).enumerate() {
                         let gw = &gw[c0..][..CB];
                         let mut gv = [simd.splat_f32s(0.0); CV];
