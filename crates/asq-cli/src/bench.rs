@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use asq_kernels::probe::{peak_f32, peak_int8};
 use asq_kernels::suite::{pseudo, KERNELS, SHAPES};
 use asq_kernels::{describe, gemm, Epilogue, Isa};
+use asq_train::ops::conv::{conv_precision, with_conv_precision, ConvPrecision};
 
 /// Options of `asq bench kernels`.
 #[derive(clap::Args)]
@@ -253,8 +254,15 @@ pub fn models(args: &ModelArgs) -> Result<(), Box<dyn std::error::Error>> {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()?;
+                // The pool's threads record the float graph's convolutions: at this thread's
+                // precision.
+                let precision = conv_precision();
                 let rate = |f: &mut (dyn FnMut() + Send)| {
-                    pool.install(|| measure(batch as f64 * 1e9, args.seconds, &mut *f))
+                    pool.install(|| {
+                        with_conv_precision(precision, || {
+                            measure(batch as f64 * 1e9, args.seconds, &mut *f)
+                        })
+                    })
                 };
                 let fp = rate(&mut || {
                     let mut g = Graph::new(false);
@@ -419,7 +427,8 @@ pub struct TrainBenchArgs {
     /// Timed steps per measurement (after 3 untimed ones); the median is reported.
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    /// Print one JSON object per line (model, quant, bits, batch, threads, images_per_s).
+    /// Print one JSON object per line (model, quant, bits, batch, threads,
+    /// conv_precision, images_per_s).
     #[arg(long)]
     json: bool,
     /// Also print where a step's time goes: forward and backward time per op kind, averaged
@@ -467,35 +476,47 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 ParamGroups::all(1e-4),
             )?;
             let mut times = Vec::with_capacity(args.steps);
-            pool.install(|| -> asq_train::Result<()> {
-                for i in 0..args.steps + 3 {
-                    let t = Instant::now();
-                    train_step(&net, &mut ps, &mut opt, images.clone(), &labels, 0.0, 0.01)?;
-                    if i >= 3 {
-                        times.push(t.elapsed().as_secs_f64());
-                    }
-                }
-                if args.profile {
-                    asq_train::graph::set_profiling(true);
-                    let t = Instant::now();
-                    for _ in 0..args.steps {
+            // The step runs on the pool's threads: at this thread's convolution precision.
+            let precision = conv_precision();
+            pool.install(|| {
+                with_conv_precision(precision, || -> asq_train::Result<()> {
+                    for i in 0..args.steps + 3 {
+                        let t = Instant::now();
                         train_step(&net, &mut ps, &mut opt, images.clone(), &labels, 0.0, 0.01)?;
+                        if i >= 3 {
+                            times.push(t.elapsed().as_secs_f64());
+                        }
                     }
-                    let elapsed = t.elapsed();
-                    asq_train::graph::set_profiling(false);
-                    let ops = asq_train::graph::take_profile();
-                    print_train_profile(&ops, elapsed, args.steps);
-                    print_kernel_profile(&asq_train::graph::take_kernel_profile(), args.steps);
-                }
-                Ok(())
+                    if args.profile {
+                        asq_train::graph::set_profiling(true);
+                        let t = Instant::now();
+                        for _ in 0..args.steps {
+                            train_step(
+                                &net,
+                                &mut ps,
+                                &mut opt,
+                                images.clone(),
+                                &labels,
+                                0.0,
+                                0.01,
+                            )?;
+                        }
+                        let elapsed = t.elapsed();
+                        asq_train::graph::set_profiling(false);
+                        let ops = asq_train::graph::take_profile();
+                        print_train_profile(&ops, elapsed, args.steps);
+                        print_kernel_profile(&asq_train::graph::take_kernel_profile(), args.steps);
+                    }
+                    Ok(())
+                })
             })?;
             times.sort_by(f64::total_cmp);
             let ips = args.batch as f64 / times[times.len() / 2];
             let bits = if quant == "fp32" { 32 } else { args.bits };
             if args.json {
                 println!(
-                    "{{\"model\": \"{}\", \"quant\": \"{quant}\", \"bits\": {bits}, \"batch\": {}, \"threads\": {threads}, \"images_per_s\": {ips:.1}}}",
-                    args.model, args.batch
+                    "{{\"model\": \"{}\", \"quant\": \"{quant}\", \"bits\": {bits}, \"batch\": {}, \"threads\": {threads}, \"conv_precision\": \"{}\", \"images_per_s\": {ips:.1}}}",
+                    args.model, args.batch, precision_name(precision)
                 );
             } else {
                 println!(
@@ -506,4 +527,12 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+/// `--conv-precision`'s spelling of `p`.
+fn precision_name(p: ConvPrecision) -> &'static str {
+    match p {
+        ConvPrecision::Fast => "fast",
+        ConvPrecision::Highest => "highest",
+    }
 }

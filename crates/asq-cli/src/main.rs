@@ -24,6 +24,7 @@ mod recipe;
 mod table;
 mod train;
 
+use asq_train::ops::conv::{with_conv_precision, ConvPrecision};
 use clap::{Parser, Subcommand};
 
 /// Low-bit QAT and integer inference with ASQ activations and POST weights.
@@ -34,8 +35,20 @@ struct Cli {
     /// `bench` commands take their own `--threads`).
     #[arg(long, short, global = true)]
     jobs: Option<usize>,
+    /// Convolution precision of training and float evaluation: `fast` (Winograd F(4x4, 3x3)
+    /// on AVX2 machines, ~1e-6 relative rounding) or `highest` (rounding of the direct sum's
+    /// order, ~2e-7: for step-by-step comparisons with PyTorch).
+    #[arg(long, global = true, value_enum, default_value_t = Precision::Fast)]
+    conv_precision: Precision,
     #[command(subcommand)]
     command: Command,
+}
+
+/// [`ConvPrecision`] on the command line.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Precision {
+    Fast,
+    Highest,
 }
 
 #[derive(Subcommand)]
@@ -97,7 +110,11 @@ fn main() {
             std::process::exit(1);
         }
     }
-    let result = match cli.command {
+    let precision = match cli.conv_precision {
+        Precision::Fast => ConvPrecision::Fast,
+        Precision::Highest => ConvPrecision::Highest,
+    };
+    let result = with_conv_precision(precision, || match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Train(args) => train::train(&args),
         Command::Export(args) => export::export(&args),
@@ -122,7 +139,7 @@ fn main() {
             info::info();
             Ok(())
         }
-    };
+    });
     if let Err(e) = result {
         eprintln!("asq: error: {e}");
         std::process::exit(1);

@@ -578,6 +578,26 @@ fn bench_models_compares_engines_in_one_run() {
         out.contains("\"quant\": \"asq-post\", \"bits\": 4"),
         "{out}"
     );
+    assert!(out.contains("\"conv_precision\": \"fast\""), "{out}");
+    let (ok, out, err) = asq(&[
+        "--conv-precision",
+        "highest",
+        "bench",
+        "train",
+        "--model",
+        "lenet5",
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"conv_precision\": \"highest\""), "{out}");
+    let (ok, _, err) = asq(&["--conv-precision", "low", "info"]);
+    assert!(!ok && err.contains("--conv-precision"), "{err}");
 }
 
 #[test]

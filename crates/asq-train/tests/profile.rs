@@ -2,7 +2,7 @@
 //! switch is process-wide.
 
 use asq_train::graph::{set_profiling, take_kernel_profile, take_profile};
-use asq_train::ops::conv::{conv2d, ConvSpec};
+use asq_train::ops::conv::{conv2d, with_conv_precision, ConvPrecision, ConvSpec};
 use asq_train::ops::{act, basic};
 use asq_train::{Graph, Tensor};
 
@@ -55,9 +55,10 @@ fn profile_counts_ops_and_times_both_passes_only_while_on() {
     take_profile();
     let kernels = take_kernel_profile();
     // 28x28 planes: forward and input gradient, 3 samples each, on the padded grid (28 rows of
-    // 30, rounded to 48-position tiles) or, on AVX2, along the channels over the 784 pixels;
-    // the weight gradient along the grid, or on AVX2 in Winograd's F(3x3, 4x4).
-    let kinds = [("grid", 864), ("rows", 784)];
+    // 30, rounded to 48-position tiles) or, on AVX2, in Winograd's F(4x4, 3x3) over the 784
+    // pixels (the rows kernel there at ConvPrecision::Highest); the weight gradient along the
+    // grid, or on AVX2 in Winograd's F(3x3, 4x4).
+    let kinds = [("grid", 864), ("rows", 784), ("winograd", 784)];
     let product = kernels
         .iter()
         .find(|k| k.ci == 16 && kinds.contains(&(k.kernel, k.positions)))
@@ -106,6 +107,40 @@ fn profile_counts_ops_and_times_both_passes_only_while_on() {
     let times: Vec<_> = kernels.iter().map(|k| k.time).collect();
     assert!(times.windows(2).all(|w| w[0] >= w[1]), "largest first");
     assert!(take_kernel_profile().is_empty(), "taken");
+
+    // At ConvPrecision::Highest no F(4x4) tile anywhere: the 16-channel 28x28 product and
+    // weight gradient leave Winograd's domain, the 32-channel 14x14 ones (on AVX2) take
+    // F(2x2), whose kernels time under the same names; the same calls either way.
+    set_profiling(true);
+    with_conv_precision(ConvPrecision::Highest, || {
+        conv_pass(3, 16, 28);
+        conv_pass(20, 32, 14);
+    });
+    set_profiling(false);
+    take_profile();
+    let highest = take_kernel_profile();
+    let find = |ci: usize, dw: bool| {
+        highest
+            .iter()
+            .find(|k| k.ci == ci && k.kernel.starts_with("dw ") == dw)
+            .unwrap_or_else(|| panic!("{ci} channels, dw {dw}: {highest:?}"))
+    };
+    let (p16, dw16, p32) = (find(16, false), find(16, true), find(32, false));
+    assert!(["grid", "rows"].contains(&p16.kernel), "{p16:?}");
+    assert!(
+        ["dw grid", "dw channels"].contains(&dw16.kernel),
+        "{dw16:?}"
+    );
+    assert!(["rows", "winograd"].contains(&p32.kernel), "{p32:?}");
+    assert_eq!((p16.calls, dw16.calls, p32.calls), (6, 3, 40));
+    eprintln!(
+        "at Highest: 16-channel 28x28 on {:?}",
+        highest
+            .iter()
+            .filter(|k| k.ci == 16)
+            .map(|k| k.kernel)
+            .collect::<Vec<_>>()
+    );
 }
 
 /// A direct 3x3 convolution of `n` samples of `c` channels on `hw x hw` planes, forward and

@@ -1,8 +1,8 @@
 //! Winograd's minimal filtering for the 3x3 stride-1 products of the direct path: each `m x m`
 //! block of output pixels (a tile) from the `(m + 2) x (m + 2)` block of padded input under
 //! it, in `(m + 2)²` multiplies per input and output channel instead of `9·m²`. The products
-//! use F(4x4, 3x3) (36 multiplies per 16 pixels instead of 144; [`product_tile`]), F(2x2, 3x3)
-//! (16 per 4) on planes under 4x4.
+//! use F(4x4, 3x3) (36 multiplies per 16 pixels instead of 144), or F(2x2, 3x3) (16 per 4) on
+//! planes under 4x4 and at [`ConvPrecision::Highest`] ([`product_plan`]).
 //!
 //! Per sample: the zero-padded input planes are transposed to pixel-major (channels
 //! innermost); each tile's `V = Bᵀ·d·B` (additions and multiplies by small integers, along the
@@ -25,6 +25,8 @@
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
+#[cfg(doc)]
+use super::conv::ConvPrecision;
 use super::direct::{self, load, store, Grid, Prefetcher};
 
 /// Tiles per register block of the product, F(2x2, 3x3) and F(4x4, 3x3).
@@ -90,32 +92,48 @@ impl Tiles {
     }
 }
 
-/// Whether the forward or input-gradient product of `ci -> co_pad` channels on `grid` runs
-/// here: a 3x3 stride-1 grid ([`Tiles::new`]), at least 32 channels each way, on a machine
-/// whose widest vectors are AVX2's. Measured on a Zen 4 (AVX2 only) in ResNet-20's training
-/// step, thread time against kernels left unchanged (alternating runs): F(2x2, 3x3) took 22 %
-/// less than the rows kernel on the 32- and 64-channel products, F(4x4, 3x3)
-/// ([`product_tile`]) another 9 % (32 channels, 14x14) and 34 % (64, 7x7) less. On the
-/// 16-channel 28x28 products F(4x4) took 9 % less than the rows kernel too, but its rounding
-/// moved a W4A4 activation code in the PyTorch step-equivalence test (asq-models
-/// `torch_step`: logits 1.9e-3 off the float64 reference), so 16-channel products stay direct.
-/// AVX-512 machines keep their measured kernels. The choice follows the machine, not the level
-/// a test pins, so every level computes the same sums (bit-identical on this machine).
-pub(crate) fn fits(grid: &Grid, ci: usize, co_pad: usize) -> bool {
-    Tiles::new(grid).is_some() && ci >= 32 && co_pad >= 32 && machine_lanes() == 8
+/// The output tile `m` (2 or 4) of the forward or input-gradient product of `ci -> co_pad`
+/// channels on `grid` in Winograd's domain, or `None` where the direct kernels run: a 3x3
+/// stride-1 grid ([`Tiles::new`]) on a machine whose widest vectors are AVX2's, with
+/// F(4x4, 3x3) on planes of at least 4x4 pixels (36 multiplies per 16 pixels instead of
+/// F(2x2)'s 64; a 4x4 tile on a smaller plane computes mostly padding) and 16 channels or more
+/// each way, F(2x2, 3x3) from 32 channels. With `fast` false ([`ConvPrecision::Highest`]) only
+/// F(2x2), whose rounding stays within a few units in the last place of the sum of the
+/// products' magnitudes, as the direct kernels' does (F(4x4)'s is about ten times that).
+///
+/// Measured on a Zen 4 (AVX2 only) in ResNet-20's training step, thread time against kernels
+/// left unchanged (alternating runs): F(2x2, 3x3) took 22 % less than the rows kernel on the
+/// 32- and 64-channel products, F(4x4, 3x3) another 9 % (32 channels, 14x14) and 34 % (64, 7x7)
+/// less, and 27 % less than the two-row rows kernel on the 16-channel 28x28 products. AVX-512
+/// machines keep their measured kernels. The choice follows the machine, not the level a test
+/// pins, so every level computes the same sums (bit-identical on this machine).
+///
+pub(crate) fn product_plan(grid: &Grid, ci: usize, co_pad: usize, fast: bool) -> Option<usize> {
+    if Tiles::new(grid).is_none() || machine_lanes() != 8 {
+        return None;
+    }
+    if fast && grid.oh >= 4 && grid.ow >= 4 && ci >= 16 && co_pad >= 16 {
+        Some(4)
+    } else if ci >= 32 && co_pad >= 32 {
+        Some(2)
+    } else {
+        None
+    }
 }
 
-/// Whether the weight gradient of `ci -> co_pad` channels on `grid` runs in Winograd's domain
-/// ([`weight_grad_samples`]): where the products do ([`fits`]), and on the large planes whose
-/// output-gradient tiles are 4x4 ([`grad_tile`]) from 16 channels each way (ResNet-20's 28x28
-/// stage: in the training step on a Zen 4, 34 % less thread time than the grid kernel).
-pub(crate) fn dw_fits(grid: &Grid, ci: usize, co_pad: usize) -> bool {
-    fits(grid, ci, co_pad)
-        || (Tiles::new(grid).is_some()
-            && grad_tile(grid) == 4
-            && ci >= 16
-            && co_pad >= 16
-            && machine_lanes() == 8)
+/// The output-gradient tile `m` of the weight gradient of `ci -> co_pad` channels on `grid` in
+/// Winograd's domain ([`weight_grad_samples`]), or `None`: where the products run there
+/// ([`product_plan`]; 32+ channels), and on the large planes whose output-gradient tiles are
+/// 4x4 ([`grad_tile`]) from 16 channels each way (ResNet-20's 28x28 stage: in the training
+/// step on a Zen 4, 34 % less thread time than the grid kernel). With `fast` false, F(3x3, 2x2)
+/// only, where the products run in F(2x2).
+pub(crate) fn dw_plan(grid: &Grid, ci: usize, co_pad: usize, fast: bool) -> Option<usize> {
+    if Tiles::new(grid).is_none() || machine_lanes() != 8 {
+        return None;
+    }
+    let m = if fast { grad_tile(grid) } else { 2 };
+    let wide = ci >= 32 && co_pad >= 32;
+    (wide || (m == 4 && ci >= 16 && co_pad >= 16)).then_some(m)
 }
 
 /// The f32 lanes of the machine's widest vectors (whatever level a test pins).
@@ -124,24 +142,15 @@ fn machine_lanes() -> usize {
     *LANES.get_or_init(|| pulp::Arch::new().dispatch(direct::Lanes))
 }
 
-/// The output tile of [`product_scratch`] on `grid`, the `m` of [`pack_weights`]: 4x4
-/// (F(4x4, 3x3): 36 multiplies per 16 pixels instead of F(2x2)'s 64) on planes of at least
-/// 4x4 pixels, else 2x2 (a 4x4 tile on a 2x2 or 3x3 plane computes mostly padding).
-pub(crate) fn product_tile(grid: &Grid) -> usize {
-    if grid.oh >= 4 && grid.ow >= 4 {
-        4
-    } else {
-        2
-    }
-}
-
 /// Scratch slots ([`crate::ops::scratch`]) of [`product`]'s buffers.
 const SLOTS: [usize; 3] = [4, 5, 6];
 
-/// [`product`] with its buffers from this thread's scratch slots.
+/// [`product`] with `m x m` output tiles ([`product_plan`]) and its buffers from this thread's
+/// scratch slots.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn product_scratch(
     grid: &Grid,
+    m: usize,
     x: &[f32],
     plane: usize,
     ci: usize,
@@ -150,7 +159,7 @@ pub(crate) fn product_scratch(
     out: &mut [f32],
     prefetch: &[&[f32]],
 ) {
-    let tiles = Tiles::with(grid, product_tile(grid)).expect("checked by fits");
+    let tiles = Tiles::with(grid, m).expect("checked by product_plan");
     let [mut xt, mut v, mut m] = take_buffers(grid, &tiles, ci, co_pad, 1);
     let bufs = Scratch {
         xt: &mut xt,
@@ -764,7 +773,7 @@ pub(crate) fn weight_grad_samples(
     sums: &mut [f32],
     prefetch: &[&[f32]],
 ) {
-    let tiles = Tiles::with(grid, m).expect("checked by fits");
+    let tiles = Tiles::with(grid, m).expect("checked by dw_plan");
     assert!(co_pad.is_multiple_of(CB), "{co_pad} channels");
     let pixels = grid.oh * grid.ow * co_pad;
     let reach = (grid.oh + 2) * grid.wp;
@@ -1121,6 +1130,37 @@ mod tests {
     use crate::ops::direct::tests::levels;
     use crate::ops::direct::{set_level, Level};
     use crate::rng::Rng;
+
+    /// F(4x4) only when fast, F(2x2) from 32 channels either way, nothing under 16 channels or
+    /// off 3x3 stride-1 grids; on machines with wider vectors than AVX2's, nothing at all.
+    #[test]
+    fn plans_follow_the_precision_the_channels_and_the_machine() {
+        let grid = |h: usize, k: usize| Grid::new(h, h, k / 2, k / 2, k, k).unwrap();
+        let on = machine_lanes() == 8;
+        let pick = |v: Option<usize>| v.filter(|_| on);
+        for fast in [true, false] {
+            let f4 = if fast { Some(4) } else { None };
+            let (g28, g14, g7, g3) = (grid(28, 3), grid(14, 3), grid(7, 3), grid(3, 3));
+            assert_eq!(product_plan(&g28, 16, 16, fast), pick(f4));
+            assert_eq!(product_plan(&g28, 8, 16, fast), None);
+            assert_eq!(product_plan(&g14, 32, 32, fast), pick(f4.or(Some(2))));
+            assert_eq!(product_plan(&g7, 64, 64, fast), pick(f4.or(Some(2))));
+            assert_eq!(product_plan(&g3, 64, 64, fast), pick(Some(2)));
+            assert_eq!(product_plan(&g3, 16, 16, fast), None);
+            assert_eq!(product_plan(&grid(28, 5), 32, 32, fast), None);
+            // Weight gradient: 4x4 tiles on planes with 32 of them (28x28), else 2x2.
+            assert_eq!(dw_plan(&g28, 16, 16, fast), pick(f4));
+            assert_eq!(dw_plan(&g28, 32, 32, fast), pick(f4.or(Some(2))));
+            assert_eq!(dw_plan(&g14, 32, 32, fast), pick(Some(2)));
+            assert_eq!(dw_plan(&g14, 16, 16, fast), None);
+            assert_eq!(dw_plan(&g7, 8, 64, fast), None);
+        }
+        eprintln!(
+            "machine lanes {}: Winograd plans {}",
+            machine_lanes(),
+            if on { "on" } else { "off" }
+        );
+    }
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut r = Rng::new(seed);
