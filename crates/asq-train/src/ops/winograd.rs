@@ -6,7 +6,9 @@
 //!
 //! Per sample: the zero-padded input planes are transposed to pixel-major (channels
 //! innermost); each tile's `V = Bᵀ·d·B` (additions and multiplies by small integers, along the
-//! channels) goes to `[ξ][tiles][ci_pad]`; `(m + 2)²` products `M[ξ] = V[ξ]·U[ξ]` over the
+//! channels) goes to `[tiles][ξ][ci_pad]` (each tile's values together: written position by
+//! position across a `[ξ][tiles]` layout, 36 stores 3 KB apart per tile, the transform took
+//! 1.5-2.5x as long); `(m + 2)²` products `M[ξ] = V[ξ]·U[ξ]` over the
 //! input channels, with `U = G·g·Gᵀ` the transformed kernel (`[ξ][ci][co_pad]`, once per op),
 //! on the CPU's widest vectors (register block 4 tiles (F(2x2): 6) x 16 output channels, the
 //! tiles' inputs broadcast), into `[tiles][ξ][co_pad]`; each tile's `Y = Aᵀ·M·A` goes to the
@@ -378,7 +380,7 @@ impl WithSimd for Product<'_> {
         } = self;
         let ci_pad = direct::padded_channels(ci);
         let n = tiles.input_len(ci);
-        transformed_input(simd, grid, tiles, (x, plane), ci, xt, &mut v[..n]);
+        transformed_input(simd, grid, tiles, (x, plane), ci, xt, &mut v[..n], true);
         let steps = tiles.xi() * (co_pad / CB) * (tiles.padded / tiles.tb);
         let mut pf = Prefetcher::new(prefetch, steps);
         multiply(simd, tiles, v, ci, ci_pad, u, co_pad, m, &mut pf);
@@ -387,7 +389,10 @@ impl WithSimd for Product<'_> {
 }
 
 /// The transformed input `v` ([`input_tiles`]) of `ci` zero-padded planes (`x`, `plane`
-/// apart), through their pixel-major copy `xt` (`[hp·wp][ci_pad]`, padding channels zero).
+/// apart), through their pixel-major copy `xt` (`[hp·wp][ci_pad]`, padding channels zero),
+/// tile-major (`v[tile][ξ][ci_pad]`, the product's) or not (`v[ξ][tile][ci_pad]`, the weight
+/// gradient's).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn transformed_input<S: Simd>(
     simd: S,
@@ -397,19 +402,38 @@ fn transformed_input<S: Simd>(
     ci: usize,
     xt: &mut [f32],
     v: &mut [f32],
+    tile_major: bool,
 ) {
     let ci_pad = direct::padded_channels(ci);
     let pixels = (grid.oh + 2) * grid.wp;
     direct::transpose_copy(simd, (x, plane), (&mut *xt, ci_pad), (ci, pixels));
-    if tiles.m == 4 {
-        input_tiles4(simd, grid, tiles, xt, ci_pad, v);
+    let strides = if tile_major {
+        (ci_pad, tiles.xi() * ci_pad)
     } else {
-        input_tiles(simd, grid, tiles, xt, ci_pad, v);
+        (tiles.padded * ci_pad, ci_pad)
+    };
+    if tiles.m == 4 {
+        input_tiles4(simd, grid, tiles, xt, ci_pad, v, strides);
+    } else {
+        input_tiles(simd, grid, tiles, xt, ci_pad, v, strides);
+    }
+}
+
+/// Zeroes the transformed input of the padding tiles (past the plane's `th·tw`), each
+/// position's `ci_pad` values at `ξ·xs + t·ts`.
+fn zero_padding_tiles(tiles: &Tiles, ci_pad: usize, v: &mut [f32], (xs, ts): (usize, usize)) {
+    for t in tiles.th * tiles.tw..tiles.padded {
+        for xi in 0..tiles.xi() {
+            v[xi * xs + t * ts..][..ci_pad].fill(0.0);
+        }
     }
 }
 
 /// F(4x4, 3x3)'s `V = Bᵀ·d·B` of every 6x6 input tile (4 output pixels apart) of the
-/// pixel-major padded input `x` into `v[ξ][tile][ci_pad]` (`ξ` of 36), as [`input_tiles`].
+/// pixel-major padded input `x` into `v` (`ξ` of 36), as [`input_tiles`]. In fused multiply-adds
+/// from registers; the 36 values between the two passes are more than the registers, so they
+/// live in one array written before it is read (zero-filling it per tile and vector was a
+/// memset each time, 20 % of this function's time).
 #[inline(always)]
 fn input_tiles4<S: Simd>(
     simd: S,
@@ -418,20 +442,22 @@ fn input_tiles4<S: Simd>(
     x: &[f32],
     ci_pad: usize,
     v: &mut [f32],
+    (xs, ts): (usize, usize),
 ) {
     let lanes = S::F32_LANES;
     let (hp, wp) = (grid.oh + 2, grid.wp);
-    let Tiles { th, tw, padded, .. } = *tiles;
-    let xi_stride = padded * ci_pad;
+    let Tiles { th, tw, .. } = *tiles;
     let zero = simd.splat_f32s(0.0);
+    // Every value written before it is read; zero-filled once here, not per tile and vector
+    // (36 vectors, more than the registers: a memset each time).
+    let mut e = [[zero; 6]; 6];
     for ty in 0..th {
         for tx in 0..tw {
             let t = ty * tw + tx;
-            let base = t * ci_pad;
+            let base = t * ts;
             let inside = 4 * ty + 6 <= hp && 4 * tx + 6 <= wp;
             for c in (0..ci_pad).step_by(lanes) {
                 // Bᵀ·d down each column, then ·B along the rows.
-                let mut e = [[zero; 6]; 6];
                 for (l, el) in e.iter_mut().enumerate() {
                     let col = 4 * tx + l;
                     let mut d = [zero; 6];
@@ -446,15 +472,13 @@ fn input_tiles4<S: Simd>(
                 for a in 0..6 {
                     let row = std::array::from_fn(|l| e[l][a]);
                     for (b, val) in input_side4(simd, row).into_iter().enumerate() {
-                        store::<S>(&mut v[(a * 6 + b) * xi_stride + base + c..], val);
+                        store::<S>(&mut v[(a * 6 + b) * xs + base + c..], val);
                     }
                 }
             }
         }
     }
-    for xi in 0..36 {
-        v[xi * xi_stride + th * tw * ci_pad..][..(padded - th * tw) * ci_pad].fill(0.0);
-    }
+    zero_padding_tiles(tiles, ci_pad, v, (xs, ts));
 }
 
 /// `Bᵀ·d` of F(4x4, 3x3) for a column `d` of 6 values (rows of Bᵀ: `[4 0 -5 0 1 0]`,
@@ -478,8 +502,9 @@ fn input_side4<S: Simd>(simd: S, d: [S::f32s; 6]) -> [S::f32s; 6] {
 }
 
 /// `V = Bᵀ·d·B` of every tile of the pixel-major padded input `x` (`[hp·wp][ci_pad]`) into
-/// `v[ξ][tile][ci_pad]`, along the channels; rows and columns past the padded plane
-/// read as zero; the padding tiles are zero.
+/// `v`, position `ξ` of tile `t` at `ξ·xs + t·ts` (strides in values: `[ξ][tile][ci_pad]` or
+/// `[tile][ξ][ci_pad]`), along the channels; rows and columns past the padded plane read as
+/// zero; the padding tiles are zero.
 #[inline(always)]
 fn input_tiles<S: Simd>(
     simd: S,
@@ -488,30 +513,32 @@ fn input_tiles<S: Simd>(
     x: &[f32],
     ci_pad: usize,
     v: &mut [f32],
+    (xs, ts): (usize, usize),
 ) {
     let lanes = S::F32_LANES;
     let (hp, wp) = (grid.oh + 2, grid.wp);
-    let Tiles { th, tw, padded, .. } = *tiles;
-    let xi_stride = padded * ci_pad;
+    let Tiles { th, tw, .. } = *tiles;
     let zero = simd.splat_f32s(0.0);
+    // Every value written before it is read (zero-filled once, as in input_tiles4).
+    let (mut d, mut e) = ([[zero; 4]; 4], [[zero; 4]; 4]);
     for ty in 0..th {
         for tx in 0..tw {
             let t = ty * tw + tx;
-            let base = t * ci_pad;
+            let base = t * ts;
             let inside = 2 * ty + 3 < hp && 2 * tx + 3 < wp;
             for c in (0..ci_pad).step_by(lanes) {
-                let mut d = [[zero; 4]; 4];
                 for (k, dk) in d.iter_mut().enumerate() {
                     let r = 2 * ty + k;
                     for (l, dkl) in dk.iter_mut().enumerate() {
                         let col = 2 * tx + l;
-                        if inside || (r < hp && col < wp) {
-                            *dkl = load::<S>(&x[(r * wp + col) * ci_pad + c..]);
-                        }
+                        *dkl = if inside || (r < hp && col < wp) {
+                            load::<S>(&x[(r * wp + col) * ci_pad + c..])
+                        } else {
+                            zero
+                        };
                     }
                 }
                 // Bᵀ·d down the rows, then ·B along them.
-                let mut e = [[zero; 4]; 4];
                 for l in 0..4 {
                     e[0][l] = simd.sub_f32s(d[0][l], d[2][l]);
                     e[1][l] = simd.add_f32s(d[1][l], d[2][l]);
@@ -526,18 +553,16 @@ fn input_tiles<S: Simd>(
                         simd.sub_f32s(ea[1], ea[3]),
                     ];
                     for (b, &val) in vals.iter().enumerate() {
-                        store::<S>(&mut v[(a * 4 + b) * xi_stride + base + c..], val);
+                        store::<S>(&mut v[(a * 4 + b) * xs + base + c..], val);
                     }
                 }
             }
         }
     }
-    for xi in 0..XI {
-        v[xi * xi_stride + th * tw * ci_pad..][..(padded - th * tw) * ci_pad].fill(0.0);
-    }
+    zero_padding_tiles(tiles, ci_pad, v, (xs, ts));
 }
 
-/// `m[tile][ξ][co] = Σ_i v[ξ][tile][i]·u[ξ][i][co]`, over `i` in order, fused multiply-adds.
+/// `m[tile][ξ][co] = Σ_i v[tile][ξ][i]·u[ξ][i][co]`, over `i` in order, fused multiply-adds.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn multiply<S: Simd>(
@@ -578,17 +603,16 @@ fn multiply_block<S: Simd, const CV: usize, const TB: usize>(
     pf: &mut Prefetcher,
 ) {
     let lanes = S::F32_LANES;
-    let (padded, xi_n) = (tiles.padded, tiles.xi());
+    let xi_n = tiles.xi();
     debug_assert_eq!(tiles.tb, TB);
     for xi in 0..xi_n {
-        let (vx, ux) = (
-            &v[xi * padded * ci_pad..][..padded * ci_pad],
-            &u[xi * ci * co_pad..][..ci * co_pad],
-        );
+        let ux = &u[xi * ci * co_pad..][..ci * co_pad];
         for c0 in (0..co_pad).step_by(CB) {
-            for (blk, vb) in vx.chunks_exact(TB * ci_pad).enumerate() {
+            // The transformed input is tile-major: `v[tile][ξ][ci_pad]`.
+            for (blk, vb) in v.chunks_exact(TB * xi_n * ci_pad).enumerate() {
                 pf.step();
-                let rows: [&[f32]; TB] = std::array::from_fn(|t| &vb[t * ci_pad..][..ci]);
+                let rows: [&[f32]; TB] =
+                    std::array::from_fn(|t| &vb[(t * xi_n + xi) * ci_pad..][..ci]);
                 let mut acc = [[simd.splat_f32s(0.0); CV]; TB];
                 for (i, uw) in ux.chunks_exact(co_pad).enumerate() {
                     let uw = &uw[c0..][..CB];
@@ -629,16 +653,17 @@ fn output_tiles<S: Simd>(
     }
     let lanes = S::F32_LANES;
     let (oh, ow) = (grid.oh, grid.ow);
+    // Every value written before it is read (zero-filled once, as in input_tiles4).
+    let zero = simd.splat_f32s(0.0);
+    let (mut g, mut r) = ([zero; XI], [[zero; 4]; 2]);
     for ty in 0..tiles.th {
         for tx in 0..tiles.tw {
             let mt = &m[(ty * tiles.tw + tx) * XI * co_pad..][..XI * co_pad];
             for c in (0..co_pad).step_by(lanes) {
-                let mut g = [simd.splat_f32s(0.0); XI];
                 for (xi, gv) in g.iter_mut().enumerate() {
                     *gv = load::<S>(&mt[xi * co_pad + c..]);
                 }
                 // Aᵀ·M down the rows, then ·A along them.
-                let mut r = [[simd.splat_f32s(0.0); 4]; 2];
                 for b in 0..4 {
                     r[0][b] = simd.add_f32s(simd.add_f32s(g[b], g[4 + b]), g[8 + b]);
                     r[1][b] = simd.sub_f32s(simd.sub_f32s(g[4 + b], g[8 + b]), g[12 + b]);
@@ -674,13 +699,13 @@ fn output_tiles4<S: Simd>(
 ) {
     let lanes = S::F32_LANES;
     let (oh, ow) = (grid.oh, grid.ow);
-    let zero = simd.splat_f32s(0.0);
+    // Zero-filled once (as in input_tiles4).
+    let mut r = [[simd.splat_f32s(0.0); 6]; 4];
     for ty in 0..tiles.th {
         for tx in 0..tiles.tw {
             let mt = &m[(ty * tiles.tw + tx) * 36 * co_pad..][..36 * co_pad];
             for c in (0..co_pad).step_by(lanes) {
                 // Aᵀ·M down each column, then ·A along the rows.
-                let mut r = [[zero; 6]; 4];
                 for b in 0..6 {
                     let col: [S::f32s; 6] =
                         std::array::from_fn(|a| load::<S>(&mt[(a * 6 + b) * co_pad + c..]));
@@ -870,7 +895,8 @@ impl WithSimd for WeightGradSample<'_> {
         let (n, gn) = (tiles.input_len(ci), tiles.product_len(co_pad));
         for b in 0..samples {
             let xb = &x[b * x_stride..];
-            transformed_input(simd, grid, tiles, (xb, plane), ci, xt, &mut v[b * n..][..n]);
+            let vb = &mut v[b * n..][..n];
+            transformed_input(simd, grid, tiles, (xb, plane), ci, xt, vb, false);
             let (gb, gtb) = (&gyt[b * gyt_stride..], &mut gt[b * gn..][..gn]);
             if tiles.m == 4 {
                 grad_tiles4(simd, grid, tiles, gb, co_pad, gtb);
@@ -951,12 +977,13 @@ fn grad_tiles4<S: Simd>(
     let (oh, ow) = (grid.oh, grid.ow);
     let Tiles { th, tw, padded, .. } = *tiles;
     let zero = simd.splat_f32s(0.0);
+    // Zero-filled once (as in input_tiles4).
+    let mut e = [[zero; 6]; 4];
     for ty in 0..th {
         for tx in 0..tw {
             let t = ty * tw + tx;
             for c in (0..co_pad).step_by(lanes) {
                 // A·g down each column, then ·Aᵀ along the rows.
-                let mut e = [[zero; 6]; 4];
                 for (q, eq) in e.iter_mut().enumerate() {
                     let mut g = [zero; 4];
                     for (p, gp) in g.iter_mut().enumerate() {
