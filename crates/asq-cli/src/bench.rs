@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use asq_kernels::probe::{peak_f32, peak_int8};
 use asq_kernels::suite::{pseudo, KERNELS, SHAPES};
 use asq_kernels::{describe, gemm, Epilogue, Isa};
-use asq_train::ops::conv::{conv_precision, with_conv_precision, ConvPrecision};
+use asq_train::ops::conv::{conv_precision, with_conv_precision};
 
 /// Options of `asq bench kernels`.
 #[derive(clap::Args)]
@@ -516,7 +516,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             if args.json {
                 println!(
                     "{{\"model\": \"{}\", \"quant\": \"{quant}\", \"bits\": {bits}, \"batch\": {}, \"threads\": {threads}, \"conv_precision\": \"{}\", \"images_per_s\": {ips:.1}}}",
-                    args.model, args.batch, precision_name(precision)
+                    args.model, args.batch, precision.name()
                 );
             } else {
                 println!(
@@ -527,12 +527,4 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
-}
-
-/// `--conv-precision`'s spelling of `p`.
-fn precision_name(p: ConvPrecision) -> &'static str {
-    match p {
-        ConvPrecision::Fast => "fast",
-        ConvPrecision::Highest => "highest",
-    }
 }

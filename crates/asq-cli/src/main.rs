@@ -38,17 +38,10 @@ struct Cli {
     /// Convolution precision of training and float evaluation: `fast` (Winograd F(4x4, 3x3)
     /// on AVX2 machines, ~1e-6 relative rounding) or `highest` (rounding of the direct sum's
     /// order, ~2e-7: for step-by-step comparisons with PyTorch).
-    #[arg(long, global = true, value_enum, default_value_t = Precision::Fast)]
-    conv_precision: Precision,
+    #[arg(long, global = true, default_value = "fast")]
+    conv_precision: ConvPrecision,
     #[command(subcommand)]
     command: Command,
-}
-
-/// [`ConvPrecision`] on the command line.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Precision {
-    Fast,
-    Highest,
 }
 
 #[derive(Subcommand)]
@@ -110,11 +103,7 @@ fn main() {
             std::process::exit(1);
         }
     }
-    let precision = match cli.conv_precision {
-        Precision::Fast => ConvPrecision::Fast,
-        Precision::Highest => ConvPrecision::Highest,
-    };
-    let result = with_conv_precision(precision, || match cli.command {
+    let result = with_conv_precision(cli.conv_precision, || match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Train(args) => train::train(&args),
         Command::Export(args) => export::export(&args),

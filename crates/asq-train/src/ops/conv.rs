@@ -60,6 +60,28 @@ pub enum ConvPrecision {
     Highest,
 }
 
+impl ConvPrecision {
+    /// The name the CLI and reports use: `fast` or `highest`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fast => "fast",
+            Self::Highest => "highest",
+        }
+    }
+}
+
+impl std::str::FromStr for ConvPrecision {
+    type Err = String;
+
+    /// [`ConvPrecision::name`]'s spellings.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        [Self::Fast, Self::Highest]
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("`{s}`: expected fast or highest"))
+    }
+}
+
 thread_local! {
     static PRECISION: std::cell::Cell<ConvPrecision> =
         const { std::cell::Cell::new(ConvPrecision::Fast) };
@@ -2232,6 +2254,10 @@ mod tests {
         });
         assert!(r.is_err());
         assert_eq!(conv_precision(), ConvPrecision::Fast);
+        for p in [ConvPrecision::Fast, ConvPrecision::Highest] {
+            assert_eq!(p.name().parse::<ConvPrecision>(), Ok(p));
+        }
+        assert!("low".parse::<ConvPrecision>().is_err());
     }
 
     #[test]

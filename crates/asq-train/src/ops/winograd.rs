@@ -109,7 +109,6 @@ impl Tiles {
 /// less, and 27 % less than the two-row rows kernel on the 16-channel 28x28 products. AVX-512
 /// machines keep their measured kernels. The choice follows the machine, not the level a test
 /// pins, so every level computes the same sums (bit-identical on this machine).
-///
 pub(crate) fn product_plan(grid: &Grid, ci: usize, co_pad: usize, fast: bool) -> Option<usize> {
     if Tiles::new(grid).is_none() || machine_lanes() != 8 {
         return None;
